@@ -1,0 +1,309 @@
+//! HTTP handlers for heartbeats and liveness.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::agents::{
+    AgentSelection, AgentState, AgentStatus, AgentView, HeartbeatRequest, IndexCursor, RunStats,
+    record_heartbeat, run_stats,
+};
+use crate::app::AppState;
+use crate::auth::{Admin, AgentWrite, AnyRole, Caller};
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::EventBody;
+use crate::extract::{ValidJson, ValidQuery};
+use crate::types::{Bounded, DEFAULT_LIMIT, Id, Limit};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(post_heartbeat))
+        .routes(routes!(list_agents))
+        .routes(routes!(get_stale_agents))
+        .routes(routes!(get_agent_performance))
+        .routes(routes!(get_agent, delete_agent))
+        .routes(routes!(get_agent_alive))
+}
+
+/// Record a heartbeat.
+///
+/// Creates the agent on its first beat. `metadata` and `display_name` persist
+/// until a beat sends new ones; `status: starting` or a new `run_id` opens a
+/// run and a terminal status closes it.
+#[utoipa::path(
+    post, path = "/v1/agents/{agent_id}/heartbeats", tag = "agents",
+    params(("agent_id" = String, Path, description = "The agent's id")),
+    request_body(content = HeartbeatRequest, description = "Every field is optional"),
+    responses(
+        (status = 200, description = "The agent after this beat", body = AgentView),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, description = "The key may not act as this agent", body = Problem),
+        (status = 413, body = Problem), (status = 415, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn post_heartbeat(
+    caller: Caller<AgentWrite>,
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+    ValidJson(req): ValidJson<HeartbeatRequest>,
+) -> ApiResult<Json<AgentView>> {
+    let agent_id = Id::parse("agent_id", &agent_id)?;
+    record_heartbeat(&state, &caller, agent_id, req).await.map(Json)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Only agents in this state.
+    state: Option<AgentState>,
+    /// Only agents reporting this status.
+    status: Option<AgentStatus>,
+    /// Page size, 1–1000 (default 100).
+    #[param(value_type = Option<u64>)]
+    limit: Option<Limit>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// A page of agents.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AgentList {
+    pub agents: Vec<AgentView>,
+    /// Pass as `cursor` for the next page; null when this is the last.
+    pub next_cursor: Option<String>,
+}
+
+/// List agents.
+///
+/// Without `state`, the most recently seen first; with `state=up|late`,
+/// by the moment they stop being alive; with `state=down|finished`, oldest
+/// beat first.
+#[utoipa::path(
+    get, path = "/v1/agents", tag = "agents", params(ListQuery),
+    responses(
+        (status = 200, body = AgentList), (status = 401, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn list_agents(
+    _caller: Caller<AnyRole>,
+    State(state): State<AppState>,
+    ValidQuery(q): ValidQuery<ListQuery>,
+) -> ApiResult<Json<AgentList>> {
+    let selection = q.state.map_or(AgentSelection::All, AgentSelection::State);
+    page(&state, selection, q.status, q.cursor, q.limit).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct StaleQuery {
+    /// Seconds since the last beat (default 60, at most the retention period).
+    #[param(value_type = Option<u64>)]
+    threshold_seconds: Option<Bounded<1, 31_536_000>>,
+    #[param(value_type = Option<u64>)]
+    limit: Option<Limit>,
+    cursor: Option<String>,
+}
+
+/// List stale agents.
+///
+/// Non-terminal agents whose last beat is older than the threshold, oldest
+/// first — whatever their `ttl_seconds`, for any threshold up to the
+/// retention period.
+#[utoipa::path(
+    get, path = "/v1/agents/stale", tag = "agents", params(StaleQuery),
+    responses(
+        (status = 200, body = AgentList), (status = 401, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn get_stale_agents(
+    _caller: Caller<AnyRole>,
+    State(state): State<AppState>,
+    ValidQuery(q): ValidQuery<StaleQuery>,
+) -> ApiResult<Json<AgentList>> {
+    let threshold = q.threshold_seconds.map_or(60, Bounded::get);
+    let cutoff = Utc::now().timestamp_millis() - (threshold * 1000) as i64;
+    page(&state, AgentSelection::StaleBefore(cutoff), None, q.cursor, q.limit).await
+}
+
+async fn page(
+    state: &AppState,
+    selection: AgentSelection,
+    status: Option<AgentStatus>,
+    cursor: Option<String>,
+    limit: Option<Limit>,
+) -> ApiResult<Json<AgentList>> {
+    let cursor = cursor
+        .map(|c| IndexCursor::decode("cursor", &c))
+        .transpose()?;
+    let limit = limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
+    let now_ms = Utc::now().timestamp_millis();
+    let (records, next) = match status {
+        None => state.engine.list_agents(selection, now_ms, cursor, limit).await?,
+        Some(status) => {
+            // A status filter is applied to index pages; keep reading pages
+            // (a bounded number) until this one is full.
+            let mut out = Vec::new();
+            let mut position = cursor;
+            for _ in 0..10 {
+                let (records, next) = state
+                    .engine
+                    .list_agents(selection, now_ms, position, limit)
+                    .await?;
+                out.extend(records.into_iter().filter(|r| r.status == status));
+                position = next;
+                if position.is_none() || out.len() >= limit {
+                    break;
+                }
+            }
+            out.truncate(limit);
+            (out, position)
+        }
+    };
+    Ok(Json(AgentList {
+        agents: records.iter().map(|r| r.view(now_ms)).collect(),
+        next_cursor: next.map(|c| c.encode()),
+    }))
+}
+
+/// Get one agent.
+#[utoipa::path(
+    get, path = "/v1/agents/{agent_id}", tag = "agents",
+    params(("agent_id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 200, body = AgentView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem),
+    )
+)]
+async fn get_agent(
+    _caller: Caller<AnyRole>,
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+) -> ApiResult<Json<AgentView>> {
+    let agent_id = Id::parse("agent_id", &agent_id)?;
+    let record = state
+        .engine
+        .get_agent(&agent_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no agent {agent_id:?}")))?;
+    Ok(Json(record.view(Utc::now().timestamp_millis())))
+}
+
+/// Whether an agent is alive.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Alive {
+    pub agent_id: String,
+    /// The last beat is within `ttl_seconds`; false for unknown agents.
+    pub alive: bool,
+}
+
+/// Is the agent alive?
+///
+/// True while the last beat is within its `ttl_seconds`; false for agents
+/// that are silent, finished long ago, or unknown.
+#[utoipa::path(
+    get, path = "/v1/agents/{agent_id}/alive", tag = "agents",
+    params(("agent_id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 200, body = Alive), (status = 401, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn get_agent_alive(
+    _caller: Caller<AnyRole>,
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+) -> ApiResult<Json<Alive>> {
+    let agent_id = Id::parse("agent_id", &agent_id)?;
+    let now_ms = Utc::now().timestamp_millis();
+    let alive = state
+        .engine
+        .get_agent(&agent_id)
+        .await?
+        .is_some_and(|r| r.view(now_ms).alive);
+    Ok(Json(Alive {
+        agent_id: agent_id.to_string(),
+        alive,
+    }))
+}
+
+/// Delete an agent (admin).
+///
+/// Removes its record and index entries; its past runs stay in `performance`.
+#[utoipa::path(
+    delete, path = "/v1/agents/{agent_id}", tag = "agents",
+    params(("agent_id" = String, Path, description = "The agent's id")),
+    responses(
+        (status = 204, description = "Deleted"), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn delete_agent(
+    caller: Caller<Admin>,
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let agent_id = Id::parse("agent_id", &agent_id)?;
+    let event = EventBody::new(
+        "agent.deleted",
+        &caller.name,
+        Some(&agent_id),
+        Utc::now(),
+        serde_json::json!({}),
+    );
+    if state.engine.delete_agent(&agent_id, event).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no agent {agent_id:?}")))
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PerformanceQuery {
+    /// Window in hours, 1–720 (default 168).
+    #[param(value_type = Option<u64>)]
+    hours: Option<Bounded<1, 720>>,
+}
+
+/// Run statistics per agent.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Performance {
+    pub hours: u64,
+    /// One row per agent with runs in the window, by agent id.
+    pub agents: Vec<RunStats>,
+    /// All agents together (`agent_id` is `total`).
+    pub total: RunStats,
+}
+
+/// Agent performance.
+///
+/// Runs started in the last `hours`: how many completed, failed, were
+/// cancelled or lost (went down and never came back), the success rate over
+/// finished runs and their average duration.
+#[utoipa::path(
+    get, path = "/v1/agents/performance", tag = "agents", params(PerformanceQuery),
+    responses(
+        (status = 200, body = Performance), (status = 401, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn get_agent_performance(
+    _caller: Caller<AnyRole>,
+    State(state): State<AppState>,
+    ValidQuery(q): ValidQuery<PerformanceQuery>,
+) -> ApiResult<Json<Performance>> {
+    let hours = q.hours.map_or(168, Bounded::get);
+    let since = Utc::now().timestamp_millis() - (hours * 3_600_000) as i64;
+    let runs = state.engine.runs_since(since).await?;
+    let (agents, total) = run_stats(&runs);
+    Ok(Json(Performance { hours, agents, total }))
+}

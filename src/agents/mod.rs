@@ -1,0 +1,573 @@
+//! Heartbeats and liveness: who is alive, who is late, who went down.
+//!
+//! An agent beats with `POST /v1/agents/{id}/heartbeats`; the engine keeps
+//! one record per agent (expiring `--agent-retention-seconds` after its last
+//! beat, so staleness stays visible long after `ttl_seconds`) and indexes
+//! ordered by last beat and by deadline, all written in one atomic step, so
+//! stale and state queries never scan the keyspace.
+//!
+//! State is derived, never stored stale: `up` within `ttl_seconds` of the
+//! last beat, `late` within `ttl + grace`, `down` beyond, `finished` after a
+//! terminal status. The `up → down` *event* needs an actor, so a sweeper in
+//! every replica claims due agents atomically (one script removes the agent
+//! from the deadline queue and emits `agent.down`), which makes the event
+//! exactly-once across replicas.
+//!
+//! Runs: `status: starting`, a new `run_id`, or the first non-terminal beat
+//! with no open run opens a run (`agent.started`); a terminal status closes
+//! it (`agent.finished`); going down marks it lost until the agent recovers.
+
+pub mod http;
+pub mod memory;
+mod redis;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::auth::Identity;
+use crate::engine::{Engine, EngineResult, dispatch};
+use crate::error::{ApiError, ApiResult};
+use crate::events::EventBody;
+use crate::types::{Bounded, Fraction, Id, JsonObject, Text, from_millis, rfc3339};
+
+/// What an agent says it is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    Starting,
+    #[default]
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl AgentStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+}
+
+/// Liveness, derived from the last beat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// Non-terminal, last beat within `ttl_seconds`.
+    Up,
+    /// Non-terminal, within `ttl_seconds + grace`.
+    Late,
+    /// Non-terminal, silent for longer than that.
+    Down,
+    /// Reported a terminal status.
+    Finished,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Late => "late",
+            Self::Down => "down",
+            Self::Finished => "finished",
+        }
+    }
+}
+
+/// `ttl_seconds` of a heartbeat: 1–3600, default 30.
+pub type TtlSeconds = Bounded<1, 3600>;
+const DEFAULT_TTL: TtlSeconds = TtlSeconds::constant(30);
+
+/// The body of a heartbeat. Every field is optional.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct HeartbeatRequest {
+    /// Default `running`. `starting` opens a run; a terminal status closes it.
+    pub status: Option<AgentStatus>,
+    /// 0.0–1.0.
+    pub progress: Option<Fraction>,
+    /// What the agent is doing now (at most 1024 characters).
+    #[schema(value_type = Option<String>)]
+    pub current_task: Option<Text<1024>>,
+    /// Kept across beats until a beat sends a new object (at most 64 KiB).
+    pub metadata: Option<JsonObject>,
+    /// Kept across beats until a beat sends a new one (at most 256 characters).
+    #[schema(value_type = Option<String>)]
+    pub display_name: Option<Text<256>>,
+    /// A new run id opens a new run; beats without one continue the current run.
+    pub run_id: Option<Id>,
+    /// Seconds until the agent counts as not alive: 1–3600, default 30.
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 3600)]
+    pub ttl_seconds: Option<TtlSeconds>,
+}
+
+/// One beat, validated, with everything the engine needs to apply it.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    pub agent_id: Id,
+    pub status: AgentStatus,
+    pub progress: Option<f64>,
+    pub current_task: Option<String>,
+    pub metadata: Option<JsonObject>,
+    pub display_name: Option<String>,
+    pub run_id: Option<Id>,
+    pub ttl_seconds: u64,
+    pub grace_seconds: u64,
+    pub now: DateTime<Utc>,
+    pub retention: Duration,
+    /// Events the engine appends depending on the previous state.
+    pub events: BeatEvents,
+}
+
+/// Pre-built event bodies; the engine picks the ones that apply.
+#[derive(Debug, Clone)]
+pub struct BeatEvents {
+    pub heartbeat: Option<EventBody>,
+    pub started: EventBody,
+    pub finished: EventBody,
+    pub recovered: EventBody,
+}
+
+/// A stored agent record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRecord {
+    pub agent_id: Id,
+    pub display_name: Option<String>,
+    pub status: AgentStatus,
+    pub progress: Option<f64>,
+    pub current_task: Option<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub run_id: Option<String>,
+    pub last_beat_ms: i64,
+    pub ttl_seconds: u64,
+    pub grace_seconds: u64,
+    /// Set by the sweeper when the agent went down; cleared by the next beat.
+    pub down: bool,
+}
+
+impl AgentRecord {
+    /// State at `now`, exactly as the contract defines it.
+    pub fn state_at(&self, now_ms: i64) -> AgentState {
+        if self.status.is_terminal() {
+            return AgentState::Finished;
+        }
+        let elapsed = now_ms - self.last_beat_ms;
+        if self.down || elapsed > ((self.ttl_seconds + self.grace_seconds) * 1000) as i64 {
+            AgentState::Down
+        } else if elapsed > (self.ttl_seconds * 1000) as i64 {
+            AgentState::Late
+        } else {
+            AgentState::Up
+        }
+    }
+
+    pub fn view(&self, now_ms: i64) -> AgentView {
+        let elapsed_ms = (now_ms - self.last_beat_ms).max(0);
+        AgentView {
+            agent_id: self.agent_id.to_string(),
+            display_name: self.display_name.clone(),
+            status: self.status,
+            progress: self.progress,
+            current_task: self.current_task.clone(),
+            metadata: self.metadata.clone(),
+            run_id: self.run_id.clone(),
+            last_beat: rfc3339(from_millis(self.last_beat_ms)),
+            ttl_seconds: self.ttl_seconds,
+            alive: elapsed_ms <= (self.ttl_seconds * 1000) as i64,
+            state: self.state_at(now_ms),
+            seconds_since_beat: elapsed_ms as f64 / 1000.0,
+        }
+    }
+}
+
+/// An agent as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub display_name: Option<String>,
+    pub status: AgentStatus,
+    pub progress: Option<f64>,
+    pub current_task: Option<String>,
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub run_id: Option<String>,
+    /// RFC 3339, UTC, milliseconds.
+    pub last_beat: String,
+    pub ttl_seconds: u64,
+    /// The last beat is within `ttl_seconds`.
+    pub alive: bool,
+    pub state: AgentState,
+    pub seconds_since_beat: f64,
+}
+
+/// Which agents a listing wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSelection {
+    /// Every retained agent, most recent beat first.
+    All,
+    /// Agents in one state (`up`/`late` by deadline, `down`/`finished` by
+    /// last beat, oldest first).
+    State(AgentState),
+    /// Non-terminal agents whose last beat is before `cutoff_ms`, oldest first.
+    StaleBefore(i64),
+}
+
+/// One page of agent records.
+#[derive(Debug, Clone, Default)]
+pub struct AgentPage {
+    pub records: Vec<AgentRecord>,
+    /// Where the next page starts, if there may be one.
+    pub next_cursor: Option<String>,
+}
+
+/// A position in an index: `(score, member)`, encoded opaquely for clients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexCursor {
+    pub score: i64,
+    pub member: String,
+}
+
+impl IndexCursor {
+    pub fn encode(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{}:{}", self.score, self.member))
+    }
+
+    pub fn decode(field: &str, raw: &str) -> Result<Self, ApiError> {
+        use base64::Engine as _;
+        let bad = || ApiError::invalid(field, "is not a cursor returned by this endpoint");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(raw)
+            .map_err(|_| bad())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let (score, member) = text.split_once(':').ok_or_else(bad)?;
+        Ok(Self {
+            score: score.parse().map_err(|_| bad())?,
+            member: Id::new(member).map_err(|_| bad())?.to_string(),
+        })
+    }
+}
+
+/// One agent run, for `performance`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub agent_id: String,
+    pub run_id: Option<String>,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// `completed`, `failed` or `cancelled` once closed.
+    pub outcome: Option<String>,
+    /// The agent went down during this run and has not come back.
+    pub lost: bool,
+}
+
+/// Per-agent run statistics.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default, PartialEq)]
+pub struct RunStats {
+    /// The agent, or `total` for the total row.
+    pub agent_id: String,
+    /// Runs started in the window.
+    pub runs: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// Runs that went down and never came back.
+    pub lost: u64,
+    /// Runs still in progress.
+    pub running: u64,
+    /// completed / (completed + failed + cancelled + lost); null with none.
+    pub success_rate: Option<f64>,
+    /// Mean duration of closed runs, in seconds; null with none.
+    pub avg_duration_seconds: Option<f64>,
+}
+
+/// Aggregates runs per agent, plus a total row.
+pub fn run_stats(runs: &[RunRecord]) -> (Vec<RunStats>, RunStats) {
+    #[derive(Default)]
+    struct Acc {
+        stats: RunStats,
+        duration_ms: i64,
+        closed: u64,
+    }
+    let mut per_agent: BTreeMap<&str, Acc> = BTreeMap::new();
+    let mut total = Acc::default();
+    for run in runs {
+        for acc in [per_agent.entry(run.agent_id.as_str()).or_default(), &mut total] {
+            acc.stats.runs += 1;
+            match run.outcome.as_deref() {
+                Some("completed") => acc.stats.completed += 1,
+                Some("failed") => acc.stats.failed += 1,
+                Some("cancelled") => acc.stats.cancelled += 1,
+                _ if run.lost => acc.stats.lost += 1,
+                _ => acc.stats.running += 1,
+            }
+            if let (Some(end), Some(_)) = (run.ended_ms, run.outcome.as_ref()) {
+                acc.duration_ms += end - run.started_ms;
+                acc.closed += 1;
+            }
+        }
+    }
+    let finish = |agent_id: &str, acc: Acc| {
+        let mut s = acc.stats;
+        s.agent_id = agent_id.to_owned();
+        let decided = s.completed + s.failed + s.cancelled + s.lost;
+        s.success_rate = (decided > 0).then(|| s.completed as f64 / decided as f64);
+        s.avg_duration_seconds =
+            (acc.closed > 0).then(|| acc.duration_ms as f64 / acc.closed as f64 / 1000.0);
+        s
+    };
+    let rows = per_agent
+        .into_iter()
+        .map(|(agent, acc)| finish(agent, acc))
+        .collect();
+    (rows, finish("total", total))
+}
+
+/// How many runs are kept for `performance` (longer than the agent records).
+pub const RUN_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+
+impl Engine {
+    /// Applies a beat atomically and returns the new record.
+    pub async fn record_beat(&self, beat: Beat) -> EngineResult<AgentRecord> {
+        dispatch!(self, record_beat(beat))
+    }
+
+    pub async fn get_agent(&self, id: &Id) -> EngineResult<Option<AgentRecord>> {
+        dispatch!(self, get_agent(id))
+    }
+
+    /// Removes an agent's record and index entries; false if it was unknown.
+    pub async fn delete_agent(&self, id: &Id, event: EventBody) -> EngineResult<bool> {
+        dispatch!(self, delete_agent(id, event))
+    }
+
+    /// One page of agents in `selection`, from `cursor`.
+    pub async fn list_agents(
+        &self,
+        selection: AgentSelection,
+        now_ms: i64,
+        cursor: Option<IndexCursor>,
+        limit: usize,
+    ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
+        dispatch!(self, list_agents(selection, now_ms, cursor, limit))
+    }
+
+    /// Claims agents whose `ttl + grace` passed before `now_ms`, marks them
+    /// down and emits `agent.down` — each exactly once across replicas.
+    pub async fn sweep_down_agents(&self, now_ms: i64, limit: usize) -> EngineResult<usize> {
+        dispatch!(self, sweep_down_agents(now_ms, limit))
+    }
+
+    /// Drops index entries of expired records and runs past retention.
+    pub async fn prune_agents(&self, now_ms: i64, retention: Duration) -> EngineResult<()> {
+        dispatch!(self, prune_agents(now_ms, retention))
+    }
+
+    /// Runs started at or after `since_ms`.
+    pub async fn runs_since(&self, since_ms: i64) -> EngineResult<Vec<RunRecord>> {
+        dispatch!(self, runs_since(since_ms))
+    }
+
+    /// Agents per state, for `/metrics`.
+    pub async fn agent_state_counts(&self, now_ms: i64) -> EngineResult<[(AgentState, u64); 4]> {
+        dispatch!(self, agent_state_counts(now_ms))
+    }
+}
+
+/// Agents per state (`up`, `late`, `down`, `finished`) for `/metrics`.
+pub async fn state_counts(engine: &Engine) -> EngineResult<Vec<(&'static str, u64)>> {
+    let counts = engine.agent_state_counts(Utc::now().timestamp_millis()).await?;
+    Ok(counts.iter().map(|(s, n)| (s.as_str(), *n)).collect())
+}
+
+/// Validates scope and applies a heartbeat.
+pub async fn record_heartbeat(
+    state: &AppState,
+    caller: &Identity,
+    agent_id: Id,
+    req: HeartbeatRequest,
+) -> ApiResult<AgentView> {
+    caller.ensure_may_act_as(&agent_id, "agent_id")?;
+    let now = Utc::now();
+    let status = req.status.unwrap_or_default();
+    let ttl_seconds = req.ttl_seconds.unwrap_or(DEFAULT_TTL).get();
+    let grace_seconds = state
+        .config
+        .down_grace
+        .map_or(ttl_seconds, |g| g.as_secs());
+    let source = caller.name.as_str();
+    let event = |kind: &str, data: serde_json::Value| {
+        EventBody::new(kind, source, Some(&agent_id), now, data)
+    };
+    let run_id = req.run_id.as_ref().map(Id::as_str);
+    let heartbeat = state.config.heartbeat_events.then(|| {
+        event(
+            "agent.heartbeat",
+            serde_json::json!({
+                "status": status,
+                "progress": req.progress.map(Fraction::get),
+                "current_task": req.current_task.as_ref().map(Text::as_str),
+                "run_id": run_id,
+                "ttl_seconds": ttl_seconds,
+            }),
+        )
+    });
+    let events = BeatEvents {
+        heartbeat,
+        started: event("agent.started", serde_json::json!({ "run_id": run_id, "status": status })),
+        finished: event("agent.finished", serde_json::json!({ "run_id": run_id, "status": status })),
+        recovered: event("agent.recovered", serde_json::json!({ "status": status })),
+    };
+    let beat = Beat {
+        agent_id,
+        status,
+        progress: req.progress.map(Fraction::get),
+        current_task: req.current_task.map(Text::into_inner),
+        metadata: req.metadata,
+        display_name: req.display_name.map(Text::into_inner),
+        run_id: req.run_id,
+        ttl_seconds,
+        grace_seconds,
+        now,
+        retention: state.config.agent_retention,
+        events,
+    };
+    let record = state.engine.record_beat(beat).await?;
+    Ok(record.view(now.timestamp_millis()))
+}
+
+/// Starts the sweeper that moves silent agents to `down` and prunes indexes.
+pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(state.config.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now_ms = Utc::now().timestamp_millis();
+            // Drain everything due, in batches.
+            loop {
+                match state.engine.sweep_down_agents(now_ms, 500).await {
+                    Ok(500) => continue,
+                    Ok(_) => break,
+                    Err(err) => {
+                        metrics::counter!("attune_engine_errors_total", "op" => "sweep_agents")
+                            .increment(1);
+                        tracing::debug!(error = %err, "agent sweep failed; will retry");
+                        break;
+                    }
+                }
+            }
+            if last_prune.elapsed() >= Duration::from_secs(60) {
+                last_prune = tokio::time::Instant::now();
+                if let Err(err) = state
+                    .engine
+                    .prune_agents(now_ms, state.config.agent_retention)
+                    .await
+                {
+                    tracing::debug!(error = %err, "agent index pruning failed; will retry");
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: AgentStatus, last_beat_ms: i64) -> AgentRecord {
+        AgentRecord {
+            agent_id: Id::new("a").unwrap(),
+            display_name: None,
+            status,
+            progress: None,
+            current_task: None,
+            metadata: Default::default(),
+            run_id: None,
+            last_beat_ms,
+            ttl_seconds: 30,
+            grace_seconds: 30,
+            down: false,
+        }
+    }
+
+    #[test]
+    fn state_follows_ttl_and_grace() {
+        let r = record(AgentStatus::Running, 0);
+        assert_eq!(r.state_at(30_000), AgentState::Up);
+        assert_eq!(r.state_at(30_001), AgentState::Late);
+        assert_eq!(r.state_at(60_000), AgentState::Late);
+        assert_eq!(r.state_at(60_001), AgentState::Down);
+        assert!(r.view(30_000).alive);
+        assert!(!r.view(30_001).alive);
+        assert_eq!(record(AgentStatus::Completed, 0).state_at(1_000_000), AgentState::Finished);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = IndexCursor { score: 42, member: "agent-1".into() };
+        assert_eq!(IndexCursor::decode("cursor", &c.encode()).unwrap(), c);
+        assert!(IndexCursor::decode("cursor", "!!").is_err());
+        assert!(IndexCursor::decode("cursor", "eDp5").is_err());
+    }
+
+    #[test]
+    fn run_stats_count_outcomes_and_durations() {
+        let run = |agent: &str, outcome: Option<&str>, lost: bool, dur: i64| RunRecord {
+            agent_id: agent.into(),
+            run_id: None,
+            started_ms: 0,
+            ended_ms: outcome.map(|_| dur),
+            outcome: outcome.map(Into::into),
+            lost,
+        };
+        let runs = vec![
+            run("a", Some("completed"), false, 10_000),
+            run("a", Some("failed"), false, 20_000),
+            run("a", None, true, 0),
+            run("b", None, false, 0),
+        ];
+        let (rows, total) = run_stats(&runs);
+        assert_eq!(rows.len(), 2);
+        let a = &rows[0];
+        assert_eq!((a.runs, a.completed, a.failed, a.lost), (3, 1, 1, 1));
+        assert_eq!(a.success_rate, Some(1.0 / 3.0));
+        assert_eq!(a.avg_duration_seconds, Some(15.0));
+        assert_eq!(rows[1].running, 1);
+        assert_eq!(rows[1].success_rate, None);
+        assert_eq!(total.runs, 4);
+    }
+}
+
+/// The `agent.down` event, emitted by the sweeper.
+pub fn down_event(agent_id: &Id, ttl_seconds: u64, ts: DateTime<Utc>) -> EventBody {
+    EventBody::new(
+        "agent.down",
+        "system",
+        Some(agent_id),
+        ts,
+        serde_json::json!({ "ttl_seconds": ttl_seconds }),
+    )
+}

@@ -1,0 +1,477 @@
+//! Agents on Redis: one hash per agent plus sorted-set indexes.
+//!
+//! A beat is one Lua script: it reads the previous status, down flag and
+//! open run, writes the record, updates every index, opens or closes the
+//! run and appends the events — atomically, so concurrent beats and the
+//! sweepers of several replicas never see half an update. Record fields
+//! hold JSON produced by Rust; the scripts move them without decoding.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use chrono::Utc;
+use redis::Script;
+
+use crate::agents::{AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord};
+use crate::engine::redis::{RedisEngine, args, script};
+use crate::engine::{EngineError, EngineResult};
+use crate::events::EventBody;
+use crate::types::{Id, rfc3339};
+
+/// KEYS: 2 record, 3 by-beat, 4 active, 5 late-due, 6 down-due, 7 down,
+/// 8 finished, 9 runs, 10 runs-by-start.
+/// ARGV: 2 agent id, 3 now ms, 4 status, 5 terminal (0/1), 6 ttl s,
+/// 7 grace s, 8 retention ms, 9 progress JSON, 10 current_task JSON,
+/// 11 metadata JSON or '', 12 display_name JSON or '', 13 run_id or '',
+/// 14 new run key, 15 started event, 16 finished event, 17 recovered event,
+/// 18 heartbeat event or ''.
+static BEAT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local rec = KEYS[2]
+local id, now = ARGV[2], tonumber(ARGV[3])
+local status, terminal = ARGV[4], ARGV[5] == '1'
+local ttl, grace = tonumber(ARGV[6]), tonumber(ARGV[7])
+local exists = redis.call('EXISTS', rec) == 1
+local prev = redis.call('HMGET', rec, 'down', 'run_key', 'run_id')
+local was_down, run_key, prev_run_id = prev[1] == '1', prev[2], prev[3]
+if not exists then was_down, run_key, prev_run_id = false, false, false end
+redis.call('HSET', rec, 'agent_id', id, 'status', status, 'progress', ARGV[9],
+  'current_task', ARGV[10], 'last_beat', now, 'ttl', ttl, 'grace', grace, 'down', '0')
+if ARGV[11] ~= '' then redis.call('HSET', rec, 'metadata', ARGV[11]) end
+if ARGV[12] ~= '' then redis.call('HSET', rec, 'display_name', ARGV[12]) end
+local run_id = prev_run_id
+if ARGV[13] ~= '' then run_id = ARGV[13]; redis.call('HSET', rec, 'run_id', run_id) end
+
+local function update_run(key, fn)
+  local raw = redis.call('HGET', KEYS[9], key)
+  if raw then
+    local run = cjson.decode(raw)
+    fn(run)
+    redis.call('HSET', KEYS[9], key, cjson.encode(run))
+  end
+end
+
+local opens = (not run_key and not terminal) or status == 'starting'
+  or (ARGV[13] ~= '' and ARGV[13] ~= prev_run_id)
+if opens then
+  if run_key then
+    update_run(run_key, function(r) if r.outcome == nil then r.lost = true end end)
+  end
+  run_key = ARGV[14]
+  local run = { agent_id = id, started_ms = now, lost = false }
+  if run_id then run.run_id = run_id end
+  redis.call('HSET', KEYS[9], run_key, cjson.encode(run))
+  redis.call('ZADD', KEYS[10], now, run_key)
+  redis.call('HSET', rec, 'run_key', run_key)
+  emit('agent.started', id, '', ARGV[15])
+end
+if was_down then
+  if run_key then update_run(run_key, function(r) r.lost = false end) end
+  emit('agent.recovered', id, '', ARGV[17])
+end
+if terminal and run_key then
+  update_run(run_key, function(r) r.ended_ms = now; r.outcome = status; r.lost = false end)
+  redis.call('HDEL', rec, 'run_key')
+  emit('agent.finished', id, '', ARGV[16])
+end
+if ARGV[18] ~= '' then emit('agent.heartbeat', id, '', ARGV[18]) end
+
+redis.call('ZADD', KEYS[3], now, id)
+if terminal then
+  redis.call('ZREM', KEYS[4], id)
+  redis.call('ZREM', KEYS[5], id)
+  redis.call('ZREM', KEYS[6], id)
+  redis.call('ZREM', KEYS[7], id)
+  redis.call('ZADD', KEYS[8], now, id)
+else
+  redis.call('ZADD', KEYS[4], now, id)
+  redis.call('ZADD', KEYS[5], now + ttl * 1000, id)
+  redis.call('ZADD', KEYS[6], now + (ttl + grace) * 1000, id)
+  redis.call('ZREM', KEYS[7], id)
+  redis.call('ZREM', KEYS[8], id)
+end
+redis.call('PEXPIRE', rec, ARGV[8])
+return redis.call('HGETALL', rec)
+"#,
+    )
+});
+
+/// Claims due agents: KEYS as for [`BEAT`]; ARGV: 2 now ms, 3 limit,
+/// 4 record key prefix, 5 event timestamp.
+///
+/// The record keys are derived from the prefix inside the script; they share
+/// the deployment's hash tag, so they live in the same slot as the declared keys.
+static SWEEP_DOWN: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[6], id)
+  redis.call('ZREM', KEYS[5], id)
+  local rec = ARGV[4] .. id
+  local f = redis.call('HMGET', rec, 'last_beat', 'ttl', 'run_key', 'status')
+  if f[1] and f[4] ~= 'completed' and f[4] ~= 'failed' and f[4] ~= 'cancelled' then
+    redis.call('HSET', rec, 'down', '1')
+    redis.call('ZADD', KEYS[7], f[1], id)
+    if f[3] then
+      local raw = redis.call('HGET', KEYS[9], f[3])
+      if raw then
+        local run = cjson.decode(raw)
+        run.lost = true
+        redis.call('HSET', KEYS[9], f[3], cjson.encode(run))
+      end
+    end
+    emit('agent.down', id, '',
+      '{"type":"agent.down","ts":"' .. ARGV[5] .. '","source":"system","agent_id":"' .. id
+      .. '","data":{"ttl_seconds":' .. f[2] .. '}}')
+  end
+end
+return #due
+"#,
+    )
+});
+
+/// Drops index entries of agents whose records expired, and old runs.
+/// KEYS as for [`BEAT`]; ARGV: 2 agent cutoff ms, 3 run cutoff ms.
+static PRUNE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 10000)
+for _, id in ipairs(old) do
+  for i = 3, 8 do redis.call('ZREM', KEYS[i], id) end
+end
+local runs = redis.call('ZRANGEBYSCORE', KEYS[10], '-inf', '(' .. ARGV[3], 'LIMIT', 0, 10000)
+for _, key in ipairs(runs) do
+  redis.call('HDEL', KEYS[9], key)
+  redis.call('ZREM', KEYS[10], key)
+end
+return #old + #runs
+"#,
+    )
+});
+
+/// KEYS as for [`BEAT`]; ARGV: 2 agent id, 3 event.
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local existed = redis.call('DEL', KEYS[2])
+for i = 3, 8 do redis.call('ZREM', KEYS[i], ARGV[2]) end
+if existed == 1 then emit('agent.deleted', ARGV[2], '', ARGV[3]) end
+return existed
+"#,
+    )
+});
+
+impl RedisEngine {
+    fn agent_keys(&self, id: &Id) -> [String; 9] {
+        let k = &self.keys;
+        [
+            k.agent(id),
+            k.agents_by_beat(),
+            k.agents_active(),
+            k.agents_late_due(),
+            k.agents_down_due(),
+            k.agents_down(),
+            k.agents_finished(),
+            k.runs(),
+            k.runs_by_start(),
+        ]
+    }
+
+    /// The same keys with a placeholder record (scripts over many agents).
+    fn index_keys(&self) -> [String; 9] {
+        self.agent_keys(&Id::new("_").expect("valid id"))
+    }
+
+    pub async fn record_beat(&self, beat: Beat) -> EngineResult<AgentRecord> {
+        let keys = self.agent_keys(&beat.agent_id);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let json = |v: serde_json::Value| v.to_string();
+        let fields: Vec<String> = self
+            .invoke(
+                &BEAT,
+                &keys,
+                &args![
+                    beat.agent_id,
+                    beat.now.timestamp_millis(),
+                    beat.status.as_str(),
+                    u8::from(beat.status.is_terminal()),
+                    beat.ttl_seconds,
+                    beat.grace_seconds,
+                    beat.retention.as_millis(),
+                    json(serde_json::json!(beat.progress)),
+                    json(serde_json::json!(beat.current_task)),
+                    beat.metadata
+                        .as_ref()
+                        .map(|m| json(serde_json::Value::Object(m.as_map().clone())))
+                        .unwrap_or_default(),
+                    beat.display_name
+                        .as_ref()
+                        .map(|d| json(serde_json::json!(d)))
+                        .unwrap_or_default(),
+                    beat.run_id.as_ref().map(Id::to_string).unwrap_or_default(),
+                    format!("{}/{}", beat.agent_id, uuid::Uuid::now_v7()),
+                    beat.events.started.json,
+                    beat.events.finished.json,
+                    beat.events.recovered.json,
+                    beat.events.heartbeat.map(|e| e.json).unwrap_or_default(),
+                ],
+            )
+            .await?;
+        decode_record(&fields)
+    }
+
+    pub async fn get_agent(&self, id: &Id) -> EngineResult<Option<AgentRecord>> {
+        let mut conn = self.conn();
+        let fields: Vec<String> = self
+            .run(redis::cmd("HGETALL").arg(self.keys.agent(id)).query_async(&mut conn))
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        decode_record(&fields).map(Some)
+    }
+
+    pub async fn delete_agent(&self, id: &Id, event: EventBody) -> EngineResult<bool> {
+        let keys = self.agent_keys(id);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let existed: i64 = self.invoke(&DELETE, &keys, &args![id, event.json]).await?;
+        Ok(existed == 1)
+    }
+
+    pub async fn list_agents(
+        &self,
+        selection: AgentSelection,
+        now_ms: i64,
+        cursor: Option<IndexCursor>,
+        limit: usize,
+    ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
+        let k = &self.keys;
+        // (index, ascending, min, max) — every selection is one index range.
+        let (index, ascending, min, max) = match selection {
+            AgentSelection::All => (k.agents_by_beat(), false, i64::MIN, i64::MAX),
+            AgentSelection::StaleBefore(cutoff) => (k.agents_active(), true, i64::MIN, cutoff - 1),
+            AgentSelection::State(AgentState::Up) => (k.agents_late_due(), true, now_ms, i64::MAX),
+            AgentSelection::State(AgentState::Late) => (k.agents_late_due(), true, i64::MIN, now_ms - 1),
+            AgentSelection::State(AgentState::Down) => (k.agents_down(), true, i64::MIN, i64::MAX),
+            AgentSelection::State(AgentState::Finished) => {
+                (k.agents_finished(), true, i64::MIN, i64::MAX)
+            }
+        };
+        let mut out = Vec::with_capacity(limit);
+        let mut position = cursor;
+        // Index entries whose records expired (or that changed state since
+        // they were read) are skipped; a few extra rounds fill the page.
+        for _ in 0..4 {
+            let want = limit - out.len() + 1;
+            let entries = self.index_range(&index, ascending, min, max, position.as_ref(), want).await?;
+            let more = entries.len() == want;
+            let take: Vec<(String, i64)> = entries.into_iter().take(limit - out.len()).collect();
+            let ids: Vec<String> = take.iter().map(|(m, _)| m.clone()).collect();
+            let records = self.get_agents(&ids).await?;
+            for ((member, score), record) in take.iter().zip(records) {
+                position = Some(IndexCursor { score: *score, member: member.clone() });
+                if let Some(r) = record {
+                    let keep = match selection {
+                        AgentSelection::State(s) => r.state_at(now_ms) == s,
+                        AgentSelection::StaleBefore(_) => !r.status.is_terminal(),
+                        AgentSelection::All => true,
+                    };
+                    if keep {
+                        out.push(r);
+                    }
+                }
+            }
+            if !more {
+                return Ok((out, None));
+            }
+            if out.len() >= limit {
+                return Ok((out, position));
+            }
+        }
+        Ok((out, position))
+    }
+
+    /// Up to `count` `(member, score)` pairs of `index` within `[min, max]`,
+    /// after `cursor`, in the given direction.
+    async fn index_range(
+        &self,
+        index: &str,
+        ascending: bool,
+        min: i64,
+        max: i64,
+        cursor: Option<&IndexCursor>,
+        count: usize,
+    ) -> EngineResult<Vec<(String, i64)>> {
+        let bound = |v: i64, inf: &str| {
+            if v == i64::MIN || v == i64::MAX { inf.to_owned() } else { v.to_string() }
+        };
+        let (mut lo, mut hi) = (bound(min, "-inf"), bound(max, "+inf"));
+        // Resume at the cursor's score (inclusive) and drop the members
+        // already returned with that same score.
+        let mut skip_ties = None;
+        if let Some(c) = cursor {
+            if ascending { lo = c.score.to_string() } else { hi = c.score.to_string() }
+            skip_ties = Some(c);
+        }
+        let mut conn = self.conn();
+        let mut fetched = 0usize;
+        let mut out = Vec::with_capacity(count);
+        loop {
+            let batch = count + 64;
+            let mut cmd = if ascending {
+                let mut c = redis::cmd("ZRANGEBYSCORE");
+                c.arg(index).arg(&lo).arg(&hi);
+                c
+            } else {
+                let mut c = redis::cmd("ZREVRANGEBYSCORE");
+                c.arg(index).arg(&hi).arg(&lo);
+                c
+            };
+            cmd.arg("WITHSCORES").arg("LIMIT").arg(fetched).arg(batch);
+            let entries: Vec<(String, f64)> = self.run(cmd.query_async(&mut conn)).await?;
+            let n = entries.len();
+            fetched += n;
+            for (member, score) in entries {
+                let score = score as i64;
+                if let Some(c) = skip_ties {
+                    // Within a score Redis orders members lexicographically
+                    // (reversed for REV ranges).
+                    let seen = score == c.score
+                        && if ascending { member.as_str() <= c.member.as_str() } else { member.as_str() >= c.member.as_str() };
+                    if seen {
+                        continue;
+                    }
+                }
+                out.push((member, score));
+                if out.len() == count {
+                    return Ok(out);
+                }
+            }
+            if n < batch {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Fetches several records in one round trip.
+    async fn get_agents(&self, ids: &[String]) -> EngineResult<Vec<Option<AgentRecord>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            let id = Id::new(id.as_str()).map_err(EngineError::Corrupt)?;
+            pipe.cmd("HGETALL").arg(self.keys.agent(&id));
+        }
+        let mut conn = self.conn();
+        let replies: Vec<Vec<String>> = self.run(pipe.query_async(&mut conn)).await?;
+        replies
+            .iter()
+            .map(|f| if f.is_empty() { Ok(None) } else { decode_record(f).map(Some) })
+            .collect()
+    }
+
+    pub async fn sweep_down_agents(&self, now_ms: i64, limit: usize) -> EngineResult<usize> {
+        let keys = self.index_keys();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let record_prefix = self.keys.sub("agent:");
+        let claimed: i64 = self
+            .invoke(&SWEEP_DOWN, &keys, &args![now_ms, limit, record_prefix, rfc3339(Utc::now())])
+            .await?;
+        Ok(claimed as usize)
+    }
+
+    pub async fn prune_agents(&self, now_ms: i64, retention: Duration) -> EngineResult<()> {
+        let keys = self.index_keys();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let agent_cutoff = now_ms - retention.as_millis() as i64;
+        let run_cutoff = now_ms - crate::agents::RUN_RETENTION.as_millis() as i64;
+        let _: i64 = self.invoke(&PRUNE, &keys, &args![agent_cutoff, run_cutoff]).await?;
+        Ok(())
+    }
+
+    pub async fn runs_since(&self, since_ms: i64) -> EngineResult<Vec<RunRecord>> {
+        let mut conn = self.conn();
+        let keys: Vec<String> = self
+            .run(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.runs_by_start())
+                    .arg(since_ms)
+                    .arg("+inf")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut runs = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(1000) {
+            let raw: Vec<Option<String>> = self
+                .run(redis::cmd("HMGET").arg(self.keys.runs()).arg(chunk).query_async(&mut conn))
+                .await?;
+            for json in raw.into_iter().flatten() {
+                runs.push(serde_json::from_str(&json).map_err(|e| EngineError::Corrupt(e.to_string()))?);
+            }
+        }
+        Ok(runs)
+    }
+
+    pub async fn agent_state_counts(&self, now_ms: i64) -> EngineResult<[(AgentState, u64); 4]> {
+        let k = &self.keys;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZCOUNT").arg(k.agents_late_due()).arg(now_ms).arg("+inf");
+        pipe.cmd("ZCOUNT").arg(k.agents_late_due()).arg("-inf").arg(format!("({now_ms}"));
+        pipe.cmd("ZCARD").arg(k.agents_down());
+        pipe.cmd("ZCARD").arg(k.agents_finished());
+        let mut conn = self.conn();
+        let (up, late, down, finished): (u64, u64, u64, u64) =
+            self.run(pipe.query_async(&mut conn)).await?;
+        Ok([
+            (AgentState::Up, up),
+            (AgentState::Late, late),
+            (AgentState::Down, down),
+            (AgentState::Finished, finished),
+        ])
+    }
+}
+
+/// Decodes an `HGETALL` reply into a record.
+fn decode_record(fields: &[String]) -> EngineResult<AgentRecord> {
+    let corrupt = |what: &str| EngineError::Corrupt(format!("agent record: {what}"));
+    let mut get = std::collections::HashMap::new();
+    for pair in fields.chunks(2) {
+        if let [k, v] = pair {
+            get.insert(k.as_str(), v.as_str());
+        }
+    }
+    let json = |name: &str| -> EngineResult<serde_json::Value> {
+        match get.get(name) {
+            Some(raw) => serde_json::from_str(raw).map_err(|_| corrupt(name)),
+            None => Ok(serde_json::Value::Null),
+        }
+    };
+    let int = |name: &str| -> EngineResult<i64> {
+        get.get(name).and_then(|v| v.parse().ok()).ok_or_else(|| corrupt(name))
+    };
+    Ok(AgentRecord {
+        agent_id: get
+            .get("agent_id")
+            .and_then(|v| Id::new(*v).ok())
+            .ok_or_else(|| corrupt("agent_id"))?,
+        display_name: json("display_name")?.as_str().map(str::to_owned),
+        status: get
+            .get("status")
+            .and_then(|s| AgentStatus::parse(s))
+            .ok_or_else(|| corrupt("status"))?,
+        progress: json("progress")?.as_f64(),
+        current_task: json("current_task")?.as_str().map(str::to_owned),
+        metadata: match json("metadata")? {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        },
+        run_id: get.get("run_id").map(|s| (*s).to_owned()),
+        last_beat_ms: int("last_beat")?,
+        ttl_seconds: int("ttl")? as u64,
+        grace_seconds: int("grace")? as u64,
+        down: get.get("down") == Some(&"1"),
+    })
+}

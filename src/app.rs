@@ -1,0 +1,404 @@
+//! The HTTP application: state, routes, layers, and the server loop.
+//!
+//! [`build`] turns a [`Config`] into a ready [`App`] (engine connected,
+//! migrations applied, key ring loaded); [`run`] serves it on an already
+//! bound listener until `shutdown` completes, so tests bind `127.0.0.1:0`
+//! and run exactly the production code.
+//!
+//! Layers, outermost first, and why in this order:
+//! 1. request id — set (or keep the client's) before anything logs;
+//! 2. trace span — every log line of the request carries method, route, id;
+//! 3. propagate request id — echoes `x-request-id` on every response,
+//!    including the ones produced by the layers below;
+//! 4. CORS — answers preflights before auth or limits see them;
+//! 5. compression — skips `text/event-stream`, so SSE is never buffered;
+//! 6. catch-panic — a panic becomes a logged 500 problem, not a dropped
+//!    connection; it sits inside the span so the log names the request;
+//! 7. per-route metrics and the timeout (route layers).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::auth::KeyRing;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::engine::memory::MemoryEngine;
+use crate::engine::redis::RedisEngine;
+use crate::error::ApiError;
+use crate::events::hub::Hub;
+
+/// Shared state of every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The storage engine.
+    pub engine: Engine,
+    /// In-process fan-out of the event log and long-poll wake-ups.
+    pub hub: Arc<Hub>,
+    /// API keys.
+    pub keys: Arc<KeyRing>,
+    /// Validated settings.
+    pub config: Arc<Config>,
+    /// Cancelled when the server starts shutting down: long polls answer,
+    /// WebSockets close, background tasks stop.
+    pub shutdown: CancellationToken,
+}
+
+impl FromRef<AppState> for Arc<KeyRing> {
+    fn from_ref(state: &AppState) -> Self {
+        state.keys.clone()
+    }
+}
+
+/// A built application, ready to serve.
+pub struct App {
+    pub state: AppState,
+    pub router: Router,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "attune-telemetry",
+        description = "Telemetry and coordination for multi-agent AI systems: heartbeats and \
+                       liveness, typed coordination signals, human approval gates, usage and \
+                       quality feedback, and a live event stream.",
+        license(name = "Apache-2.0")
+    ),
+    modifiers(&SecurityAddon),
+    security(("bearer" = [])),
+    components(schemas(crate::error::Problem, crate::error::FieldError)),
+    tags(
+        (name = "agents", description = "Heartbeats and liveness"),
+        (name = "signals", description = "Coordination signals"),
+        (name = "approvals", description = "Human approval gates"),
+        (name = "events", description = "The event log and live streams"),
+        (name = "usage", description = "LLM usage, cost savings and cache statistics"),
+        (name = "feedback", description = "Quality feedback and template ratings"),
+        (name = "operations", description = "Health, readiness, metrics and documentation"),
+    )
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key from the keys file."))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every API route, with its OpenAPI description.
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(crate::agents::http::router())
+        .merge(crate::events::http::router())
+        .merge(crate::events::live::router())
+        .merge(crate::ops::router())
+}
+
+/// The OpenAPI document the server serves (and `openapi/openapi.json` holds).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+/// Connects the engine, applies migrations and loads keys.
+pub async fn build(config: Config) -> Result<App, String> {
+    let keys = match &config.keys_file {
+        Some(path) => KeyRing::load(path)?,
+        None => {
+            if !config.listen.ip().is_loopback() && !config.insecure_allow_anonymous {
+                return Err(format!(
+                    "refusing anonymous access on non-loopback address {}: \
+                     configure --keys-file or pass --insecure-allow-anonymous",
+                    config.listen
+                ));
+            }
+            tracing::warn!(
+                "no --keys-file: every request is treated as an anonymous admin"
+            );
+            KeyRing::anonymous()
+        }
+    };
+    let engine = match &config.redis_url {
+        None => Engine::Memory(Arc::new(MemoryEngine::new(config.stream_max_len))),
+        Some(url) => {
+            let engine = connect_redis(url, &config).await?;
+            let applied = crate::migrate::run(&engine)
+                .await
+                .map_err(|e| format!("applying migrations failed: {e}"))?;
+            if !applied.is_empty() {
+                tracing::info!(?applied, "keyspace migrations applied");
+            }
+            Engine::Redis(Arc::new(engine))
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let hub = Hub::new(config.subscriber_buffer, shutdown.clone());
+    let state = AppState {
+        engine,
+        hub,
+        keys: Arc::new(keys),
+        config: Arc::new(config),
+        shutdown,
+    };
+    let router = router(state.clone());
+    Ok(App { state, router })
+}
+
+/// Connects to Redis, retrying for a few seconds so that a service started
+/// together with its Redis (compose, systemd) does not fail on a race.
+async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match RedisEngine::connect(url, &config.key_prefix, config.redis_timeout, config.stream_max_len)
+            .await
+        {
+            Ok(engine) => return Ok(engine),
+            Err(err) if Instant::now() >= deadline => {
+                return Err(format!("cannot reach Redis at {}: {err}", redact(url)));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "Redis not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Hides a password in a Redis URL for logs.
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((head, tail)) => match head.rsplit_once(':') {
+            Some((scheme_user, _)) if scheme_user.contains("//") => format!("{scheme_user}:***@{tail}"),
+            _ => format!("***@{tail}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Builds the router with every layer.
+pub fn router(state: AppState) -> Router {
+    let (api, spec) = api_router().split_for_parts();
+    let spec = Arc::new(spec);
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let config = state.config.clone();
+    api.route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            let spec = spec.clone();
+            async move { axum::Json(spec.as_ref().clone()) }
+        }),
+    )
+    .merge(crate::ops::docs_router())
+    .fallback(fallback)
+    .method_not_allowed_fallback(method_not_allowed)
+    .route_layer(middleware::from_fn_with_state(state.clone(), time_limit))
+    .route_layer(middleware::from_fn(track_metrics))
+    .layer(DefaultBodyLimit::max(config.body_limit_bytes))
+    .layer(CatchPanicLayer::custom(panic_response))
+    .layer(CompressionLayer::new())
+    .layer(cors(&config.allowed_origins))
+    .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+    .layer(
+        TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }),
+    )
+    .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuidV7))
+    .with_state(state)
+}
+
+/// Request ids are UUIDv7, like every other server-made id.
+#[derive(Clone, Copy)]
+struct MakeRequestUuidV7;
+
+impl MakeRequestId for MakeRequestUuidV7 {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
+        .max_age(Duration::from_secs(600))
+}
+
+async fn fallback(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    metrics::counter!("attune_panics_total").increment(1);
+    ApiError::Internal(format!("handler panicked: {detail}")).into_response()
+}
+
+/// The time limit of a request: `--request-timeout-seconds`, plus the
+/// `wait_seconds` it asked for (long polls may wait up to 60 s by design).
+/// WebSocket and SSE responses return at once, so their streams are not
+/// limited by it.
+async fn time_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let wait = req
+        .uri()
+        .query()
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "wait_seconds")
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        .min(60);
+    let limit = state.config.request_timeout + Duration::from_secs(wait);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
+/// Counts requests and records latency by matched route.
+async fn track_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("attune_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("attune_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A running server's background work: the event tailer and the sweepers.
+fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = vec![
+        state
+            .hub
+            .spawn_tailer(state.engine.clone(), state.shutdown.clone()),
+    ];
+    tasks.push(crate::agents::spawn_sweeper(state.clone()));
+    tasks
+}
+
+/// Serves `app` on `listener` until `shutdown` completes; then stops
+/// accepting, tells long polls and WebSockets, and waits up to
+/// `--shutdown-grace-seconds` for in-flight requests.
+pub async fn serve(
+    app: App,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let App { state, router } = app;
+    let tasks = spawn_background(&state);
+    let token = state.shutdown.clone();
+    let grace = state.config.shutdown_grace;
+    let signal = {
+        let token = token.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            token.cancel();
+        }
+    };
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(signal);
+    let server = async move { server.await.map_err(|e| format!("server error: {e}")) };
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+            Ok(())
+        }
+    };
+    token.cancel();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    result
+}
+
+/// Builds and serves in one call: what `attune-telemetry serve` does.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let app = build(config).await?;
+    serve(app, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redis_passwords_are_redacted() {
+        assert_eq!(redact("redis://:secret@host:6379"), "redis://:***@host:6379");
+        assert_eq!(redact("redis://user:secret@host"), "redis://user:***@host");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+}

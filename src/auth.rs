@@ -1,0 +1,392 @@
+//! API keys, roles and the one reusable role check.
+//!
+//! Keys live in a TOML file of `[[keys]]` tables holding the SHA-256 of each
+//! secret (never the secret). A request presents `Authorization: Bearer
+//! <secret>` (WebSocket and SSE may use `?access_token=` instead, because
+//! browsers cannot set headers on a WebSocket). The presented secret is
+//! hashed and compared with every stored hash in constant time.
+//!
+//! Handlers declare what they need in their signature: `Caller<Viewer>`,
+//! `Caller<AgentWrite>`, `Caller<Decide>`, `Caller<Admin>`. The extractor
+//! authenticates and checks the role before the handler runs; agent-id scope
+//! checks are one call on the [`Identity`].
+
+use std::marker::PhantomData;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, FromRequestParts};
+use axum::http::{header, request::Parts};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use wildmatch::WildMatch;
+
+use crate::error::ApiError;
+use crate::types::Id;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Writes heartbeats, signals, approvals, usage, feedback and events for
+    /// the agent ids in its scope; reads agents, its own inbox and approvals.
+    Agent,
+    /// Everything a viewer can, plus deciding approvals.
+    Approver,
+    /// Reads everything and subscribes to events.
+    Viewer,
+    /// Everything, plus deleting agents and clearing data.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Approver => "approver",
+            Self::Viewer => "viewer",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The key's name: recorded as event `source` and approval `responder`.
+    pub name: String,
+    pub role: Role,
+    /// Agent ids the key may act as (`None`: any).
+    scope: Option<Vec<WildMatch>>,
+}
+
+impl Identity {
+    /// The identity of every request when no keys file is configured.
+    pub fn anonymous() -> Self {
+        Self {
+            name: "anonymous".into(),
+            role: Role::Admin,
+            scope: None,
+        }
+    }
+
+    /// Whether this caller may act as (or read the private data of) `agent`.
+    pub fn may_act_as(&self, agent: &Id) -> bool {
+        self.scope
+            .as_ref()
+            .is_none_or(|patterns| patterns.iter().any(|p| p.matches(agent.as_str())))
+    }
+
+    /// 403 unless this caller may act as `agent` (writes).
+    pub fn ensure_may_act_as(&self, agent: &Id, field: &str) -> Result<(), ApiError> {
+        if self.may_act_as(agent) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "key {:?} may not act as agent {agent:?} ({field})",
+                self.name
+            )))
+        }
+    }
+
+    /// Whether this caller may act as every agent id (no scope).
+    pub fn may_act_as_any(&self) -> bool {
+        self.scope.is_none()
+    }
+
+    /// Whether this caller is an agent key limited to its own data. Such
+    /// callers get 404 (not 403) for other agents' inboxes and approvals.
+    pub fn is_agent(&self) -> bool {
+        self.role == Role::Agent
+    }
+}
+
+/// A capability a handler requires; implemented by marker types.
+pub trait Capability: Send + Sync + 'static {
+    /// Describes the capability in 403 messages.
+    const NAME: &'static str;
+    /// Whether `?access_token=` is accepted (WebSocket and SSE only).
+    const QUERY_TOKEN: bool = false;
+    fn allows(role: Role) -> bool;
+}
+
+/// Any valid key.
+pub struct AnyRole;
+/// Read everything: viewer, approver, admin.
+pub struct Viewer;
+/// Subscribe to the live event stream (WebSocket/SSE): viewer and above.
+pub struct Subscribe;
+/// Write agent data (heartbeats, signals, approvals, usage, …): agent, admin.
+pub struct AgentWrite;
+/// Decide approvals: approver, admin.
+pub struct Decide;
+/// Administrative operations: admin.
+pub struct Admin;
+
+impl Capability for AnyRole {
+    const NAME: &'static str = "any role";
+    fn allows(_: Role) -> bool {
+        true
+    }
+}
+impl Capability for Viewer {
+    const NAME: &'static str = "viewer, approver or admin";
+    fn allows(role: Role) -> bool {
+        matches!(role, Role::Viewer | Role::Approver | Role::Admin)
+    }
+}
+impl Capability for Subscribe {
+    const NAME: &'static str = "viewer, approver or admin";
+    const QUERY_TOKEN: bool = true;
+    fn allows(role: Role) -> bool {
+        Viewer::allows(role)
+    }
+}
+impl Capability for AgentWrite {
+    const NAME: &'static str = "agent or admin";
+    fn allows(role: Role) -> bool {
+        matches!(role, Role::Agent | Role::Admin)
+    }
+}
+impl Capability for Decide {
+    const NAME: &'static str = "approver or admin";
+    fn allows(role: Role) -> bool {
+        matches!(role, Role::Approver | Role::Admin)
+    }
+}
+impl Capability for Admin {
+    const NAME: &'static str = "admin";
+    fn allows(role: Role) -> bool {
+        role == Role::Admin
+    }
+}
+
+/// The authenticated caller of a handler, checked against capability `C`.
+pub struct Caller<C: Capability> {
+    pub identity: Identity,
+    _capability: PhantomData<C>,
+}
+
+impl<C: Capability> std::ops::Deref for Caller<C> {
+    type Target = Identity;
+    fn deref(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+impl<S, C> FromRequestParts<S> for Caller<C>
+where
+    C: Capability,
+    Arc<KeyRing>: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let ring = Arc::<KeyRing>::from_ref(state);
+        let token = bearer(parts).or_else(|| {
+            C::QUERY_TOKEN
+                .then(|| query_token(parts.uri.query().unwrap_or("")))
+                .flatten()
+        });
+        let identity = ring.authenticate(token.as_deref())?;
+        if !C::allows(identity.role) {
+            return Err(ApiError::Forbidden(format!(
+                "this operation needs a {} key; key {:?} is {}",
+                C::NAME,
+                identity.name,
+                identity.role.as_str()
+            )));
+        }
+        Ok(Self {
+            identity,
+            _capability: PhantomData,
+        })
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<String> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+fn query_token(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "access_token")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// One `[[keys]]` entry of the keys file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    name: String,
+    role: Role,
+    sha256: String,
+    #[serde(default)]
+    agents: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    keys: Vec<KeyEntry>,
+}
+
+struct StoredKey {
+    hash: [u8; 32],
+    identity: Identity,
+}
+
+/// The configured keys, or anonymous access when there is no keys file.
+pub struct KeyRing {
+    keys: Option<Vec<StoredKey>>,
+}
+
+impl KeyRing {
+    /// Every request is the anonymous admin.
+    pub fn anonymous() -> Self {
+        Self { keys: None }
+    }
+
+    /// Whether requests need a key.
+    pub fn requires_keys(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// Loads a keys file; the error is one line naming the problem.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read keys file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("keys file {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: KeysFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        if file.keys.is_empty() {
+            return Err("no [[keys]] entries".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut keys = Vec::with_capacity(file.keys.len());
+        for entry in file.keys {
+            if !names.insert(entry.name.clone()) {
+                return Err(format!("duplicate key name {:?}", entry.name));
+            }
+            let bytes = hex::decode(&entry.sha256)
+                .ok()
+                .filter(|b| b.len() == 32 && entry.sha256.bytes().all(|c| !c.is_ascii_uppercase()))
+                .ok_or_else(|| {
+                    format!(
+                        "key {:?}: sha256 must be 64 lower-case hex characters",
+                        entry.name
+                    )
+                })?;
+            if entry.agents.is_some() && entry.role != Role::Agent {
+                return Err(format!(
+                    "key {:?}: `agents` applies only to keys with role agent",
+                    entry.name
+                ));
+            }
+            let scope = entry
+                .agents
+                .map(|patterns| patterns.iter().map(|p| WildMatch::new(p)).collect());
+            keys.push(StoredKey {
+                hash: bytes.try_into().expect("length checked"),
+                identity: Identity {
+                    name: entry.name,
+                    role: entry.role,
+                    scope,
+                },
+            });
+        }
+        Ok(Self { keys: Some(keys) })
+    }
+
+    /// Finds the identity for a presented secret.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, ApiError> {
+        let Some(keys) = &self.keys else {
+            return Ok(Identity::anonymous());
+        };
+        let token = token.ok_or_else(|| {
+            ApiError::Unauthorized("missing credentials: send Authorization: Bearer <key>".into())
+        })?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Compare against every key, without stopping early, so timing says
+        // nothing about which key (if any) matched.
+        let mut found = None;
+        for key in keys {
+            if bool::from(key.hash.ct_eq(&presented)) {
+                found = Some(&key.identity);
+            }
+        }
+        found
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))
+    }
+}
+
+/// A fresh secret and the `[[keys]]` entry that admits it.
+pub fn new_key(name: &str, role: Role, agents: &[String]) -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let secret = format!("atk_{}", hex::encode(bytes));
+    let hash = hex::encode(Sha256::digest(secret.as_bytes()));
+    let mut entry = format!(
+        "[[keys]]\nname = {}\nrole = \"{}\"\nsha256 = \"{hash}\"\n",
+        toml_string(name),
+        role.as_str()
+    );
+    if !agents.is_empty() {
+        let list: Vec<String> = agents.iter().map(|a| toml_string(a)).collect();
+        entry.push_str(&format!("agents = [{}]\n", list.join(", ")));
+    }
+    (secret, entry)
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_key_authenticates_with_its_role_and_scope() {
+        let (secret, entry) = new_key("ci", Role::Agent, &["ci-*".into()]);
+        let ring = KeyRing::parse(&entry).unwrap();
+        let id = ring.authenticate(Some(&secret)).unwrap();
+        assert_eq!(id.name, "ci");
+        assert_eq!(id.role, Role::Agent);
+        assert!(id.may_act_as(&Id::new("ci-7").unwrap()));
+        assert!(!id.may_act_as(&Id::new("prod-1").unwrap()));
+        assert!(ring.authenticate(Some("wrong")).is_err());
+        assert!(ring.authenticate(None).is_err());
+    }
+
+    #[test]
+    fn malformed_keys_files_are_refused_with_a_reason() {
+        assert!(KeyRing::parse("").unwrap_err().contains("no [[keys]]"));
+        let bad_hash = "[[keys]]\nname='a'\nrole='admin'\nsha256='ABC'\n";
+        assert!(KeyRing::parse(bad_hash).unwrap_err().contains("sha256"));
+        let bad_role = format!("[[keys]]\nname='a'\nrole='root'\nsha256='{}'\n", "0".repeat(64));
+        assert!(KeyRing::parse(&bad_role).is_err());
+        let scoped_admin = format!(
+            "[[keys]]\nname='a'\nrole='admin'\nsha256='{}'\nagents=['x']\n",
+            "0".repeat(64)
+        );
+        assert!(KeyRing::parse(&scoped_admin).unwrap_err().contains("agents"));
+    }
+
+    #[test]
+    fn roles_grant_exactly_the_matrix() {
+        assert!(AgentWrite::allows(Role::Agent) && !AgentWrite::allows(Role::Viewer));
+        assert!(Decide::allows(Role::Approver) && !Decide::allows(Role::Agent));
+        assert!(Viewer::allows(Role::Approver) && !Viewer::allows(Role::Agent));
+        assert!(Admin::allows(Role::Admin) && !Admin::allows(Role::Approver));
+    }
+}

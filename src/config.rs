@@ -1,0 +1,291 @@
+//! Command line and configuration.
+//!
+//! Every setting is a flag with an `ATTUNE_*` environment variable, listed
+//! with its default in `--help`. [`ServeArgs::into_config`] checks them all
+//! and turns the first problem into a one-line reason, so a bad deployment
+//! stops at start-up instead of failing on its first request.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::Role;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "attune-telemetry",
+    version,
+    about = "Telemetry and coordination for multi-agent AI systems: heartbeats, signals, \
+             approvals, usage and a live event stream over HTTP and WebSocket.",
+    long_about = None,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// With no subcommand, `serve` runs with these flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default).
+    Serve(ServeArgs),
+    /// Apply pending keyspace migrations to Redis and exit.
+    Migrate(MigrateArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print a fresh random secret once, and the `[[keys]]` entry to paste
+    /// into the keys file.
+    New {
+        /// Key name: recorded as event source and approval responder.
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Agent-id glob patterns an agent key may act as (repeat or
+        /// comma-separate); absent means any agent id.
+        #[arg(long, value_delimiter = ',')]
+        agents: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where Redis is, for `serve` and `migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL (`redis://host:port/db`). Without it the embedded memory
+    /// engine is used. `REDIS_URL` is honoured too.
+    #[arg(long, env = "ATTUNE_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (also the Cluster hash tag).
+    #[arg(long, env = "ATTUNE_KEY_PREFIX", default_value = "attune")]
+    pub key_prefix: String,
+    /// Bound on every Redis call, connecting included (milliseconds).
+    #[arg(long, env = "ATTUNE_REDIS_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_timeout_ms: u64,
+}
+
+impl RedisArgs {
+    /// The Redis URL from the flag, `ATTUNE_REDIS_URL` or `REDIS_URL`.
+    pub fn url(&self) -> Option<String> {
+        self.redis_url
+            .clone()
+            .or_else(|| std::env::var("REDIS_URL").ok())
+            .filter(|u| !u.trim().is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "ATTUNE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// TOML file of API keys. Without it every request is an anonymous
+    /// admin, which is allowed only on a loopback address.
+    #[arg(long, env = "ATTUNE_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
+    /// Allow anonymous access on a non-loopback address.
+    #[arg(long, env = "ATTUNE_INSECURE_ALLOW_ANONYMOUS")]
+    pub insecure_allow_anonymous: bool,
+    /// Comma-separated origins allowed for CORS and WebSocket `Origin`
+    /// (`*` for any). Empty: no CORS, any WebSocket origin.
+    #[arg(long, env = "ATTUNE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Log format.
+    #[arg(long, env = "ATTUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `attune_telemetry=debug`, …).
+    #[arg(long, env = "ATTUNE_LOG", default_value = "info")]
+    pub log: String,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "ATTUNE_BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
+    pub body_limit_bytes: usize,
+    /// Time limit of a request, not counting a requested long-poll wait.
+    #[arg(long, env = "ATTUNE_REQUEST_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub request_timeout_seconds: u64,
+    /// How long in-flight requests may take to finish at shutdown.
+    #[arg(long, env = "ATTUNE_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+    /// Maximum length of the event log (older events are trimmed).
+    #[arg(long, env = "ATTUNE_STREAM_MAX_LEN", default_value_t = 100_000)]
+    pub stream_max_len: usize,
+    /// Events a live subscriber may fall behind before it is disconnected
+    /// (it can resume with `since`).
+    #[arg(long, env = "ATTUNE_SUBSCRIBER_BUFFER", default_value_t = 8192)]
+    pub subscriber_buffer: usize,
+    /// Do not write an `agent.heartbeat` event for every beat.
+    #[arg(long, env = "ATTUNE_NO_HEARTBEAT_EVENTS")]
+    pub no_heartbeat_events: bool,
+    /// How long an agent record is kept after its last beat.
+    #[arg(long, env = "ATTUNE_AGENT_RETENTION_SECONDS", default_value_t = 86_400)]
+    pub agent_retention_seconds: u64,
+    /// Grace after `ttl_seconds` before a silent agent is `down`
+    /// (default: the agent's own ttl).
+    #[arg(long, env = "ATTUNE_DOWN_GRACE_SECONDS")]
+    pub down_grace_seconds: Option<u64>,
+    /// How long decided approvals are kept.
+    #[arg(long, env = "ATTUNE_APPROVAL_RETENTION_SECONDS", default_value_t = 7 * 86_400)]
+    pub approval_retention_seconds: u64,
+    /// How long usage records are kept.
+    #[arg(long, env = "ATTUNE_USAGE_RETENTION_DAYS", default_value_t = 90)]
+    pub usage_retention_days: u64,
+    /// TOML price table replacing the built-in one.
+    #[arg(long, env = "ATTUNE_PRICES_FILE")]
+    pub prices_file: Option<PathBuf>,
+    /// How often the sweepers look for agents going down and approvals
+    /// timing out (milliseconds).
+    #[arg(long, env = "ATTUNE_SWEEP_INTERVAL_MS", default_value_t = 200)]
+    pub sweep_interval_ms: u64,
+}
+
+/// Validated settings of a running server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+    pub redis_timeout: Duration,
+    pub keys_file: Option<PathBuf>,
+    pub insecure_allow_anonymous: bool,
+    pub allowed_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub log: String,
+    pub body_limit_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub stream_max_len: usize,
+    pub subscriber_buffer: usize,
+    pub heartbeat_events: bool,
+    pub agent_retention: Duration,
+    pub down_grace: Option<Duration>,
+    pub approval_retention: Duration,
+    pub usage_retention_days: u64,
+    pub prices_file: Option<PathBuf>,
+    pub sweep_interval: Duration,
+}
+
+impl ServeArgs {
+    /// Checks every setting; the error is a one-line reason.
+    pub fn into_config(self) -> Result<Config, String> {
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| format!("--listen {:?} is not an address like 127.0.0.1:8080", self.listen))?;
+        let redis_url = self.redis.url();
+        if let Some(url) = &redis_url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| format!("--redis-url is not a valid Redis URL: {e}"))?;
+        }
+        crate::types::Id::new(self.redis.key_prefix.clone())
+            .map_err(|e| format!("--key-prefix {e}"))?;
+        let positive = |name: &str, v: u64| {
+            if v == 0 {
+                Err(format!("--{name} must be greater than 0"))
+            } else {
+                Ok(v)
+            }
+        };
+        positive("redis-timeout-ms", self.redis.redis_timeout_ms)?;
+        positive("request-timeout-seconds", self.request_timeout_seconds)?;
+        positive("agent-retention-seconds", self.agent_retention_seconds)?;
+        positive("approval-retention-seconds", self.approval_retention_seconds)?;
+        positive("usage-retention-days", self.usage_retention_days)?;
+        positive("sweep-interval-ms", self.sweep_interval_ms)?;
+        positive("stream-max-len", self.stream_max_len as u64)?;
+        positive("subscriber-buffer", self.subscriber_buffer as u64)?;
+        if self.body_limit_bytes < 1024 {
+            return Err("--body-limit-bytes must be at least 1024".into());
+        }
+        if self.agent_retention_seconds < 3600 * 2 {
+            // A record must outlive ttl + grace (at most 2 h) to ever be `down`.
+            return Err("--agent-retention-seconds must be at least 7200".into());
+        }
+        for origin in &self.allowed_origins {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(format!("--allowed-origins entry {origin:?} is not a valid origin"));
+            }
+        }
+        if let Some(path) = &self.keys_file {
+            if !path.is_file() {
+                return Err(format!("--keys-file {} does not exist", path.display()));
+            }
+        }
+        if let Some(path) = &self.prices_file {
+            if !path.is_file() {
+                return Err(format!("--prices-file {} does not exist", path.display()));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log)
+            .map_err(|e| format!("--log {:?} is not a valid filter: {e}", self.log))?;
+        Ok(Config {
+            listen,
+            redis_url,
+            key_prefix: self.redis.key_prefix,
+            redis_timeout: Duration::from_millis(self.redis.redis_timeout_ms),
+            keys_file: self.keys_file,
+            insecure_allow_anonymous: self.insecure_allow_anonymous,
+            allowed_origins: self.allowed_origins.into_iter().filter(|o| !o.is_empty()).collect(),
+            log_format: self.log_format,
+            log: self.log,
+            body_limit_bytes: self.body_limit_bytes,
+            request_timeout: Duration::from_secs(self.request_timeout_seconds),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            stream_max_len: self.stream_max_len,
+            subscriber_buffer: self.subscriber_buffer,
+            heartbeat_events: !self.no_heartbeat_events,
+            agent_retention: Duration::from_secs(self.agent_retention_seconds),
+            down_grace: self.down_grace_seconds.map(Duration::from_secs),
+            approval_retention: Duration::from_secs(self.approval_retention_seconds),
+            usage_retention_days: self.usage_retention_days,
+            prices_file: self.prices_file,
+            sweep_interval: Duration::from_millis(self.sweep_interval_ms),
+        })
+    }
+}
+
+impl Config {
+    /// Defaults for tests and embedding: memory engine, loopback, no keys.
+    pub fn for_tests() -> Self {
+        ServeArgs::parse_from(["serve"])
+            .into_config()
+            .expect("defaults are valid")
+    }
+}
+
+impl ServeArgs {
+    fn parse_from<I: IntoIterator<Item = &'static str>>(args: I) -> Self {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Wrapper::parse_from(args).serve
+    }
+}

@@ -1,0 +1,138 @@
+//! Every Redis key the service uses, built in one place.
+//!
+//! All keys start with `{prefix}:` — the braces are a Redis Cluster hash
+//! tag. Several operations touch many keys atomically in one Lua script
+//! (an agent's record, its indexes and the event log, for instance), and a
+//! script may only touch keys of one slot; tagging the whole keyspace with
+//! the prefix keeps every script legal on Cluster. The cost is that one
+//! deployment lives in one slot; run several deployments (prefixes) to
+//! spread load across a cluster.
+//!
+//! Client-supplied parts of keys are always [`Id`]s, which cannot contain
+//! `:`, `*`, `{`, `}` or whitespace, so no key can collide or glob.
+
+use crate::types::Id;
+
+/// Builds keys for one deployment prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// `{prefix}`, with the hash-tag braces.
+    tag: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            tag: format!("{{{prefix}}}"),
+        }
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.tag)
+    }
+
+    /// Every key of this deployment matches this pattern (tests, cleanup).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.tag.replace('{', "\\{").replace('}', "\\}"))
+    }
+
+    // ---- operations -----------------------------------------------------
+
+    /// The event log: one Redis Stream, trimmed to `--stream-max-len`.
+    pub fn events(&self) -> String {
+        self.key("events")
+    }
+
+    /// Hash `version → applied-at` of applied keyspace migrations.
+    pub fn migrations(&self) -> String {
+        self.key("migrations")
+    }
+
+    /// List with one entry per migration application (audit trail; lets
+    /// tests prove each migration ran exactly once).
+    pub fn migrations_log(&self) -> String {
+        self.key("migrations:log")
+    }
+
+    /// Short-lived lock held while migrations are applied.
+    pub fn migrations_lock(&self) -> String {
+        self.key("migrations:lock")
+    }
+
+    /// The secret used to HMAC `user_id`s, created by a migration and shared
+    /// by all replicas so that the same user hashes the same everywhere.
+    pub fn user_hmac_secret(&self) -> String {
+        self.key("secret:user-hmac")
+    }
+
+    // ---- agents -----------------------------------------------------------
+
+    /// Hash holding one agent's record; expires after the retention period.
+    pub fn agent(&self, id: &Id) -> String {
+        self.key(&format!("agent:{id}"))
+    }
+
+    /// Sorted set of every retained agent, scored by last beat (ms).
+    pub fn agents_by_beat(&self) -> String {
+        self.key("agents:by-beat")
+    }
+
+    /// Sorted set of non-terminal agents (up, late or down), scored by last
+    /// beat (ms): the index behind `stale`.
+    pub fn agents_active(&self) -> String {
+        self.key("agents:active")
+    }
+
+    /// Sorted set of non-terminal agents that are not down yet, scored by the
+    /// moment they stop being alive (`last_beat + ttl`, ms): `up` is above
+    /// now, `late` at or below.
+    pub fn agents_late_due(&self) -> String {
+        self.key("agents:late-due")
+    }
+
+    /// Sorted set of non-terminal agents that are not down yet, scored by the
+    /// moment they go down (`last_beat + ttl + grace`, ms): the sweeper's queue.
+    pub fn agents_down_due(&self) -> String {
+        self.key("agents:down-due")
+    }
+
+    /// Sorted set of agents that went down, scored by last beat (ms).
+    pub fn agents_down(&self) -> String {
+        self.key("agents:down")
+    }
+
+    /// Sorted set of agents with a terminal status, scored by last beat (ms).
+    pub fn agents_finished(&self) -> String {
+        self.key("agents:finished")
+    }
+
+    /// Hash `run key → run JSON` of agent runs (for `performance`).
+    pub fn runs(&self) -> String {
+        self.key("runs")
+    }
+
+    /// Sorted set of run keys scored by start time (ms).
+    pub fn runs_by_start(&self) -> String {
+        self.key("runs:by-start")
+    }
+
+    /// Prefix for other domains' keys, which build theirs with [`Keys::sub`].
+    pub fn sub(&self, rest: &str) -> String {
+        self.key(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_carries_the_hash_tag() {
+        let keys = Keys::new("attune");
+        let id = Id::new("agent-1").unwrap();
+        for key in [keys.events(), keys.agent(&id), keys.agents_down_due()] {
+            assert!(key.starts_with("{attune}:"), "{key}");
+        }
+        assert_eq!(keys.pattern(), "\\{attune\\}:*");
+    }
+}

@@ -1,0 +1,97 @@
+//! The embedded engine: all state in one process, behind one mutex.
+//!
+//! Semantics match the Redis engine exactly — the conformance suite checks
+//! that — including TTLs (checked on read, purged by the sweepers), the
+//! event log's ids and trimming, and blocking reads of the log. The mutex
+//! is a `std` one and is never held across an `.await`; every operation is
+//! a short critical section, which is also what makes each one atomic.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::agents::memory::AgentTable;
+use crate::engine::EngineResult;
+use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
+
+/// Everything the memory engine stores, one table per domain.
+#[derive(Default)]
+pub struct MemoryState {
+    pub events: EventRing,
+    pub agents: AgentTable,
+    /// Applied migration versions, in order.
+    pub migrations: Vec<String>,
+}
+
+pub struct MemoryEngine {
+    state: Mutex<MemoryState>,
+    /// The id of the newest event, so blocking log reads can wait for more.
+    newest: watch::Sender<StreamId>,
+}
+
+impl MemoryEngine {
+    pub fn new(stream_max_len: usize) -> Self {
+        let state = MemoryState {
+            events: EventRing::new(stream_max_len),
+            ..MemoryState::default()
+        };
+        Self {
+            state: Mutex::new(state),
+            newest: watch::Sender::new(StreamId::ZERO),
+        }
+    }
+
+    /// Locks the state. A panic while the lock was held cannot leave a
+    /// half-applied operation behind (each one validates before it writes),
+    /// so a poisoned lock is safe to keep using.
+    pub fn lock(&self) -> MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the locked state and then wakes blocked log readers if it
+    /// appended events. Every mutating operation goes through here.
+    pub fn write<T>(&self, f: impl FnOnce(&mut MemoryState) -> T) -> T {
+        let (result, newest) = {
+            let mut state = self.lock();
+            let result = f(&mut state);
+            (result, state.events.newest())
+        };
+        if let Some(newest) = newest {
+            self.newest.send_if_modified(|current| {
+                let changed = *current != newest;
+                *current = newest;
+                changed
+            });
+        }
+        result
+    }
+
+    pub async fn ping(&self) -> EngineResult<()> {
+        Ok(())
+    }
+
+    pub async fn publish(&self, event: EventBody) -> EngineResult<StreamId> {
+        Ok(self.write(|s| s.events.append(event).id))
+    }
+
+    pub async fn read_events(&self, after: StreamId, count: usize) -> EngineResult<Vec<Event>> {
+        Ok(self.lock().events.after(after, count))
+    }
+
+    pub async fn log_bounds(&self) -> EngineResult<LogBounds> {
+        Ok(self.lock().events.bounds())
+    }
+
+    /// Waits up to `block` for entries after `after`, like `XREAD BLOCK`.
+    pub async fn wait_events(
+        &self,
+        after: StreamId,
+        count: usize,
+        block: Duration,
+    ) -> EngineResult<Vec<Event>> {
+        let mut newest = self.newest.subscribe();
+        let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
+        self.read_events(after, count).await
+    }
+}

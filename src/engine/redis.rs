@@ -1,0 +1,195 @@
+//! The Redis engine: the source of truth shared by every replica.
+//!
+//! One [`ConnectionManager`] (a multiplexed connection that reconnects by
+//! itself) carries every ordinary command; it is configured with explicit
+//! connect and response timeouts, and every call is additionally bounded by
+//! [`RedisEngine::run`], so a dead or stalled Redis turns into a 503 within
+//! `--redis-timeout-ms` instead of a hung request.
+//!
+//! Blocking reads of the event log (`XREAD BLOCK`) would stall every other
+//! command multiplexed on the same connection, so they get a connection of
+//! their own whose response timeout is above the block time. Only the
+//! process's single tailer makes them (see [`crate::events::hub`]).
+//!
+//! Atomic multi-key steps are Lua scripts. Each one starts with the shared
+//! [`EMIT_PRELUDE`] so that it can append events to the log in the same
+//! atomic step as its state change.
+
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, Script, ServerErrorKind};
+use tokio::sync::Mutex;
+
+use crate::engine::keys::Keys;
+use crate::engine::{EngineError, EngineResult};
+
+/// Lua prepended to every script that appends events.
+///
+/// Convention: `KEYS[1]` is the event stream and `ARGV[1]` its maximum
+/// length; a script's own keys and arguments start at index 2.
+pub const EMIT_PRELUDE: &str = r#"
+local function emit(kind, agent, wake, body)
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+    't', kind, 'a', agent or '', 'w', wake or '', 'b', body)
+end
+"#;
+
+/// Stringifies script arguments: `args![id, ttl, json]`.
+macro_rules! args {
+    ($($arg:expr),* $(,)?) => { vec![$($arg.to_string()),*] };
+}
+pub(crate) use args;
+
+/// Builds a script with the event prelude.
+pub fn script(body: &str) -> Script {
+    Script::new(&format!("{EMIT_PRELUDE}\n{body}"))
+}
+
+pub struct RedisEngine {
+    /// Multiplexed, self-reconnecting connection for every ordinary command.
+    pub(crate) conn: ConnectionManager,
+    /// Used to open the tailer's dedicated blocking connection.
+    client: redis::Client,
+    /// The tailer's connection for `XREAD BLOCK`, opened on first use and
+    /// dropped after an error so that the next read reconnects.
+    blocking: Mutex<Option<MultiplexedConnection>>,
+    /// Key names of this deployment.
+    pub keys: Keys,
+    /// Bound on every ordinary call, connecting included.
+    pub timeout: Duration,
+    /// `MAXLEN ~` of the event log.
+    pub stream_max_len: usize,
+}
+
+impl RedisEngine {
+    /// Connects to `url`. Fails (without hanging) if Redis does not answer
+    /// within `timeout`.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        stream_max_len: usize,
+    ) -> EngineResult<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| EngineError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            timeout * 2,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| EngineError::Unavailable("timed out connecting to Redis".into()))?
+        .map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            client,
+            blocking: Mutex::new(None),
+            keys: Keys::new(prefix),
+            timeout,
+            stream_max_len,
+        })
+    }
+
+    /// Runs one Redis call with the engine's time bound.
+    pub async fn run<T>(
+        &self,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> EngineResult<T> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(classify(err)),
+            Err(_) => Err(EngineError::Unavailable("Redis did not answer in time".into())),
+        }
+    }
+
+    /// A clone of the shared connection (cheap: it is a handle).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Invokes `script` with the event stream as `KEYS[1]`, the stream length
+    /// as `ARGV[1]`, then `keys` and `args`.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[String],
+    ) -> EngineResult<T> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.keys.events()).arg(self.stream_max_len);
+        for key in keys {
+            invocation.key(*key);
+        }
+        for arg in args {
+            invocation.arg(arg.as_str());
+        }
+        let mut conn = self.conn();
+        self.run(invocation.invoke_async(&mut conn)).await
+    }
+
+    pub async fn ping(&self) -> EngineResult<()> {
+        let mut conn = self.conn();
+        self.run(redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    /// Runs a blocking command on the dedicated connection, whose response
+    /// timeout is `block` plus the ordinary bound.
+    pub async fn blocking_query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        block: Duration,
+    ) -> EngineResult<T> {
+        let mut slot = self.blocking.lock().await;
+        if slot.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.timeout))
+                .set_response_timeout(Some(block + self.timeout));
+            let conn = tokio::time::timeout(
+                self.timeout,
+                self.client.get_multiplexed_async_connection_with_config(&config),
+            )
+            .await
+            .map_err(|_| EngineError::Unavailable("timed out connecting to Redis".into()))?
+            .map_err(unavailable)?;
+            *slot = Some(conn);
+        }
+        let conn = slot.as_mut().expect("set above");
+        let result = tokio::time::timeout(block + self.timeout, cmd.query_async::<T>(conn)).await;
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                *slot = None;
+                Err(classify(err))
+            }
+            Err(_) => {
+                *slot = None;
+                Err(EngineError::Unavailable("blocking read timed out".into()))
+            }
+        }
+    }
+}
+
+fn unavailable(err: RedisError) -> EngineError {
+    EngineError::Unavailable(err.to_string())
+}
+
+/// Errors that mean "our code or data is wrong" become [`EngineError::Corrupt`];
+/// everything else (I/O, timeouts, loading, failover, …) is an outage.
+fn classify(err: RedisError) -> EngineError {
+    match err.kind() {
+        ErrorKind::Parse
+        | ErrorKind::UnexpectedReturnType
+        | ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::CrossSlot) => {
+            EngineError::Corrupt(err.to_string())
+        }
+        _ => EngineError::Unavailable(err.to_string()),
+    }
+}

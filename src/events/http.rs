@@ -1,0 +1,185 @@
+//! `POST /v1/events` (custom events) and `GET /v1/events` (history).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::app::AppState;
+use crate::auth::{AgentWrite, Caller, Viewer};
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::{EventBody, EventEnvelope, EventFilter, StreamId};
+use crate::extract::{ValidJson, ValidQuery};
+use crate::types::{DEFAULT_LIMIT, EventType, Id, JsonObject, Limit, TypeFilter};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(post_event, list_events))
+}
+
+/// Event types only the service itself may write.
+const RESERVED_PREFIXES: [&str; 6] = ["agent.", "signal.", "approval.", "usage.", "feedback.", "stream."];
+/// Custom agent events that share the `agent.` namespace by design.
+const CUSTOM_AGENT_TYPES: [&str; 2] = ["agent.error", "agent.log"];
+
+/// A custom event.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct NewEvent {
+    /// `^[a-z][a-z0-9_.-]{0,63}$`, e.g. `workflow.progress`, `agent.error`.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// At most 64 KiB serialized.
+    #[serde(default)]
+    pub data: JsonObject,
+    /// The agent the event is about (must be in the key's scope).
+    pub agent_id: Option<Id>,
+}
+
+/// The appended event's id.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Appended {
+    pub id: String,
+}
+
+/// Append a custom event.
+///
+/// Types the service writes itself (`agent.heartbeat`, `signal.sent`,
+/// `approval.*`, …) are refused; `agent.error` and `agent.log` are allowed.
+#[utoipa::path(
+    post, path = "/v1/events", tag = "events", request_body = NewEvent,
+    responses(
+        (status = 201, body = Appended), (status = 400, body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 415, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem),
+    )
+)]
+async fn post_event(
+    caller: Caller<AgentWrite>,
+    State(state): State<AppState>,
+    ValidJson(req): ValidJson<NewEvent>,
+) -> ApiResult<(StatusCode, Json<Appended>)> {
+    let kind = req.kind.as_str();
+    if RESERVED_PREFIXES.iter().any(|p| kind.starts_with(p)) && !CUSTOM_AGENT_TYPES.contains(&kind) {
+        return Err(ApiError::invalid(
+            "type",
+            format!("{kind:?} is written by the service itself; choose another type"),
+        ));
+    }
+    match &req.agent_id {
+        Some(agent) => caller.ensure_may_act_as(agent, "agent_id")?,
+        None if caller.is_agent() && !caller.may_act_as_any() => {
+            return Err(ApiError::invalid("agent_id", "required for keys limited to some agents"));
+        }
+        None => {}
+    }
+    let body = EventBody::new(
+        kind,
+        &caller.name,
+        req.agent_id.as_ref(),
+        Utc::now(),
+        serde_json::Value::Object(req.data.into_inner()),
+    );
+    let id = state.engine.publish(body).await?;
+    Ok((StatusCode::CREATED, Json(Appended { id: id.to_string() })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Only events after this id (exclusive).
+    pub since: Option<String>,
+    /// Comma-separated types; `prefix.*` matches a prefix.
+    pub types: Option<String>,
+    pub agent_id: Option<String>,
+    #[param(value_type = Option<u64>)]
+    pub limit: Option<Limit>,
+    /// `next_cursor` of the previous page (same as `since`).
+    pub cursor: Option<String>,
+}
+
+/// A page of events.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventList {
+    pub events: Vec<EventEnvelope>,
+    /// Pass as `since` (or `cursor`) for the next page; null at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// Parses `since` (or `cursor`) and the filters shared by history and streams.
+pub fn parse_position(
+    since: Option<&str>,
+    types: Option<&str>,
+    agent_id: Option<&str>,
+) -> ApiResult<(Option<StreamId>, EventFilter)> {
+    let since = since
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<StreamId>().map_err(|m| ApiError::invalid("since", m)))
+        .transpose()?;
+    let filter = EventFilter {
+        types: TypeFilter::parse("types", types)?,
+        agent_id: agent_id
+            .filter(|s| !s.is_empty())
+            .map(|a| Id::parse("agent_id", a))
+            .transpose()?,
+    };
+    Ok((since, filter))
+}
+
+/// Most log entries one history request examines, so that a narrow filter
+/// over a long log answers in bounded time (with a cursor to continue).
+const SCAN_BUDGET: usize = 20_000;
+
+/// Event history.
+///
+/// Ascending from `since` (exclusive; the start of the log without it).
+/// When `next_cursor` is not null there may be more.
+#[utoipa::path(
+    get, path = "/v1/events", tag = "events", params(HistoryQuery),
+    responses(
+        (status = 200, body = EventList), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem),
+    )
+)]
+async fn list_events(
+    _caller: Caller<Viewer>,
+    State(state): State<AppState>,
+    ValidQuery(q): ValidQuery<HistoryQuery>,
+) -> ApiResult<Json<EventList>> {
+    let since = q.cursor.as_deref().or(q.since.as_deref());
+    let (since, filter) = parse_position(since, q.types.as_deref(), q.agent_id.as_deref())?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
+    let mut position = since.unwrap_or(StreamId::ZERO);
+    let mut events = Vec::new();
+    let mut scanned = 0;
+    let mut exhausted = false;
+    while events.len() < limit && scanned < SCAN_BUDGET {
+        let batch = state.engine.read_events(position, 1000.min(SCAN_BUDGET - scanned)).await?;
+        if batch.is_empty() {
+            exhausted = true;
+            break;
+        }
+        scanned += batch.len();
+        for event in batch {
+            position = event.id;
+            if filter.matches(&event) {
+                events.push(event);
+                if events.len() == limit {
+                    break;
+                }
+            }
+        }
+    }
+    let envelopes = events
+        .iter()
+        .map(|e| serde_json::from_str(e.json.as_str()))
+        .collect::<Result<Vec<EventEnvelope>, _>>()
+        .map_err(|e| ApiError::Internal(format!("stored event is not an envelope: {e}")))?;
+    Ok(Json(EventList {
+        events: envelopes,
+        next_cursor: (!exhausted).then(|| position.to_string()),
+    }))
+}

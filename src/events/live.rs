@@ -1,0 +1,372 @@
+//! Live streams: `GET /v1/events/ws` (WebSocket) and `GET /v1/events/sse`.
+//!
+//! A [`Subscription`] joins the hub's broadcast *first*, then replays the
+//! log from `since` in batches, then switches to the broadcast, dropping
+//! anything at or before the last id it sent. Joining before replaying
+//! means no event can fall between the two phases; comparing ids means none
+//! is sent twice. If `since` has been trimmed away, the first frame is a
+//! `stream.reset` naming the oldest id still there, and replay starts from
+//! the beginning of what is left.
+//!
+//! A subscriber that falls more than `--subscriber-buffer` events behind the
+//! live stream is disconnected (WebSocket close code 4008, or a final SSE
+//! `error` event) with the id to resume from, so one slow client can never
+//! hold memory or stall the others.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{self, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::app::AppState;
+use crate::auth::{Caller, Subscribe};
+use crate::engine::{Engine, EngineError};
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::events::http::parse_position;
+use crate::events::{Event, EventFilter, StreamId};
+
+/// Server pings keep idle connections (and the proxies between) alive.
+const PING_EVERY: Duration = Duration::from_secs(15);
+/// Client frames above this close the socket with 1009.
+const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Entries read per replay round trip.
+const REPLAY_BATCH: usize = 500;
+
+/// Close code sent to a subscriber that fell too far behind.
+pub const CLOSE_LAGGED: u16 = 4008;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_events_ws))
+        .routes(routes!(get_events_sse))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Replay every event after this id, then go live.
+    since: Option<String>,
+    /// Comma-separated types; `prefix.*` matches a prefix.
+    types: Option<String>,
+    agent_id: Option<String>,
+    /// The API key, for clients that cannot set headers (browsers).
+    /// Read by the auth extractor; declared here for the API description.
+    #[allow(dead_code)]
+    access_token: Option<String>,
+}
+
+/// One frame for a subscriber.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    /// `since` was trimmed away; replay continues from `oldest`.
+    Reset { oldest: Option<StreamId> },
+    Event(Arc<Event>),
+}
+
+impl Frame {
+    pub fn json(&self) -> Utf8Bytes {
+        match self {
+            Frame::Reset { oldest } => serde_json::json!({
+                "type": "stream.reset",
+                "oldest_id": oldest.map(|id| id.to_string()),
+            })
+            .to_string()
+            .into(),
+            Frame::Event(e) => e.json.clone(),
+        }
+    }
+}
+
+/// Why a subscription ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Fell too far behind; resume after `last`.
+    Lagged { last: Option<StreamId> },
+    /// The server is shutting down.
+    Shutdown,
+    /// The engine failed during replay.
+    Engine(EngineError),
+}
+
+/// A subscriber's position: replay, then live.
+pub struct Subscription {
+    engine: Engine,
+    live: broadcast::Receiver<Arc<Event>>,
+    filter: EventFilter,
+    /// The last id sent (or skipped by the filter); `None` before any.
+    last: Option<StreamId>,
+    replaying: bool,
+    pending: VecDeque<Frame>,
+}
+
+impl Subscription {
+    /// Joins the live stream and prepares the replay from `since`.
+    pub async fn start(
+        state: &AppState,
+        since: Option<StreamId>,
+        filter: EventFilter,
+    ) -> Result<Self, EngineError> {
+        let live = state.hub.subscribe();
+        let mut pending = VecDeque::new();
+        if let Some(since) = since {
+            let bounds = state.engine.log_bounds().await?;
+            if bounds.trimmed_after(since) {
+                pending.push_back(Frame::Reset { oldest: bounds.oldest });
+            }
+        }
+        Ok(Self {
+            engine: state.engine.clone(),
+            live,
+            filter,
+            last: since,
+            replaying: since.is_some(),
+            pending,
+        })
+    }
+
+    /// The next frame. Cancel-safe: state changes only after an await completes.
+    pub async fn next(&mut self) -> Result<Frame, Ended> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Ok(frame);
+            }
+            if self.replaying {
+                let after = self.last.unwrap_or(StreamId::ZERO);
+                let batch = self
+                    .engine
+                    .read_events(after, REPLAY_BATCH)
+                    .await
+                    .map_err(Ended::Engine)?;
+                if batch.len() < REPLAY_BATCH {
+                    self.replaying = false;
+                }
+                for event in batch {
+                    self.last = Some(event.id);
+                    if self.filter.matches(&event) {
+                        self.pending.push_back(Frame::Event(Arc::new(event)));
+                    }
+                }
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(event) => {
+                    if self.last.is_some_and(|last| event.id <= last) {
+                        continue;
+                    }
+                    self.last = Some(event.id);
+                    if self.filter.matches(&event) {
+                        return Ok(Frame::Event(event));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    return Err(Ended::Lagged { last: self.last });
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err(Ended::Shutdown),
+            }
+        }
+    }
+}
+
+fn check_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let allowed = &state.config.allowed_origins;
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return Ok(());
+    }
+    let origin = origin.to_str().unwrap_or("");
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "origin {origin:?} is not in --allowed-origins"
+        )))
+    }
+}
+
+/// Live events over WebSocket.
+///
+/// One JSON text frame per event. With `since`, replays everything after
+/// that id and then goes live with no gap and no duplicate; if `since` was
+/// trimmed away the first frame is `{"type":"stream.reset","oldest_id":…}`.
+/// The server pings every 15 s; client frames over 64 KiB close the socket
+/// with 1009; a subscriber that falls too far behind is closed with 4008 and
+/// the id to resume from.
+#[utoipa::path(
+    get, path = "/v1/events/ws", tag = "events", params(StreamQuery),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn get_events_ws(
+    _caller: Caller<Subscribe>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    crate::extract::ValidQuery(q): crate::extract::ValidQuery<StreamQuery>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    check_origin(&state, &headers)?;
+    let (since, filter) = parse_position(q.since.as_deref(), q.types.as_deref(), q.agent_id.as_deref())?;
+    let subscription = Subscription::start(&state, since, filter).await?;
+    let guard = state.hub.client_guard();
+    let shutdown = state.shutdown.clone();
+    Ok(ws
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME)
+        .on_upgrade(move |socket| async move {
+            let _guard = guard;
+            run_socket(socket, subscription, shutdown).await;
+        }))
+}
+
+async fn run_socket(
+    mut socket: WebSocket,
+    mut subscription: Subscription,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let close = |code: u16, reason: String| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            frame = subscription.next() => match frame {
+                Ok(frame) => {
+                    if socket.send(Message::Text(frame.json())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(Ended::Lagged { last }) => {
+                    let resume = last.map(|id| id.to_string()).unwrap_or_default();
+                    let _ = socket.send(close(CLOSE_LAGGED, format!("lagged; resume with since={resume}"))).await;
+                    return;
+                }
+                Err(Ended::Shutdown) => {
+                    let _ = socket.send(close(1001, "server shutting down".into())).await;
+                    return;
+                }
+                Err(Ended::Engine(err)) => {
+                    tracing::warn!(error = %err, "event replay failed");
+                    let _ = socket.send(close(1011, "storage unavailable; reconnect with since".into())).await;
+                    return;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                None | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+                Some(Err(err)) => {
+                    // Frames over the limit surface as capacity errors.
+                    let text = err.to_string();
+                    if text.contains("too long") || text.contains("Space limit") || text.contains("capacity") {
+                        let _ = socket.send(close(1009, "frame too large (limit 64 KiB)".into())).await;
+                    }
+                    return;
+                }
+            },
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+            _ = shutdown.cancelled() => {
+                let _ = socket.send(close(1001, "server shutting down".into())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Live events as Server-Sent Events.
+///
+/// The same stream as the WebSocket, as `text/event-stream` with `id:` lines,
+/// so `curl -N` can tail it; honours `Last-Event-ID` (over `since`).
+#[utoipa::path(
+    get, path = "/v1/events/sse", tag = "events", params(StreamQuery),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn get_events_sse(
+    _caller: Caller<Subscribe>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    crate::extract::ValidQuery(q): crate::extract::ValidQuery<StreamQuery>,
+) -> ApiResult<Response> {
+    check_origin(&state, &headers)?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let since = last_event_id.as_deref().or(q.since.as_deref());
+    let (since, filter) = parse_position(since, q.types.as_deref(), q.agent_id.as_deref())
+        .map_err(|e| match (&e, last_event_id.is_some()) {
+            (ApiError::Validation(_), true) => ApiError::invalid("Last-Event-ID", "is not an event id"),
+            _ => e,
+        })?;
+    let subscription = Subscription::start(&state, since, filter).await?;
+    let guard = state.hub.client_guard();
+    let shutdown = state.shutdown.clone();
+    Ok(Sse::new(sse_stream(subscription, shutdown, guard))
+        .keep_alive(sse::KeepAlive::new().interval(PING_EVERY))
+        .into_response())
+}
+
+fn sse_stream(
+    subscription: Subscription,
+    shutdown: tokio_util::sync::CancellationToken,
+    guard: crate::events::hub::ClientGuard,
+) -> impl Stream<Item = Result<sse::Event, Infallible>> {
+    futures_util::stream::unfold(
+        Some((subscription, shutdown, guard)),
+        |state| async move {
+            let (mut sub, shutdown, guard) = state?;
+            let next = tokio::select! {
+                next = sub.next() => next,
+                _ = shutdown.cancelled() => Err(Ended::Shutdown),
+            };
+            match next {
+                Ok(frame) => {
+                    let mut event = sse::Event::default().data(frame.json().as_str());
+                    if let Frame::Event(e) = &frame {
+                        event = event.id(e.id.to_string());
+                    }
+                    Some((Ok(event), Some((sub, shutdown, guard))))
+                }
+                Err(ended) => {
+                    let detail = match ended {
+                        Ended::Lagged { last } => serde_json::json!({
+                            "type": "stream.lagged",
+                            "resume_from": last.map(|id| id.to_string()),
+                        }),
+                        Ended::Shutdown => serde_json::json!({ "type": "stream.closed" }),
+                        Ended::Engine(_) => serde_json::json!({ "type": "stream.unavailable" }),
+                    };
+                    // A final event, then the stream ends (the client resumes
+                    // with Last-Event-ID).
+                    Some((Ok(sse::Event::default().event("error").data(detail.to_string())), None))
+                }
+            }
+        },
+    )
+}

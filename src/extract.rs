@@ -1,0 +1,207 @@
+//! Request extractors that turn every malformed input into a problem+json
+//! error naming the field.
+//!
+//! axum's own `Json` and `Query` rejections are plain text and name fields
+//! only inside prose. [`ValidJson`] and [`ValidQuery`] deserialize through
+//! `serde_path_to_error`, so `{"tokens":{"input":-1}}` becomes a 422 with
+//! `field: "tokens.input"`; malformed JSON is a 400, a wrong content type a
+//! 415 and an oversized body a 413.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{StatusCode, header, request::Parts};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, FieldError};
+
+/// A JSON body, deserialized with field-level errors.
+///
+/// An empty body with no `Content-Type` is read as `{}`, so endpoints whose
+/// fields are all optional (heartbeats) can be called with a bare `POST`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ValidJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ValidJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("").to_owned());
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge("request body is too large".into())
+            } else {
+                ApiError::BadRequest(rejection.body_text())
+            }
+        })?;
+        let body: &[u8] = match content_type {
+            None if bytes.is_empty() => b"{}",
+            None => {
+                return Err(ApiError::UnsupportedMediaType(
+                    "expected Content-Type: application/json".into(),
+                ));
+            }
+            Some(ct) if is_json(&ct) => &bytes,
+            Some(ct) => {
+                return Err(ApiError::UnsupportedMediaType(format!(
+                    "expected Content-Type: application/json, got {ct:?}"
+                )));
+            }
+        };
+        parse_json(body).map(ValidJson)
+    }
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Deserializes `body`, mapping syntax errors to 400 and data errors to 422.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => data_error(&path, &inner.to_string()),
+            _ => ApiError::BadRequest(format!("malformed JSON: {inner}")),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    Ok(value)
+}
+
+/// Builds the 422 for a deserialization error at `path`.
+fn data_error(path: &str, message: &str) -> ApiError {
+    // serde_json appends " at line L column C"; the field name says more.
+    let message = message
+        .rsplit_once(" at line ")
+        .map_or(message, |(head, _)| head)
+        .to_owned();
+    let path = if path == "." { "" } else { path };
+    // A missing field is reported at its parent; name the field itself.
+    let field = match message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        Some(name) if path.is_empty() => name.to_owned(),
+        Some(name) => format!("{path}.{name}"),
+        None if path.is_empty() => "body".to_owned(),
+        None => path.to_owned(),
+    };
+    ApiError::Validation(vec![FieldError::new(field, message)])
+}
+
+/// Query parameters, deserialized with field-level errors.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ValidQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ValidQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parse_query(parts.uri.query().unwrap_or("")).map(ValidQuery)
+    }
+}
+
+/// Deserializes a query string; every error is a 422 naming the parameter.
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.into_inner().to_string();
+        let field = match message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            Some(name) => name.to_owned(),
+            None if path == "." => "query".to_owned(),
+            None => path,
+        };
+        ApiError::invalid(field, message)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Bounded, Id};
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Tokens {
+        input: Bounded<0, 10>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        name: Id,
+        tokens: Tokens,
+    }
+
+    fn field_of(err: ApiError) -> String {
+        match err {
+            ApiError::Validation(errors) => errors[0].field.clone(),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nested_data_errors_name_the_full_path() {
+        let err = parse_json::<Body>(br#"{"name":"a","tokens":{"input":-1}}"#).unwrap_err();
+        assert_eq!(field_of(err), "tokens.input");
+        let err = parse_json::<Body>(br#"{"name":"a:b","tokens":{"input":1}}"#).unwrap_err();
+        assert_eq!(field_of(err), "name");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let err = parse_json::<Body>(br#"{"tokens":{"input":1}}"#).unwrap_err();
+        assert_eq!(field_of(err), "name");
+        let err = parse_json::<Body>(br#"{"name":"a","tokens":{}}"#).unwrap_err();
+        assert_eq!(field_of(err), "tokens.input");
+    }
+
+    #[test]
+    fn syntax_errors_are_bad_requests() {
+        assert!(matches!(
+            parse_json::<Body>(b"{not json"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_json::<Body>(br#"{"name":"a","tokens":{"input":1}} trailing"#),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Q {
+        limit: Option<Bounded<1, 1000>>,
+        flag: Option<bool>,
+    }
+
+    #[test]
+    fn query_numbers_are_range_checked() {
+        let q: Q = parse_query("limit=5&flag=true").unwrap();
+        assert_eq!(q.limit.unwrap().get(), 5);
+        assert_eq!(field_of(parse_query::<Q>("limit=0").unwrap_err()), "limit");
+        assert_eq!(field_of(parse_query::<Q>("limit=abc").unwrap_err()), "limit");
+        assert_eq!(field_of(parse_query::<Q>("flag=maybe").unwrap_err()), "flag");
+    }
+}

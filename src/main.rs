@@ -1,0 +1,120 @@
+//! The `attune-telemetry` binary: the server and its command-line client.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use attune_telemetry::config::{Cli, Command, KeysCommand, LogFormat, ServeArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        None => runtime.block_on(serve(cli.serve)),
+        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        Some(Command::Migrate(args)) => runtime.block_on(migrate(args)),
+        Some(Command::Keys(KeysCommand::New { name, role, agents })) => {
+            let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
+            eprintln!("Secret (shown once; give it to the key's holder):");
+            println!("{secret}");
+            eprintln!("\nAdd this entry to the keys file:\n");
+            eprint!("{entry}");
+            Ok(())
+        }
+        Some(Command::Openapi) => {
+            let doc = attune_telemetry::app::openapi();
+            match doc.to_pretty_json() {
+                Ok(json) => {
+                    println!("{json}");
+                    Ok(())
+                }
+                Err(e) => Err(format!("cannot render the OpenAPI document: {e}")),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let config = args.into_config()?;
+    init_logging(config.log_format, &config.log);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(
+        address = %config.listen,
+        engine = if config.redis_url.is_some() { "redis" } else { "memory" },
+        "attune-telemetry listening"
+    );
+    attune_telemetry::app::run(config, listener, shutdown_signal()).await
+}
+
+async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), String> {
+    init_logging(LogFormat::Text, "info");
+    let url = args
+        .redis
+        .url()
+        .ok_or("migrate needs --redis-url (or ATTUNE_REDIS_URL / REDIS_URL)")?;
+    let timeout = std::time::Duration::from_millis(args.redis.redis_timeout_ms.max(1));
+    let engine = attune_telemetry::engine::redis::RedisEngine::connect(
+        &url,
+        &args.redis.key_prefix,
+        timeout,
+        1,
+    )
+    .await
+    .map_err(|e| format!("cannot reach Redis: {e}"))?;
+    let applied = attune_telemetry::migrate::run(&engine)
+        .await
+        .map_err(|e| format!("migration failed: {e}"))?;
+    if applied.is_empty() {
+        println!("keyspace is up to date");
+    } else {
+        println!("applied: {}", applied.join(", "));
+    }
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,378 @@
+//! Value types parsed once at the edge and trusted everywhere after it.
+//!
+//! Client-chosen ids, bounded numbers and free-form JSON objects are
+//! newtypes whose only constructors check them. Their `Deserialize` impls
+//! call the same constructors, so a bad value in a body or a query string
+//! fails deserialization, and the extractors in [`crate::extract`] report
+//! it as a 422 naming the exact field. Nothing unchecked ever reaches a
+//! Redis key: an [`Id`] cannot contain `:`, `*`, `{`, `}` or whitespace.
+
+use std::fmt;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, de};
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+
+/// Largest serialized size of a free-form object (`payload`, `metadata`, …).
+pub const MAX_OBJECT_BYTES: usize = 64 * 1024;
+
+/// A client-chosen identifier: `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ToSchema)]
+#[schema(value_type = String, pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", example = "agent-1")]
+pub struct Id(String);
+
+impl Id {
+    /// Checks `value` against the id grammar.
+    pub fn new(value: impl Into<String>) -> Result<Self, String> {
+        let value = value.into();
+        let bytes = value.as_bytes();
+        if bytes.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if bytes.len() > 128 {
+            return Err("must be at most 128 characters".into());
+        }
+        if !bytes[0].is_ascii_alphanumeric() {
+            return Err("must start with a letter or digit".into());
+        }
+        if let Some(bad) = bytes
+            .iter()
+            .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+        {
+            return Err(format!(
+                "must contain only letters, digits, '.', '_' and '-' (found {:?})",
+                char::from(*bad)
+            ));
+        }
+        Ok(Self(value))
+    }
+
+    /// Parses a path or query parameter, naming it in the error.
+    pub fn parse(field: &str, value: &str) -> Result<Self, ApiError> {
+        Self::new(value).map_err(|msg| ApiError::invalid(field, msg))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Id::new(s).map_err(de::Error::custom)
+    }
+}
+
+/// An event type: `^[a-z][a-z0-9_.-]{0,63}$`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, ToSchema)]
+#[schema(value_type = String, pattern = r"^[a-z][a-z0-9_.-]{0,63}$", example = "workflow.progress")]
+pub struct EventType(String);
+
+impl EventType {
+    pub fn new(value: impl Into<String>) -> Result<Self, String> {
+        let value = value.into();
+        let bytes = value.as_bytes();
+        let ok = !bytes.is_empty()
+            && bytes.len() <= 64
+            && bytes[0].is_ascii_lowercase()
+            && bytes.iter().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+            });
+        if ok {
+            Ok(Self(value))
+        } else {
+            Err("must match ^[a-z][a-z0-9_.-]{0,63}$".into())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        EventType::new(String::deserialize(d)?).map_err(de::Error::custom)
+    }
+}
+
+/// An integer that must lie in `MIN..=MAX` (durations, limits, counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, ToSchema)]
+#[schema(value_type = u64)]
+pub struct Bounded<const MIN: u64, const MAX: u64>(u64);
+
+impl<const MIN: u64, const MAX: u64> Bounded<MIN, MAX> {
+    pub fn new(value: u64) -> Result<Self, String> {
+        if (MIN..=MAX).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(format!("must be between {MIN} and {MAX}"))
+        }
+    }
+
+    /// A constant in range, checked at compile time.
+    pub const fn constant(value: u64) -> Self {
+        assert!(value >= MIN && value <= MAX);
+        Self(value)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Any number (so `-1`, `1.5` and `1e9` get the range message rather
+        // than a type error) or a string holding one (query strings).
+        struct Visit<const MIN: u64, const MAX: u64>;
+        impl<const MIN: u64, const MAX: u64> de::Visitor<'_> for Visit<MIN, MAX> {
+            type Value = Bounded<MIN, MAX>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an integer between {MIN} and {MAX}")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Bounded::new(v).map_err(|_| E::custom(range_msg(MIN, MAX)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(range_msg(MIN, MAX)))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Err(E::custom(range_msg(MIN, MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| E::custom(range_msg(MIN, MAX)))
+                    .and_then(|v| self.visit_u64(v))
+            }
+        }
+        d.deserialize_any(Visit::<MIN, MAX>)
+    }
+}
+
+fn range_msg(min: u64, max: u64) -> String {
+    format!("must be an integer between {min} and {max}")
+}
+
+/// A fraction in `0.0..=1.0` (progress, quality scores).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize, ToSchema)]
+#[schema(value_type = f64)]
+pub struct Fraction(f64);
+
+impl Fraction {
+    pub fn new(value: f64) -> Result<Self, String> {
+        if (0.0..=1.0).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err("must be between 0.0 and 1.0".into())
+        }
+    }
+
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Fraction::new(f64::deserialize(d)?).map_err(de::Error::custom)
+    }
+}
+
+/// A free-form JSON object of at most 64 KiB serialized.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
+#[schema(value_type = Object)]
+pub struct JsonObject(serde_json::Map<String, serde_json::Value>);
+
+impl JsonObject {
+    pub fn new(map: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let size = serde_json::to_vec(&map).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > MAX_OBJECT_BYTES {
+            return Err(format!(
+                "must be at most {MAX_OBJECT_BYTES} bytes serialized (got {size})"
+            ));
+        }
+        Ok(Self(map))
+    }
+
+    pub fn into_inner(self) -> serde_json::Map<String, serde_json::Value> {
+        self.0
+    }
+
+    pub fn as_map(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonObject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        match value {
+            serde_json::Value::Object(map) => JsonObject::new(map).map_err(de::Error::custom),
+            _ => Err(de::Error::custom("must be a JSON object")),
+        }
+    }
+}
+
+/// Free text with a length bound (reasons, task descriptions, names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[schema(value_type = String)]
+pub struct Text<const MAX: usize>(String);
+
+impl<const MAX: usize> Text<MAX> {
+    pub fn new(value: String) -> Result<Self, String> {
+        if value.chars().count() > MAX {
+            Err(format!("must be at most {MAX} characters"))
+        } else {
+            Ok(Self(value))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+impl<'de, const MAX: usize> Deserialize<'de> for Text<MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Text::new(String::deserialize(d)?).map_err(de::Error::custom)
+    }
+}
+
+/// `limit` of a list endpoint: 1–1000, default 100.
+pub type Limit = Bounded<1, 1000>;
+
+/// The default page size of list endpoints.
+pub const DEFAULT_LIMIT: Limit = Limit::constant(100);
+
+/// Formats a time as RFC 3339 UTC with milliseconds, the wire format of every timestamp.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Milliseconds since the Unix epoch to a UTC time.
+pub fn from_millis(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Serde helpers that write `DateTime<Utc>` with exactly millisecond precision.
+pub mod millis_time {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::rfc3339(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+
+    /// The same for `Option<DateTime<Utc>>`.
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_str(&super::super::rfc3339(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            Option::<DateTime<Utc>>::deserialize(d)
+        }
+    }
+}
+
+/// Parses a comma-separated list of type filters (`approval.*,agent.down`).
+#[derive(Debug, Clone, Default)]
+pub struct TypeFilter {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl TypeFilter {
+    pub fn parse(field: &str, raw: Option<&str>) -> Result<Self, ApiError> {
+        let mut filter = Self::default();
+        for entry in raw.unwrap_or("").split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if let Some(prefix) = entry.strip_suffix(".*") {
+                EventType::new(prefix).map_err(|m| ApiError::invalid(field, m))?;
+                filter.prefixes.push(format!("{prefix}."));
+            } else {
+                EventType::new(entry).map_err(|m| ApiError::invalid(field, m))?;
+                filter.exact.push(entry.to_owned());
+            }
+        }
+        Ok(filter)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
+    }
+
+    pub fn matches(&self, kind: &str) -> bool {
+        self.is_empty()
+            || self.exact.iter().any(|e| e == kind)
+            || self.prefixes.iter().any(|p| kind.starts_with(p.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_reject_key_syntax_and_overlong_values() {
+        assert!(Id::new("agent-1.a_b").is_ok());
+        for bad in ["", "a:b", "a*", "{x}", "a b", "-a", &"a".repeat(129)] {
+            assert!(Id::new(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(Id::new("a".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn bounded_numbers_reject_out_of_range_and_fractions() {
+        type Ttl = Bounded<1, 3600>;
+        assert!(serde_json::from_str::<Ttl>("0").is_err());
+        assert!(serde_json::from_str::<Ttl>("1.5").is_err());
+        assert!(serde_json::from_str::<Ttl>("-3").is_err());
+        assert_eq!(serde_json::from_str::<Ttl>("3600").unwrap().get(), 3600);
+    }
+
+    #[test]
+    fn type_filters_match_exact_names_and_prefixes() {
+        let f = TypeFilter::parse("types", Some("approval.*,agent.down")).unwrap();
+        assert!(f.matches("approval.decided"));
+        assert!(f.matches("agent.down"));
+        assert!(!f.matches("agent.heartbeat"));
+        assert!(!f.matches("approvals"));
+        assert!(TypeFilter::parse("types", Some("Bad Type")).is_err());
+    }
+
+    #[test]
+    fn objects_over_64_kib_are_rejected() {
+        let big = serde_json::json!({ "x": "a".repeat(MAX_OBJECT_BYTES) });
+        assert!(serde_json::from_value::<JsonObject>(big).is_err());
+        assert!(serde_json::from_value::<JsonObject>(serde_json::json!([1])).is_err());
+    }
+}
