@@ -248,6 +248,17 @@ pub struct KeyRing {
     keys: Option<Vec<StoredKey>>,
 }
 
+impl std::fmt::Debug for KeyRing {
+    /// Names only: hashes stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Option<Vec<&str>> = self
+            .keys
+            .as_ref()
+            .map(|keys| keys.iter().map(|k| k.identity.name.as_str()).collect());
+        f.debug_struct("KeyRing").field("keys", &names).finish()
+    }
+}
+
 impl KeyRing {
     /// Every request is the anonymous admin.
     pub fn anonymous() -> Self {
