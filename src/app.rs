@@ -54,6 +54,8 @@ pub struct AppState {
     pub keys: Arc<KeyRing>,
     /// Validated settings.
     pub config: Arc<Config>,
+    /// Wall-clock time for domain logic (tests advance it).
+    pub clock: crate::clock::Clock,
     /// Cancelled when the server starts shutting down: long polls answer,
     /// WebSockets close, background tasks stop.
     pub shutdown: CancellationToken,
@@ -165,6 +167,7 @@ pub async fn build(config: Config) -> Result<App, String> {
         hub,
         keys: Arc::new(keys),
         config: Arc::new(config),
+        clock: crate::clock::Clock::default(),
         shutdown,
     };
     let router = router(state.clone());

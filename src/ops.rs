@@ -101,7 +101,7 @@ async fn get_metrics(
     State(state): State<AppState>,
 ) -> Response {
     // Gauges read from storage at scrape time; a failure is counted, not fatal.
-    match crate::agents::state_counts(&state.engine).await {
+    match crate::agents::state_counts(&state).await {
         Ok(counts) => {
             for (agent_state, n) in counts {
                 metrics::gauge!("attune_agents", "state" => agent_state).set(n as f64);

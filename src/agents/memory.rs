@@ -244,7 +244,7 @@ impl MemoryEngine {
                 .take(limit)
                 .cloned()
                 .collect();
-            let ts = chrono::Utc::now();
+            let ts = crate::types::from_millis(now_ms);
             for item in &due {
                 s.agents.down_due.remove(item);
                 let id = &item.1;

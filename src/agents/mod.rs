@@ -393,8 +393,8 @@ impl Engine {
 }
 
 /// Agents per state (`up`, `late`, `down`, `finished`) for `/metrics`.
-pub async fn state_counts(engine: &Engine) -> EngineResult<Vec<(&'static str, u64)>> {
-    let counts = engine.agent_state_counts(Utc::now().timestamp_millis()).await?;
+pub async fn state_counts(state: &AppState) -> EngineResult<Vec<(&'static str, u64)>> {
+    let counts = state.engine.agent_state_counts(state.clock.now_ms()).await?;
     Ok(counts.iter().map(|(s, n)| (s.as_str(), *n)).collect())
 }
 
@@ -406,7 +406,7 @@ pub async fn record_heartbeat(
     req: HeartbeatRequest,
 ) -> ApiResult<AgentView> {
     caller.ensure_may_act_as(&agent_id, "agent_id")?;
-    let now = Utc::now();
+    let now = state.clock.now();
     let status = req.status.unwrap_or_default();
     let ttl_seconds = req.ttl_seconds.unwrap_or(DEFAULT_TTL).get();
     let grace_seconds = state
@@ -465,7 +465,7 @@ pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
                 _ = state.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let now_ms = Utc::now().timestamp_millis();
+            let now_ms = state.clock.now_ms();
             // Drain everything due, in batches.
             loop {
                 match state.engine.sweep_down_agents(now_ms, 500).await {

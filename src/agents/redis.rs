@@ -9,14 +9,13 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use chrono::Utc;
 use redis::Script;
 
 use crate::agents::{AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord};
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
-use crate::types::{Id, rfc3339};
+use crate::types::{Id, from_millis, rfc3339};
 
 /// KEYS: 2 record, 3 by-beat, 4 active, 5 late-due, 6 down-due, 7 down,
 /// 8 finished, 9 runs, 10 runs-by-start.
@@ -181,7 +180,7 @@ impl RedisEngine {
 
     /// The same keys with a placeholder record (scripts over many agents).
     fn index_keys(&self) -> [String; 9] {
-        self.agent_keys(&Id::new("_").expect("valid id"))
+        self.agent_keys(&Id::new("unused").expect("valid id"))
     }
 
     pub async fn record_beat(&self, beat: Beat) -> EngineResult<AgentRecord> {
@@ -378,7 +377,7 @@ impl RedisEngine {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let record_prefix = self.keys.sub("agent:");
         let claimed: i64 = self
-            .invoke(&SWEEP_DOWN, &keys, &args![now_ms, limit, record_prefix, rfc3339(Utc::now())])
+            .invoke(&SWEEP_DOWN, &keys, &args![now_ms, limit, record_prefix, rfc3339(from_millis(now_ms))])
             .await?;
         Ok(claimed as usize)
     }

@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -79,7 +78,7 @@ async fn post_event(
         kind,
         &caller.name,
         req.agent_id.as_ref(),
-        Utc::now(),
+        state.clock.now(),
         serde_json::Value::Object(req.data.into_inner()),
     );
     let id = state.engine.publish(body).await?;
