@@ -18,6 +18,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
@@ -217,10 +218,12 @@ async fn get_events_ws(
     State(state): State<AppState>,
     headers: HeaderMap,
     crate::extract::ValidQuery(q): crate::extract::ValidQuery<StreamQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     check_origin(&state, &headers)?;
     let (since, filter) = parse_position(q.since.as_deref(), q.types.as_deref(), q.agent_id.as_deref())?;
+    // Checked after the query so that a bad `since` is a 422 either way.
+    let ws = ws.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let subscription = Subscription::start(&state, since, filter).await?;
     let guard = state.hub.client_guard();
     let shutdown = state.shutdown.clone();

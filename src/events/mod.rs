@@ -43,6 +43,18 @@ pub struct StreamId {
 impl StreamId {
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
 
+    /// The largest id strictly smaller than this one (`0-0` stays `0-0`).
+    pub fn prev(self) -> StreamId {
+        match (self.ms, self.seq) {
+            (0, 0) => self,
+            (ms, 0) => StreamId {
+                ms: ms - 1,
+                seq: u64::MAX,
+            },
+            (ms, seq) => StreamId { ms, seq: seq - 1 },
+        }
+    }
+
     /// The smallest id strictly greater than this one.
     pub fn next(self) -> StreamId {
         match self.seq.checked_add(1) {
