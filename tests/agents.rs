@@ -50,7 +50,12 @@ async fn stale_finds_an_agent_whose_ttl_is_shorter_than_the_threshold(kind: Kind
     // ttl, before a 60 s threshold was reached.
     let app = TestApp::spawn(kind).await;
     beat(&app, "slow", json!({"ttl_seconds": 30})).await;
-    beat(&app, "done", json!({"ttl_seconds": 30, "status": "completed"})).await;
+    beat(
+        &app,
+        "done",
+        json!({"ttl_seconds": 30, "status": "completed"}),
+    )
+    .await;
     app.state.clock.advance(Duration::from_secs(61));
     beat(&app, "fresh", json!({"ttl_seconds": 30})).await;
     assert_eq!(stale_ids(&app, 60).await, vec!["slow".to_owned()]);
@@ -78,16 +83,28 @@ async fn stale_lists_oldest_first_and_pages(kind: Kind) {
         app.state.clock.advance(Duration::from_secs(1));
     }
     app.state.clock.advance(Duration::from_secs(120));
-    let (_, first) = app.get("/v1/agents/stale?threshold_seconds=60&limit=2").await;
+    let (_, first) = app
+        .get("/v1/agents/stale?threshold_seconds=60&limit=2")
+        .await;
     assert_eq!(ids(&first), vec!["a0", "a1"]);
-    let cursor = first["next_cursor"].as_str().expect("more pages").to_owned();
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("more pages")
+        .to_owned();
     let (_, second) = app
-        .get(&format!("/v1/agents/stale?threshold_seconds=60&limit=2&cursor={cursor}"))
+        .get(&format!(
+            "/v1/agents/stale?threshold_seconds=60&limit=2&cursor={cursor}"
+        ))
         .await;
     assert_eq!(ids(&second), vec!["a2", "a3"]);
-    let cursor = second["next_cursor"].as_str().expect("more pages").to_owned();
+    let cursor = second["next_cursor"]
+        .as_str()
+        .expect("more pages")
+        .to_owned();
     let (_, third) = app
-        .get(&format!("/v1/agents/stale?threshold_seconds=60&limit=2&cursor={cursor}"))
+        .get(&format!(
+            "/v1/agents/stale?threshold_seconds=60&limit=2&cursor={cursor}"
+        ))
         .await;
     assert_eq!(ids(&third), vec!["a4"]);
     assert_eq!(third["next_cursor"], Value::Null);
@@ -116,7 +133,10 @@ async fn state_goes_up_late_down_and_alive_flips_after_the_ttl(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     beat(&app, "short", json!({"ttl_seconds": 1})).await;
     let (_, view) = app.get("/v1/agents/short").await;
-    assert_eq!((view["alive"].clone(), view["state"].clone()), (json!(true), json!("up")));
+    assert_eq!(
+        (view["alive"].clone(), view["state"].clone()),
+        (json!(true), json!("up"))
+    );
     let late = eventually(Duration::from_secs(3), || async {
         let (_, v) = app.get("/v1/agents/short").await;
         (v["state"] == "late").then_some(v)
@@ -153,8 +173,14 @@ async fn agent_down_is_emitted_once_within_a_second_and_recovery_after(kind: Kin
     })
     .await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(1900), "down too early: {took:?}");
-    assert!(took <= Duration::from_millis(3000), "down too late: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "down too early: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(3000),
+        "down too late: {took:?}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let downs = app.events_of("agent.down").await;
     assert_eq!(downs.len(), 1, "{downs:?}");
@@ -169,10 +195,20 @@ async fn agent_down_is_emitted_once_within_a_second_and_recovery_after(kind: Kin
 
 async fn runs_open_close_and_count_in_performance(kind: Kind) {
     let app = TestApp::spawn(kind).await;
-    beat(&app, "worker", json!({"status": "starting", "run_id": "r1"})).await;
+    beat(
+        &app,
+        "worker",
+        json!({"status": "starting", "run_id": "r1"}),
+    )
+    .await;
     app.state.clock.advance(Duration::from_secs(10));
     beat(&app, "worker", json!({"status": "completed"})).await;
-    beat(&app, "worker", json!({"status": "starting", "run_id": "r2"})).await;
+    beat(
+        &app,
+        "worker",
+        json!({"status": "starting", "run_id": "r2"}),
+    )
+    .await;
     app.state.clock.advance(Duration::from_secs(20));
     beat(&app, "worker", json!({"status": "failed"})).await;
     beat(&app, "other", json!({"status": "running"})).await;
@@ -200,7 +236,12 @@ async fn runs_open_close_and_count_in_performance(kind: Kind) {
 
 async fn a_run_that_goes_down_counts_as_lost(kind: Kind) {
     let app = TestApp::spawn(kind).await;
-    beat(&app, "lost-one", json!({"status": "starting", "ttl_seconds": 1})).await;
+    beat(
+        &app,
+        "lost-one",
+        json!({"status": "starting", "ttl_seconds": 1}),
+    )
+    .await;
     eventually(Duration::from_secs(4), || async {
         (!app.events_of("agent.down").await.is_empty()).then_some(())
     })
@@ -218,10 +259,8 @@ async fn every_beat_emits_a_heartbeat_event(kind: Kind) {
     let beats = app.events_of("agent.heartbeat").await;
     assert_eq!(beats.len(), 3);
     assert_eq!(beats[0]["data"]["current_task"], "summarize");
-    let quiet = TestApp::spawn_with(
-        Options::new(kind).configure(|c| c.heartbeat_events = false),
-    )
-    .await;
+    let quiet =
+        TestApp::spawn_with(Options::new(kind).configure(|c| c.heartbeat_events = false)).await;
     beat(&quiet, "chatty", json!({})).await;
     assert!(quiet.events_of("agent.heartbeat").await.is_empty());
     assert_eq!(quiet.events_of("agent.started").await.len(), 1);
@@ -238,7 +277,9 @@ async fn bad_heartbeats_are_422s_naming_the_field(kind: Kind) {
         ("agent-1", json!({"run_id": "a b"}), "run_id"),
     ];
     for (id, body, field) in cases {
-        let (status, problem) = app.post(&format!("/v1/agents/{id}/heartbeats"), body.clone()).await;
+        let (status, problem) = app
+            .post(&format!("/v1/agents/{id}/heartbeats"), body.clone())
+            .await;
         assert_eq!(status, 422, "{body} -> {problem}");
         assert_eq!(problem_field(&problem), field, "{problem}");
     }
@@ -260,12 +301,20 @@ async fn keys_scoped_to_ci_agents_can_beat_only_as_ci_agents(kind: Kind) {
     let keys = TestKeys::new();
     let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
     let ci = Some(keys.ci_agent.as_str());
-    let (status, _) = app.post_as("/v1/agents/ci-7/heartbeats", json!({}), ci).await;
+    let (status, _) = app
+        .post_as("/v1/agents/ci-7/heartbeats", json!({}), ci)
+        .await;
     assert_eq!(status, 200);
-    let (status, problem) = app.post_as("/v1/agents/prod-1/heartbeats", json!({}), ci).await;
+    let (status, problem) = app
+        .post_as("/v1/agents/prod-1/heartbeats", json!({}), ci)
+        .await;
     assert_eq!(status, 403, "{problem}");
     let (status, _) = app
-        .post_as("/v1/agents/prod-1/heartbeats", json!({}), Some(&keys.viewer))
+        .post_as(
+            "/v1/agents/prod-1/heartbeats",
+            json!({}),
+            Some(&keys.viewer),
+        )
         .await;
     assert_eq!(status, 403, "viewers cannot beat");
     let (status, _) = app.get_as("/v1/agents", Some(&keys.viewer)).await;
@@ -277,7 +326,8 @@ async fn keys_scoped_to_ci_agents_can_beat_only_as_ci_agents(kind: Kind) {
 async fn only_admins_delete_agents(kind: Kind) {
     let keys = TestKeys::new();
     let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
-    app.post_as("/v1/agents/gone/heartbeats", json!({}), Some(&keys.agent)).await;
+    app.post_as("/v1/agents/gone/heartbeats", json!({}), Some(&keys.agent))
+        .await;
     let (status, _) = app.delete_as("/v1/agents/gone", Some(&keys.agent)).await;
     assert_eq!(status, 403);
     let (status, _) = app.delete_as("/v1/agents/gone", Some(&keys.admin)).await;
