@@ -35,6 +35,7 @@
 pub mod agents;
 pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod engine;
