@@ -121,6 +121,7 @@ impl utoipa::Modify for SecurityAddon {
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::agents::http::router())
+        .merge(crate::signals::http::router())
         .merge(crate::events::http::router())
         .merge(crate::events::live::router())
         .merge(crate::ops::router())

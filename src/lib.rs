@@ -44,4 +44,5 @@ pub mod events;
 pub mod extract;
 pub mod migrate;
 pub mod ops;
+pub mod signals;
 pub mod types;
