@@ -20,7 +20,12 @@ use render::short_time;
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Base URL of the server.
-    #[arg(long, env = "ATTUNE_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "ATTUNE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// API key (sent as a bearer token).
     #[arg(long, env = "ATTUNE_TOKEN", global = true, hide_env_values = true)]
@@ -206,9 +211,19 @@ impl Api {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|e| format!("{}: {}", e["field"].as_str().unwrap_or("?"), e["message"].as_str().unwrap_or("")))
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e["field"].as_str().unwrap_or("?"),
+                    e["message"].as_str().unwrap_or("")
+                )
+            })
             .collect();
-        let mut message = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+        let mut message = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
         if !detail.is_empty() {
             message = format!("{message}: {detail}");
         }
@@ -263,7 +278,11 @@ fn q(value: &str) -> String {
 /// Runs one client command.
 pub async fn run(command: ClientCommand) -> Result<(), String> {
     match command {
-        ClientCommand::Show { client, limit, days } => {
+        ClientCommand::Show {
+            client,
+            limit,
+            days,
+        } => {
             let api = Api::new(&client)?;
             let mut path = format!("/v1/usage/recent?limit={limit}");
             if let Some(days) = days {
@@ -287,7 +306,9 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
         }
         ClientCommand::CacheStats { client, days } => {
             let api = Api::new(&client)?;
-            let body = api.get(&format!("/v1/usage/cache-stats?days={days}")).await?;
+            let body = api
+                .get(&format!("/v1/usage/cache-stats?days={days}"))
+                .await?;
             if client.json {
                 return print_json(&body);
             }
@@ -296,17 +317,26 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
         }
         ClientCommand::AgentPerformance { client, hours } => {
             let api = Api::new(&client)?;
-            let body = api.get(&format!("/v1/agents/performance?hours={hours}")).await?;
+            let body = api
+                .get(&format!("/v1/agents/performance?hours={hours}"))
+                .await?;
             if client.json {
                 return print_json(&body);
             }
             render::performance(&body);
             Ok(())
         }
-        ClientCommand::Agents { client, stale, state, limit } => {
+        ClientCommand::Agents {
+            client,
+            stale,
+            state,
+            limit,
+        } => {
             let api = Api::new(&client)?;
             let path = match (stale, state) {
-                (Some(seconds), _) => format!("/v1/agents/stale?threshold_seconds={seconds}&limit={limit}"),
+                (Some(seconds), _) => {
+                    format!("/v1/agents/stale?threshold_seconds={seconds}&limit={limit}")
+                }
                 (None, Some(state)) => format!("/v1/agents?state={}&limit={limit}", q(&state)),
                 (None, None) => format!("/v1/agents?limit={limit}"),
             };
@@ -325,7 +355,11 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                 agent: None,
             });
             match action {
-                ApprovalAction::List { status, approval_type, agent } => {
+                ApprovalAction::List {
+                    status,
+                    approval_type,
+                    agent,
+                } => {
                     let mut path = format!("/v1/approvals?status={}", q(&status));
                     if let Some(t) = approval_type {
                         path.push_str(&format!("&type={}", q(&t)));
@@ -351,7 +385,13 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
         ClientCommand::Signals { client, action } => {
             let api = Api::new(&client)?;
             match action {
-                SignalAction::Send { signal_type, from, to, payload, ttl } => {
+                SignalAction::Send {
+                    signal_type,
+                    from,
+                    to,
+                    payload,
+                    ttl,
+                } => {
                     let payload: Value = match payload {
                         Some(text) => serde_json::from_str(&text)
                             .map_err(|e| format!("--payload is not JSON: {e}"))?,
@@ -376,7 +416,12 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     );
                     Ok(())
                 }
-                SignalAction::Inbox { agent, consume, wait, signal_type } => {
+                SignalAction::Inbox {
+                    agent,
+                    consume,
+                    wait,
+                    signal_type,
+                } => {
                     let mut path = format!(
                         "/v1/agents/{}/signals?consume={consume}&wait_seconds={wait}",
                         q(&agent)
@@ -393,7 +438,12 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                 }
             }
         }
-        ClientCommand::Tail { client, types, agent, since } => tail(&client, types, agent, since).await,
+        ClientCommand::Tail {
+            client,
+            types,
+            agent,
+            since,
+        } => tail(&client, types, agent, since).await,
     }
 }
 

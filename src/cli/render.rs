@@ -87,11 +87,15 @@ pub fn text(v: &Value) -> String {
 /// `2026-11-25 14:03:07` from an RFC 3339 time.
 pub fn short_time(v: &Value) -> String {
     let s = v.as_str().unwrap_or("-");
-    s.get(..19).map(|t| t.replace('T', " ")).unwrap_or_else(|| s.to_owned())
+    s.get(..19)
+        .map(|t| t.replace('T', " "))
+        .unwrap_or_else(|| s.to_owned())
 }
 
 pub fn recent(body: &Value) {
-    let mut table = Table::new(&["time", "workflow", "stage", "tier", "cost", "tokens", "cache", "duration"]);
+    let mut table = Table::new(&[
+        "time", "workflow", "stage", "tier", "cost", "tokens", "cache", "duration",
+    ]);
     for r in body["records"].as_array().into_iter().flatten() {
         let t = &r["tokens"];
         let tokens = format!("{}/{}", num(&t["input"]), num(&t["output"]));
@@ -125,18 +129,41 @@ pub fn recent(body: &Value) {
 }
 
 pub fn savings(body: &Value, days: u32) {
-    println!("Savings over the last {days} days ({} calls, prices {})\n", num(&body["total_calls"]), text(&body["price_table_version"]));
+    println!(
+        "Savings over the last {days} days ({} calls, prices {})\n",
+        num(&body["total_calls"]),
+        text(&body["price_table_version"])
+    );
     let mut table = Table::new(&["", "usd"]);
     table
-        .row(vec!["all-premium baseline".into(), money(&body["baseline_cost_usd"])])
+        .row(vec![
+            "all-premium baseline".into(),
+            money(&body["baseline_cost_usd"]),
+        ])
         .row(vec!["actual cost".into(), money(&body["actual_cost_usd"])])
-        .row(vec!["saved by routing".into(), money(&body["routing_savings_usd"])])
-        .row(vec!["saved by caching".into(), money(&body["cache_savings_usd"])])
-        .row(vec!["your savings".into(), format!("{} ({})", money(&body["savings_usd"]), percent(&body["savings_percent"]))])
+        .row(vec![
+            "saved by routing".into(),
+            money(&body["routing_savings_usd"]),
+        ])
+        .row(vec![
+            "saved by caching".into(),
+            money(&body["cache_savings_usd"]),
+        ])
+        .row(vec![
+            "your savings".into(),
+            format!(
+                "{} ({})",
+                money(&body["savings_usd"]),
+                percent(&body["savings_percent"])
+            ),
+        ])
         .numeric(&[1])
         .print();
     if let Some(dist) = body["tier_distribution"].as_object() {
-        let parts: Vec<String> = dist.iter().map(|(tier, p)| format!("{tier} {}", percent(p))).collect();
+        let parts: Vec<String> = dist
+            .iter()
+            .map(|(tier, p)| format!("{tier} {}", percent(p)))
+            .collect();
         println!("\ncalls by tier: {}", parts.join(", "));
     }
 }
@@ -148,10 +175,15 @@ pub fn cache_stats(body: &Value, days: u32) {
         num(&body["hit_count"]),
         num(&body["total_requests"]),
     );
-    let mut table = Table::new(&["workflow", "requests", "hits", "hit rate", "reads", "writes", "savings"]);
+    let mut table = Table::new(&[
+        "workflow", "requests", "hits", "hit rate", "reads", "writes", "savings",
+    ]);
     let mut rows: Vec<(String, Value)> = match &body["by_workflow"] {
         Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        Value::Array(items) => items.iter().map(|v| (text(&v["workflow"]), v.clone())).collect(),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| (text(&v["workflow"]), v.clone()))
+            .collect(),
         _ => Vec::new(),
     };
     rows.sort_by(|a, b| a.0.cmp(&b.0));
@@ -179,8 +211,22 @@ pub fn cache_stats(body: &Value, days: u32) {
 }
 
 pub fn performance(body: &Value) {
-    let mut table = Table::new(&["agent", "runs", "completed", "failed", "cancelled", "lost", "running", "success", "avg duration"]);
-    let rows = body["agents"].as_array().into_iter().flatten().chain(std::iter::once(&body["total"]));
+    let mut table = Table::new(&[
+        "agent",
+        "runs",
+        "completed",
+        "failed",
+        "cancelled",
+        "lost",
+        "running",
+        "success",
+        "avg duration",
+    ]);
+    let rows = body["agents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&body["total"]));
     for r in rows {
         table.row(vec![
             text(&r["agent_id"]),
@@ -191,14 +237,24 @@ pub fn performance(body: &Value) {
             num(&r["lost"]),
             num(&r["running"]),
             fraction_percent(&r["success_rate"]),
-            r["avg_duration_seconds"].as_f64().map_or("-".into(), |s| format!("{s:.1} s")),
+            r["avg_duration_seconds"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.1} s")),
         ]);
     }
     table.numeric(&[1, 2, 3, 4, 5, 6, 7, 8]).print();
 }
 
 pub fn agents(body: &Value) {
-    let mut table = Table::new(&["agent", "state", "status", "progress", "task", "last beat", "silent"]);
+    let mut table = Table::new(&[
+        "agent",
+        "state",
+        "status",
+        "progress",
+        "task",
+        "last beat",
+        "silent",
+    ]);
     for a in body["agents"].as_array().into_iter().flatten() {
         table.row(vec![
             text(&a["agent_id"]),
@@ -207,7 +263,9 @@ pub fn agents(body: &Value) {
             fraction_percent(&a["progress"]),
             text(&a["current_task"]),
             short_time(&a["last_beat"]),
-            a["seconds_since_beat"].as_f64().map_or("-".into(), |s| format!("{s:.0} s")),
+            a["seconds_since_beat"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.0} s")),
         ]);
     }
     table.numeric(&[3, 6]).print();
@@ -217,7 +275,16 @@ pub fn agents(body: &Value) {
 }
 
 pub fn approvals(body: &Value) {
-    let mut table = Table::new(&["id", "type", "agent", "status", "requested by", "created", "expires", "responder"]);
+    let mut table = Table::new(&[
+        "id",
+        "type",
+        "agent",
+        "status",
+        "requested by",
+        "created",
+        "expires",
+        "responder",
+    ]);
     for item in body["approvals"].as_array().into_iter().flatten() {
         let r = &item["request"];
         table.row(vec![
@@ -237,7 +304,11 @@ pub fn approvals(body: &Value) {
 pub fn signals(body: &Value) {
     let mut table = Table::new(&["id", "type", "from", "to", "sent", "expires", "payload"]);
     for s in body["signals"].as_array().into_iter().flatten() {
-        let to = if s["target_agent"].is_null() { "(all)".into() } else { text(&s["target_agent"]) };
+        let to = if s["target_agent"].is_null() {
+            "(all)".into()
+        } else {
+            text(&s["target_agent"])
+        };
         table.row(vec![
             text(&s["signal_id"]),
             text(&s["signal_type"]),
@@ -274,6 +345,9 @@ mod tests {
         assert_eq!(percent(&json!(42.46)), "42.5%");
         assert_eq!(fraction_percent(&json!(0.5)), "50.0%");
         assert_eq!(fraction_percent(&Value::Null), "-");
-        assert_eq!(short_time(&json!("2026-11-25T14:03:07.123Z")), "2026-11-25 14:03:07");
+        assert_eq!(
+            short_time(&json!("2026-11-25T14:03:07.123Z")),
+            "2026-11-25 14:03:07"
+        );
     }
 }

@@ -281,9 +281,9 @@ impl RedisEngine {
     }
 
     /// ARGV 2–4 of every signal script, followed by `rest`.
-    fn signal_args(&self, now_ms: i64, rest: Vec<String>) -> Vec<String> {
-        let mut all = args![now_ms, self.keys.signal_prefix(), self.keys.inbox_prefix()];
-        all.extend(rest);
+    fn signal_args(&self, now_ms: i64, rest: &[String]) -> Vec<String> {
+        let mut all = args![now_ms, self.keys.signal_prefix(), self.keys.inbox_prefix()].to_vec();
+        all.extend_from_slice(rest);
         all
     }
 
@@ -292,7 +292,7 @@ impl RedisEngine {
         script: &Script,
         inbox: Option<&Id>,
         now_ms: i64,
-        rest: Vec<String>,
+        rest: &[String],
     ) -> EngineResult<T> {
         let keys = self.signal_keys(inbox);
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -309,7 +309,7 @@ impl RedisEngine {
                 &SEND,
                 target,
                 record.created_ms,
-                args![
+                &args![
                     record.signal_id,
                     target.map(Id::to_string).unwrap_or_default(),
                     record.signal_type,
@@ -336,7 +336,7 @@ impl RedisEngine {
                 &READ,
                 Some(agent),
                 now_ms,
-                args![
+                &args![
                     agent,
                     optional(query.signal_type.as_ref()),
                     optional(query.source.as_ref()),
@@ -364,7 +364,7 @@ impl RedisEngine {
                 &LIST,
                 filter.target.as_ref(),
                 now_ms,
-                args![
+                &args![
                     optional(filter.signal_type.as_ref()),
                     optional(filter.source.as_ref()),
                     optional(filter.target.as_ref()),
@@ -404,7 +404,7 @@ impl RedisEngine {
                 &CLEAR,
                 Some(agent),
                 now_ms,
-                args![agent, optional(signal_type), event.json],
+                &args![agent, optional(signal_type), event.json],
             )
             .await?;
         Ok(cleared)
