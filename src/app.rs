@@ -117,6 +117,7 @@ impl utoipa::Modify for SecurityAddon {
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::agents::http::router())
+        .merge(crate::approvals::http::router())
         .merge(crate::events::http::router())
         .merge(crate::events::live::router())
         .merge(crate::ops::router())
@@ -337,6 +338,7 @@ fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
             .spawn_tailer(state.engine.clone(), state.shutdown.clone()),
     ];
     tasks.push(crate::agents::spawn_sweeper(state.clone()));
+    tasks.push(crate::approvals::spawn_sweeper(state.clone()));
     tasks
 }
 

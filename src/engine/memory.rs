@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::agents::memory::AgentTable;
+use crate::approvals::memory::ApprovalTable;
 use crate::engine::EngineResult;
 use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
 
@@ -20,6 +21,7 @@ use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
 pub struct MemoryState {
     pub events: EventRing,
     pub agents: AgentTable,
+    pub approvals: ApprovalTable,
     /// Applied migration versions, in order.
     pub migrations: Vec<String>,
 }
