@@ -100,6 +100,9 @@ async fn get_metrics(
     _caller: crate::auth::Caller<crate::auth::Viewer>,
     State(state): State<AppState>,
 ) -> Response {
+    // The recorder must exist before the gauges below are set, or the first
+    // scrape would lose them.
+    let handle = metrics_handle();
     // Gauges read from storage at scrape time; a failure is counted, not fatal.
     match crate::agents::state_counts(&state.engine).await {
         Ok(counts) => {
@@ -114,7 +117,7 @@ async fn get_metrics(
         Err(_) => metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1),
     }
     metrics::gauge!("attune_event_subscribers").set(state.hub.subscriber_count() as f64);
-    let body = metrics_handle().render();
+    let body = handle.render();
     (
         [(
             header::CONTENT_TYPE,
