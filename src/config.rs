@@ -31,6 +31,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing the server's flags would buy nothing"
+)]
 pub enum Command {
     /// Run the HTTP server (the default).
     Serve(ServeArgs),

@@ -493,6 +493,17 @@ pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// The `agent.down` event, emitted by the sweeper.
+pub fn down_event(agent_id: &Id, ttl_seconds: u64, ts: DateTime<Utc>) -> EventBody {
+    EventBody::new(
+        "agent.down",
+        "system",
+        Some(agent_id),
+        ts,
+        serde_json::json!({ "ttl_seconds": ttl_seconds }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,15 +570,4 @@ mod tests {
         assert_eq!(rows[1].success_rate, None);
         assert_eq!(total.runs, 4);
     }
-}
-
-/// The `agent.down` event, emitted by the sweeper.
-pub fn down_event(agent_id: &Id, ttl_seconds: u64, ts: DateTime<Utc>) -> EventBody {
-    EventBody::new(
-        "agent.down",
-        "system",
-        Some(agent_id),
-        ts,
-        serde_json::json!({ "ttl_seconds": ttl_seconds }),
-    )
 }
