@@ -142,7 +142,8 @@ for _, id in ipairs(due) do
     if redis.call('HGET', rec, 'status') == 'pending' then
       expire(rec, id, now, retention)
     else
-      -- The record outlived no sweeper for its whole lifetime: forget it.
+      -- The record expired first (its backstop lifetime passed with no
+      -- sweeper running anywhere): only index entries are left to drop.
       redis.call('ZREM', KEYS[4], id)
       redis.call('ZREM', KEYS[6], id)
     end
