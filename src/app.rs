@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -140,9 +142,7 @@ pub async fn build(config: Config) -> Result<App, String> {
                     config.listen
                 ));
             }
-            tracing::warn!(
-                "no --keys-file: every request is treated as an anonymous admin"
-            );
+            tracing::warn!("no --keys-file: every request is treated as an anonymous admin");
             KeyRing::anonymous()
         }
     };
@@ -177,8 +177,13 @@ pub async fn build(config: Config) -> Result<App, String> {
 async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match RedisEngine::connect(url, &config.key_prefix, config.redis_timeout, config.stream_max_len)
-            .await
+        match RedisEngine::connect(
+            url,
+            &config.key_prefix,
+            config.redis_timeout,
+            config.stream_max_len,
+        )
+        .await
         {
             Ok(engine) => return Ok(engine),
             Err(err) if Instant::now() >= deadline => {
@@ -196,7 +201,9 @@ async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String
 fn redact(url: &str) -> String {
     match url.split_once('@') {
         Some((head, tail)) => match head.rsplit_once(':') {
-            Some((scheme_user, _)) if scheme_user.contains("//") => format!("{scheme_user}:***@{tail}"),
+            Some((scheme_user, _)) if scheme_user.contains("//") => {
+                format!("{scheme_user}:***@{tail}")
+            }
             _ => format!("***@{tail}"),
         },
         None => url.to_owned(),
@@ -399,7 +406,10 @@ mod tests {
 
     #[test]
     fn redis_passwords_are_redacted() {
-        assert_eq!(redact("redis://:secret@host:6379"), "redis://:***@host:6379");
+        assert_eq!(
+            redact("redis://:secret@host:6379"),
+            "redis://:***@host:6379"
+        );
         assert_eq!(redact("redis://user:secret@host"), "redis://user:***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }

@@ -53,7 +53,9 @@ async fn post_heartbeat(
     ValidJson(req): ValidJson<HeartbeatRequest>,
 ) -> ApiResult<Json<AgentView>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
-    record_heartbeat(&state, &caller, agent_id, req).await.map(Json)
+    record_heartbeat(&state, &caller, agent_id, req)
+        .await
+        .map(Json)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -129,7 +131,14 @@ async fn get_stale_agents(
 ) -> ApiResult<Json<AgentList>> {
     let threshold = q.threshold_seconds.map_or(60, Bounded::get);
     let cutoff = Utc::now().timestamp_millis() - (threshold * 1000) as i64;
-    page(&state, AgentSelection::StaleBefore(cutoff), None, q.cursor, q.limit).await
+    page(
+        &state,
+        AgentSelection::StaleBefore(cutoff),
+        None,
+        q.cursor,
+        q.limit,
+    )
+    .await
 }
 
 async fn page(
@@ -145,7 +154,12 @@ async fn page(
     let limit = limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
     let now_ms = Utc::now().timestamp_millis();
     let (records, next) = match status {
-        None => state.engine.list_agents(selection, now_ms, cursor, limit).await?,
+        None => {
+            state
+                .engine
+                .list_agents(selection, now_ms, cursor, limit)
+                .await?
+        }
         Some(status) => {
             // A status filter is applied to index pages; keep reading pages
             // (a bounded number) until this one is full.
@@ -305,5 +319,9 @@ async fn get_agent_performance(
     let since = Utc::now().timestamp_millis() - (hours * 3_600_000) as i64;
     let runs = state.engine.runs_since(since).await?;
     let (agents, total) = run_stats(&runs);
-    Ok(Json(Performance { hours, agents, total }))
+    Ok(Json(Performance {
+        hours,
+        agents,
+        total,
+    }))
 }

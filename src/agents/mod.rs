@@ -310,7 +310,10 @@ pub fn run_stats(runs: &[RunRecord]) -> (Vec<RunStats>, RunStats) {
     let mut per_agent: BTreeMap<&str, Acc> = BTreeMap::new();
     let mut total = Acc::default();
     for run in runs {
-        for acc in [per_agent.entry(run.agent_id.as_str()).or_default(), &mut total] {
+        for acc in [
+            per_agent.entry(run.agent_id.as_str()).or_default(),
+            &mut total,
+        ] {
             acc.stats.runs += 1;
             match run.outcome.as_deref() {
                 Some("completed") => acc.stats.completed += 1,
@@ -394,7 +397,9 @@ impl Engine {
 
 /// Agents per state (`up`, `late`, `down`, `finished`) for `/metrics`.
 pub async fn state_counts(engine: &Engine) -> EngineResult<Vec<(&'static str, u64)>> {
-    let counts = engine.agent_state_counts(Utc::now().timestamp_millis()).await?;
+    let counts = engine
+        .agent_state_counts(Utc::now().timestamp_millis())
+        .await?;
     Ok(counts.iter().map(|(s, n)| (s.as_str(), *n)).collect())
 }
 
@@ -409,10 +414,7 @@ pub async fn record_heartbeat(
     let now = Utc::now();
     let status = req.status.unwrap_or_default();
     let ttl_seconds = req.ttl_seconds.unwrap_or(DEFAULT_TTL).get();
-    let grace_seconds = state
-        .config
-        .down_grace
-        .map_or(ttl_seconds, |g| g.as_secs());
+    let grace_seconds = state.config.down_grace.map_or(ttl_seconds, |g| g.as_secs());
     let source = caller.name.as_str();
     let event = |kind: &str, data: serde_json::Value| {
         EventBody::new(kind, source, Some(&agent_id), now, data)
@@ -432,8 +434,14 @@ pub async fn record_heartbeat(
     });
     let events = BeatEvents {
         heartbeat,
-        started: event("agent.started", serde_json::json!({ "run_id": run_id, "status": status })),
-        finished: event("agent.finished", serde_json::json!({ "run_id": run_id, "status": status })),
+        started: event(
+            "agent.started",
+            serde_json::json!({ "run_id": run_id, "status": status }),
+        ),
+        finished: event(
+            "agent.finished",
+            serde_json::json!({ "run_id": run_id, "status": status }),
+        ),
         recovered: event("agent.recovered", serde_json::json!({ "status": status })),
     };
     let beat = Beat {
@@ -533,12 +541,18 @@ mod tests {
         assert_eq!(r.state_at(60_001), AgentState::Down);
         assert!(r.view(30_000).alive);
         assert!(!r.view(30_001).alive);
-        assert_eq!(record(AgentStatus::Completed, 0).state_at(1_000_000), AgentState::Finished);
+        assert_eq!(
+            record(AgentStatus::Completed, 0).state_at(1_000_000),
+            AgentState::Finished
+        );
     }
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
-        let c = IndexCursor { score: 42, member: "agent-1".into() };
+        let c = IndexCursor {
+            score: 42,
+            member: "agent-1".into(),
+        };
         assert_eq!(IndexCursor::decode("cursor", &c.encode()).unwrap(), c);
         assert!(IndexCursor::decode("cursor", "!!").is_err());
         assert!(IndexCursor::decode("cursor", "eDp5").is_err());

@@ -48,7 +48,9 @@ impl MemoryEngine {
     /// half-applied operation behind (each one validates before it writes),
     /// so a poisoned lock is safe to keep using.
     pub fn lock(&self) -> MutexGuard<'_, MemoryState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` on the locked state and then wakes blocked log readers if it

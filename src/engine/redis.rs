@@ -105,7 +105,9 @@ impl RedisEngine {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(classify(err)),
-            Err(_) => Err(EngineError::Unavailable("Redis did not answer in time".into())),
+            Err(_) => Err(EngineError::Unavailable(
+                "Redis did not answer in time".into(),
+            )),
         }
     }
 
@@ -155,7 +157,8 @@ impl RedisEngine {
                 .set_response_timeout(Some(block + self.timeout));
             let conn = tokio::time::timeout(
                 self.timeout,
-                self.client.get_multiplexed_async_connection_with_config(&config),
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
             )
             .await
             .map_err(|_| EngineError::Unavailable("timed out connecting to Redis".into()))?

@@ -33,7 +33,9 @@ fn decode(entry: Entry) -> EngineResult<Event> {
         }
     }
     if kind.is_empty() || body.is_empty() {
-        return Err(EngineError::Corrupt(format!("event {id} lacks its type or body")));
+        return Err(EngineError::Corrupt(format!(
+            "event {id} lacks its type or body"
+        )));
     }
     Ok(Event::assemble(id, kind, agent, wake, &body))
 }

@@ -413,7 +413,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
