@@ -45,9 +45,27 @@ use crate::engine::redis::RedisEngine;
 use crate::error::ApiError;
 use crate::events::hub::Hub;
 
-/// Shared state of every handler. Cheap to clone.
+/// Shared state of every handler: one `Arc`, so the several clones axum
+/// makes per request (one per `State` extractor and middleware) cost one
+/// reference-count increment each. Fields are reached through `Deref`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     /// The storage engine.
     pub engine: Engine,
     /// In-process fan-out of the event log and long-poll wake-ups.
@@ -166,14 +184,14 @@ pub async fn build(config: Config) -> Result<App, String> {
     };
     let shutdown = CancellationToken::new();
     let hub = Hub::new(config.subscriber_buffer, shutdown.clone());
-    let state = AppState {
+    let state = AppState::new(Shared {
         engine,
         hub,
         keys: Arc::new(keys),
         config: Arc::new(config),
         clock: crate::clock::Clock::default(),
         shutdown,
-    };
+    });
     let router = router(state.clone());
     Ok(App { state, router })
 }
