@@ -54,6 +54,8 @@ pub struct AppState {
     pub keys: Arc<KeyRing>,
     /// Validated settings.
     pub config: Arc<Config>,
+    /// The price table, the `user_id` HMAC secret and the usage retention.
+    pub usage: Arc<crate::usage::UsageSettings>,
     /// Cancelled when the server starts shutting down: long polls answer,
     /// WebSockets close, background tasks stop.
     pub shutdown: CancellationToken,
@@ -119,6 +121,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::agents::http::router())
         .merge(crate::events::http::router())
         .merge(crate::events::live::router())
+        .merge(crate::usage::http::router())
         .merge(crate::ops::router())
 }
 
@@ -158,6 +161,7 @@ pub async fn build(config: Config) -> Result<App, String> {
             Engine::Redis(Arc::new(engine))
         }
     };
+    let usage = crate::usage::UsageSettings::load(&config, &engine).await?;
     let shutdown = CancellationToken::new();
     let hub = Hub::new(config.subscriber_buffer, shutdown.clone());
     let state = AppState {
@@ -165,6 +169,7 @@ pub async fn build(config: Config) -> Result<App, String> {
         hub,
         keys: Arc::new(keys),
         config: Arc::new(config),
+        usage: Arc::new(usage),
         shutdown,
     };
     let router = router(state.clone());

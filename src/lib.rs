@@ -43,3 +43,4 @@ pub mod extract;
 pub mod migrate;
 pub mod ops;
 pub mod types;
+pub mod usage;

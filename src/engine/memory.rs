@@ -14,12 +14,14 @@ use tokio::sync::watch;
 use crate::agents::memory::AgentTable;
 use crate::engine::EngineResult;
 use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
+use crate::usage::memory::UsageTable;
 
 /// Everything the memory engine stores, one table per domain.
 #[derive(Default)]
 pub struct MemoryState {
     pub events: EventRing,
     pub agents: AgentTable,
+    pub usage: UsageTable,
     /// Applied migration versions, in order.
     pub migrations: Vec<String>,
 }
