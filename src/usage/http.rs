@@ -123,7 +123,9 @@ async fn get_usage_recent(
     ValidQuery(q): ValidQuery<RecentQuery>,
 ) -> ApiResult<Json<RecentUsage>> {
     let limit = q.limit.map_or(20, Bounded::get) as usize;
-    recent(&state, limit, q.days.map(Bounded::get)).await.map(Json)
+    recent(&state, limit, q.days.map(Bounded::get))
+        .await
+        .map(Json)
 }
 
 /// Usage statistics.

@@ -69,8 +69,14 @@ impl MemoryEngine {
             for d in &write.days {
                 let current = table.live_day(&d.day, now);
                 for (name, inc) in d.fields.iter().filter(|(name, _)| !name.contains(':')) {
-                    let cur = current.and_then(|day| day.fields.get(name)).copied().unwrap_or(0);
-                    if cur.checked_add(*inc).is_none_or(|total| total > TOTAL_LIMIT) {
+                    let cur = current
+                        .and_then(|day| day.fields.get(name))
+                        .copied()
+                        .unwrap_or(0);
+                    if cur
+                        .checked_add(*inc)
+                        .is_none_or(|total| total > TOTAL_LIMIT)
+                    {
                         return UsageOutcome::Overflow(d.day);
                     }
                 }
@@ -111,11 +117,21 @@ impl MemoryEngine {
         let state = self.lock();
         Ok(days
             .iter()
-            .map(|d| state.usage.live_day(d, now).map(|day| day.fields.clone()).unwrap_or_default())
+            .map(|d| {
+                state
+                    .usage
+                    .live_day(d, now)
+                    .map(|day| day.fields.clone())
+                    .unwrap_or_default()
+            })
             .collect())
     }
 
-    pub async fn usage_recent(&self, days: &[NaiveDate], limit: usize) -> EngineResult<Vec<String>> {
+    pub async fn usage_recent(
+        &self,
+        days: &[NaiveDate],
+        limit: usize,
+    ) -> EngineResult<Vec<String>> {
         let now = chrono::Utc::now().timestamp_millis();
         let state = self.lock();
         Ok(days

@@ -497,7 +497,11 @@ impl Engine {
     }
 
     /// Up to `limit` record JSONs of `days` (given newest first), newest first.
-    pub async fn usage_recent(&self, days: &[NaiveDate], limit: usize) -> EngineResult<Vec<String>> {
+    pub async fn usage_recent(
+        &self,
+        days: &[NaiveDate],
+        limit: usize,
+    ) -> EngineResult<Vec<String>> {
         dispatch!(self, usage_recent(days, limit))
     }
 }
@@ -516,25 +520,41 @@ pub struct UsageAccepted {
 }
 
 /// Checks, prices and records a body of usage records.
-pub async fn record_usage(state: &AppState, caller: &Identity, body: UsageBody) -> ApiResult<UsageAccepted> {
+pub async fn record_usage(
+    state: &AppState,
+    caller: &Identity,
+    body: UsageBody,
+) -> ApiResult<UsageAccepted> {
     let settings = &state.usage;
     let (records, batch) = match body {
         UsageBody::One(r) => (vec![*r], false),
         UsageBody::Batch(b) => (b.records, true),
     };
     if batch && records.is_empty() {
-        return Err(ApiError::invalid("records", "must hold at least one record"));
+        return Err(ApiError::invalid(
+            "records",
+            "must hold at least one record",
+        ));
     }
     if records.len() > MAX_BATCH {
         return Err(ApiError::invalid(
             "records",
-            format!("must hold at most {MAX_BATCH} records (got {})", records.len()),
+            format!(
+                "must hold at most {MAX_BATCH} records (got {})",
+                records.len()
+            ),
         ));
     }
     let now = Utc::now();
     let mut prepared = Vec::with_capacity(records.len());
     for (i, record) in records.into_iter().enumerate() {
-        let at = |name: &str| if batch { format!("records[{i}].{name}") } else { name.to_owned() };
+        let at = |name: &str| {
+            if batch {
+                format!("records[{i}].{name}")
+            } else {
+                name.to_owned()
+            }
+        };
         prepared.push(prepare(settings, caller, record, now, &at)?);
     }
 
@@ -599,12 +619,18 @@ fn prepare(
 ) -> ApiResult<Prepared> {
     let ts = r.ts.unwrap_or(now);
     if ts > now + MAX_FUTURE {
-        return Err(ApiError::invalid(at("ts"), "must not be more than 5 minutes in the future"));
+        return Err(ApiError::invalid(
+            at("ts"),
+            "must not be more than 5 minutes in the future",
+        ));
     }
     if ts < now - settings.retention() {
         return Err(ApiError::invalid(
             at("ts"),
-            format!("must be within the last {} days (the usage retention)", settings.retention_days),
+            format!(
+                "must be within the last {} days (the usage retention)",
+                settings.retention_days
+            ),
         ));
     }
     if let Some(agent) = &r.agent_id {
@@ -632,7 +658,10 @@ fn prepare(
         agent_id: r.agent_id.map(|a| a.to_string()),
         user_hash: r.user_id.map(|u| settings.hash_user(u.as_str())),
         tokens,
-        cache: r.cache.unwrap_or(CacheInfo { hit: false, kind: None }),
+        cache: r.cache.unwrap_or(CacheInfo {
+            hit: false,
+            kind: None,
+        }),
         cost_usd: usd(own),
         duration_ms: r.duration_ms.get(),
     };
@@ -661,7 +690,8 @@ fn plan(
 ) -> (UsageWrite, Vec<usize>) {
     let mut claims = Vec::new();
     let mut claim_owner = Vec::new();
-    let mut days: BTreeMap<NaiveDate, (BTreeMap<String, i64>, Vec<(i64, String)>)> = BTreeMap::new();
+    let mut fields: BTreeMap<NaiveDate, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut recent: BTreeMap<NaiveDate, Vec<(i64, String)>> = BTreeMap::new();
     let (mut cost, mut tokens_in, mut tokens_out, mut hits) = (0i64, 0u64, 0u64, 0u64);
     let mut agents: HashSet<Option<&str>> = HashSet::new();
     for &i in live {
@@ -670,10 +700,9 @@ fn plan(
             claims.push(id.clone());
             claim_owner.push(i);
         }
-        let (fields, recent) = days.entry(p.day).or_default();
-        p.add_fields(fields);
+        p.add_fields(fields.entry(p.day).or_default());
         let json = serde_json::to_string(&p.view).expect("a record view always serializes");
-        recent.push((p.ts_ms, json));
+        recent.entry(p.day).or_default().push((p.ts_ms, json));
         cost += p.actual;
         tokens_in += p.tokens.input;
         tokens_out += p.tokens.output;
@@ -699,18 +728,15 @@ fn plan(
             "cache_hits": hits,
         }),
     );
-    let days = days
+    // Both maps have the same days, in the same order.
+    let days = fields
         .into_iter()
-        .map(|(day, (fields, mut recent))| {
-            // Only the newest records of a day are kept for `recent`.
-            recent.sort_by(|a, b| b.0.cmp(&a.0));
-            recent.truncate(RECENT_PER_DAY);
-            DayWrite {
-                day,
-                expire_at_ms: settings.day_expiry_ms(day),
-                fields: fields.into_iter().collect(),
-                recent,
-            }
+        .zip(recent.into_values())
+        .map(|((day, fields), recent)| DayWrite {
+            day,
+            expire_at_ms: settings.day_expiry_ms(day),
+            fields: fields.into_iter().collect(),
+            recent,
         })
         .collect();
     let write = UsageWrite {
@@ -738,7 +764,9 @@ impl Totals {
             for (name, value) in day {
                 let mut parts = name.splitn(3, ':');
                 match (parts.next(), parts.next(), parts.next()) {
-                    (Some(top), None, None) => *totals.top.entry(top.to_owned()).or_default() += value,
+                    (Some(top), None, None) => {
+                        *totals.top.entry(top.to_owned()).or_default() += value
+                    }
                     (Some(group), Some(key), Some(metric)) => {
                         *totals
                             .groups
@@ -770,7 +798,11 @@ fn metric(m: &HashMap<String, i64>, name: &str) -> i64 {
 }
 
 fn ratio(part: i64, whole: i64) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 async fn totals(state: &AppState, days: u64) -> ApiResult<Totals> {
@@ -1041,10 +1073,19 @@ mod tests {
 
     #[test]
     fn tiers_parse_in_any_case_and_step_up_and_down() {
-        assert_eq!(serde_json::from_str::<Tier>("\"PREMIUM\"").unwrap(), Tier::Premium);
-        assert_eq!(serde_json::from_str::<Tier>("\"Cheap\"").unwrap(), Tier::Cheap);
+        assert_eq!(
+            serde_json::from_str::<Tier>("\"PREMIUM\"").unwrap(),
+            Tier::Premium
+        );
+        assert_eq!(
+            serde_json::from_str::<Tier>("\"Cheap\"").unwrap(),
+            Tier::Cheap
+        );
         assert!(serde_json::from_str::<Tier>("\"gold\"").is_err());
-        assert_eq!(serde_json::to_string(&Tier::Capable).unwrap(), "\"capable\"");
+        assert_eq!(
+            serde_json::to_string(&Tier::Capable).unwrap(),
+            "\"capable\""
+        );
         assert_eq!(Tier::Premium.up(), Tier::Premium);
         assert_eq!(Tier::Cheap.down(), None);
     }

@@ -74,7 +74,12 @@ pub struct Rates {
 impl Rates {
     /// From dollars per million tokens; cache prices default to 10 % and
     /// 125 % of the input price.
-    fn per_million(input: f64, output: f64, cache_read: Option<f64>, cache_write: Option<f64>) -> Self {
+    fn per_million(
+        input: f64,
+        output: f64,
+        cache_read: Option<f64>,
+        cache_write: Option<f64>,
+    ) -> Self {
         // $ per million tokens × 1e9 n$/$ ÷ 1e6 tokens = × 1000 n$ per token.
         let per_token = |usd_per_million: f64| (usd_per_million * 1000.0).round() as i64;
         Self {
@@ -233,7 +238,12 @@ impl FileRates {
                 }
             }
         }
-        Ok(Rates::per_million(self.input, self.output, self.cache_read, self.cache_write))
+        Ok(Rates::per_million(
+            self.input,
+            self.output,
+            self.cache_read,
+            self.cache_write,
+        ))
     }
 }
 
@@ -246,8 +256,14 @@ impl PriceTable {
         };
         let models = BTreeMap::from([
             ("claude-haiku-4-5".to_owned(), model(Tier::Cheap, 1.0, 5.0)),
-            ("claude-sonnet-5".to_owned(), model(Tier::Capable, 3.0, 15.0)),
-            ("claude-opus-4-8".to_owned(), model(Tier::Premium, 5.0, 25.0)),
+            (
+                "claude-sonnet-5".to_owned(),
+                model(Tier::Capable, 3.0, 15.0),
+            ),
+            (
+                "claude-opus-4-8".to_owned(),
+                model(Tier::Premium, 5.0, 25.0),
+            ),
         ]);
         let baseline = models["claude-opus-4-8"].rates;
         Self {
@@ -268,15 +284,21 @@ impl PriceTable {
 
     /// Parses a price table file.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: PriceFile =
-            toml::from_str(text).map_err(|e| e.to_string().lines().next().unwrap_or("").to_owned())?;
+        let file: PriceFile = toml::from_str(text)
+            .map_err(|e| e.to_string().lines().next().unwrap_or("").to_owned())?;
         let mut models = BTreeMap::new();
         let mut first_premium = None;
         for m in &file.models {
             Id::new(m.model.as_str()).map_err(|e| format!("model {:?} {e}", m.model))?;
             let rates = m.rates()?;
             if models
-                .insert(m.model.clone(), ModelPrice { tier: m.tier, rates })
+                .insert(
+                    m.model.clone(),
+                    ModelPrice {
+                        tier: m.tier,
+                        rates,
+                    },
+                )
                 .is_some()
             {
                 return Err(format!("model {:?} is listed twice", m.model));
@@ -301,7 +323,10 @@ impl PriceTable {
         };
         let version = match file.version {
             Some(v) if !v.trim().is_empty() => v,
-            _ => format!("sha256-{}", &hex::encode(Sha256::digest(text.as_bytes()))[..12]),
+            _ => format!(
+                "sha256-{}",
+                &hex::encode(Sha256::digest(text.as_bytes()))[..12]
+            ),
         };
         let baseline = models[&baseline_model].rates;
         Ok(Self {
@@ -356,20 +381,41 @@ mod tests {
     use super::*;
 
     fn tokens(input: u64, output: u64, cache_read: u64, cache_creation: u64) -> TokenCounts {
-        TokenCounts { input, output, cache_read, cache_creation }
+        TokenCounts {
+            input,
+            output,
+            cache_read,
+            cache_creation,
+        }
     }
 
     #[test]
     fn builtin_prices_are_attunes_with_default_cache_ratios() {
         let table = PriceTable::builtin();
         let sonnet = table.rates("claude-sonnet-5");
-        assert_eq!(sonnet, Rates { input: 3000, output: 15000, cache_read: 300, cache_write: 3750 });
+        assert_eq!(
+            sonnet,
+            Rates {
+                input: 3000,
+                output: 15000,
+                cache_read: 300,
+                cache_write: 3750
+            }
+        );
         assert_eq!(table.rates("some-new-model"), sonnet);
         assert_eq!(table.baseline().output, 25_000);
         // 1M input + 1M output on haiku: $1 + $5.
-        assert_eq!(table.rates("claude-haiku-4-5").cost(&tokens(1_000_000, 1_000_000, 0, 0)), 6 * NANOS_PER_USD);
+        assert_eq!(
+            table
+                .rates("claude-haiku-4-5")
+                .cost(&tokens(1_000_000, 1_000_000, 0, 0)),
+            6 * NANOS_PER_USD
+        );
         // A cache read saves 90 % of the input price.
-        assert_eq!(table.rates("claude-opus-4-8").cache_read_savings(1_000_000), nanos(4.5));
+        assert_eq!(
+            table.rates("claude-opus-4-8").cache_read_savings(1_000_000),
+            nanos(4.5)
+        );
     }
 
     #[test]
@@ -400,7 +446,11 @@ mod tests {
     #[test]
     fn bad_files_are_refused_with_a_reason() {
         let cheap_only = "[[models]]\nmodel = \"a\"\ntier = \"cheap\"\ninput = 1\noutput = 1\n";
-        assert!(PriceTable::parse(cheap_only).unwrap_err().contains("premium"));
+        assert!(
+            PriceTable::parse(cheap_only)
+                .unwrap_err()
+                .contains("premium")
+        );
         let negative = "[[models]]\nmodel = \"a\"\ntier = \"premium\"\ninput = -1\noutput = 1\n";
         assert!(PriceTable::parse(negative).unwrap_err().contains("input"));
         let bad_name = "[[models]]\nmodel = \"a:b\"\ntier = \"premium\"\ninput = 1\noutput = 1\n";

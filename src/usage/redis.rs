@@ -89,7 +89,11 @@ impl RedisEngine {
     pub async fn usage_secret(&self) -> EngineResult<Vec<u8>> {
         let mut conn = self.conn();
         let secret: Option<String> = self
-            .run(redis::cmd("GET").arg(self.keys.user_hmac_secret()).query_async(&mut conn))
+            .run(
+                redis::cmd("GET")
+                    .arg(self.keys.user_hmac_secret())
+                    .query_async(&mut conn),
+            )
             .await?;
         secret.map(String::into_bytes).ok_or_else(|| {
             EngineError::Corrupt(
@@ -99,8 +103,12 @@ impl RedisEngine {
     }
 
     pub async fn apply_usage(&self, write: &UsageWrite) -> EngineResult<UsageOutcome> {
-        let mut keys: Vec<String> = write.claims.iter().map(|id| self.keys.usage_seen(id)).collect();
-        let mut argv = args![
+        let mut keys: Vec<String> = write
+            .claims
+            .iter()
+            .map(|id| self.keys.usage_seen(id))
+            .collect();
+        let mut argv: Vec<String> = args![
             write.claims.len(),
             write.days.len(),
             write.claim_ttl_ms,
@@ -108,7 +116,9 @@ impl RedisEngine {
             write.event.json,
             write.event.agent_id.as_deref().unwrap_or(""),
             TOTAL_LIMIT,
-        ];
+        ]
+        .into_iter()
+        .collect();
         for day in &write.days {
             keys.push(self.keys.usage_day(day.day));
             keys.push(self.keys.usage_recent(day.day));
@@ -134,7 +144,9 @@ impl RedisEngine {
                 .get((*day as usize).wrapping_sub(1))
                 .map(|d| UsageOutcome::Overflow(d.day))
                 .ok_or_else(|| EngineError::Corrupt("usage script named no day".into())),
-            _ => Err(EngineError::Corrupt(format!("unexpected usage script reply {reply:?}"))),
+            _ => Err(EngineError::Corrupt(format!(
+                "unexpected usage script reply {reply:?}"
+            ))),
         }
     }
 
@@ -150,7 +162,11 @@ impl RedisEngine {
         self.run(pipe.query_async(&mut conn)).await
     }
 
-    pub async fn usage_recent(&self, days: &[NaiveDate], limit: usize) -> EngineResult<Vec<String>> {
+    pub async fn usage_recent(
+        &self,
+        days: &[NaiveDate],
+        limit: usize,
+    ) -> EngineResult<Vec<String>> {
         let mut out = Vec::with_capacity(limit);
         let mut conn = self.conn();
         for chunk in days.chunks(RECENT_DAYS_PER_ROUND) {
