@@ -121,6 +121,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::agents::http::router())
         .merge(crate::events::http::router())
         .merge(crate::events::live::router())
+        .merge(crate::feedback::http::router())
         .merge(crate::usage::http::router())
         .merge(crate::ops::router())
 }

@@ -40,6 +40,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod feedback;
 pub mod migrate;
 pub mod ops;
 pub mod types;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::agents::memory::AgentTable;
 use crate::engine::EngineResult;
 use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
+use crate::feedback::memory::FeedbackTable;
 use crate::usage::memory::UsageTable;
 
 /// Everything the memory engine stores, one table per domain.
@@ -22,6 +23,7 @@ pub struct MemoryState {
     pub events: EventRing,
     pub agents: AgentTable,
     pub usage: UsageTable,
+    pub feedback: FeedbackTable,
     /// Applied migration versions, in order.
     pub migrations: Vec<String>,
 }
