@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -54,6 +56,8 @@ pub struct AppState {
     pub keys: Arc<KeyRing>,
     /// Validated settings.
     pub config: Arc<Config>,
+    /// Wall-clock time for domain logic (tests advance it).
+    pub clock: crate::clock::Clock,
     /// The price table, the `user_id` HMAC secret and the usage retention.
     pub usage: Arc<crate::usage::UsageSettings>,
     /// Cancelled when the server starts shutting down: long polls answer,
@@ -119,6 +123,7 @@ impl utoipa::Modify for SecurityAddon {
 fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::agents::http::router())
+        .merge(crate::signals::http::router())
         .merge(crate::events::http::router())
         .merge(crate::events::live::router())
         .merge(crate::feedback::http::router())
@@ -133,6 +138,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// Connects the engine, applies migrations and loads keys.
 pub async fn build(config: Config) -> Result<App, String> {
+    // Install the metrics recorder before anything records.
+    crate::ops::metrics_handle();
     let keys = match &config.keys_file {
         Some(path) => KeyRing::load(path)?,
         None => {
@@ -143,9 +150,7 @@ pub async fn build(config: Config) -> Result<App, String> {
                     config.listen
                 ));
             }
-            tracing::warn!(
-                "no --keys-file: every request is treated as an anonymous admin"
-            );
+            tracing::warn!("no --keys-file: every request is treated as an anonymous admin");
             KeyRing::anonymous()
         }
     };
@@ -170,6 +175,7 @@ pub async fn build(config: Config) -> Result<App, String> {
         hub,
         keys: Arc::new(keys),
         config: Arc::new(config),
+        clock: crate::clock::Clock::default(),
         usage: Arc::new(usage),
         shutdown,
     };
@@ -182,8 +188,13 @@ pub async fn build(config: Config) -> Result<App, String> {
 async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match RedisEngine::connect(url, &config.key_prefix, config.redis_timeout, config.stream_max_len)
-            .await
+        match RedisEngine::connect(
+            url,
+            &config.key_prefix,
+            config.redis_timeout,
+            config.stream_max_len,
+        )
+        .await
         {
             Ok(engine) => return Ok(engine),
             Err(err) if Instant::now() >= deadline => {
@@ -201,7 +212,9 @@ async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String
 fn redact(url: &str) -> String {
     match url.split_once('@') {
         Some((head, tail)) => match head.rsplit_once(':') {
-            Some((scheme_user, _)) if scheme_user.contains("//") => format!("{scheme_user}:***@{tail}"),
+            Some((scheme_user, _)) if scheme_user.contains("//") => {
+                format!("{scheme_user}:***@{tail}")
+            }
             _ => format!("***@{tail}"),
         },
         None => url.to_owned(),
@@ -399,11 +412,46 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{panic_response, redact};
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    use tower_http::catch_panic::CatchPanicLayer;
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_a_500_problem() {
+        let app = axum::Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    panic!("kaboom");
+                    #[allow(unreachable_code)]
+                    ""
+                }),
+            )
+            .layer(CatchPanicLayer::custom(panic_response));
+        let resp = app
+            .oneshot(Request::get("/boom").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 500);
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            !text.contains("kaboom"),
+            "panic detail stays server-side: {text}"
+        );
+    }
 
     #[test]
     fn redis_passwords_are_redacted() {
-        assert_eq!(redact("redis://:secret@host:6379"), "redis://:***@host:6379");
+        assert_eq!(
+            redact("redis://:secret@host:6379"),
+            "redis://:***@host:6379"
+        );
         assert_eq!(redact("redis://user:secret@host"), "redis://user:***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }

@@ -384,13 +384,20 @@ mod tests {
         assert!(KeyRing::parse("").unwrap_err().contains("no [[keys]]"));
         let bad_hash = "[[keys]]\nname='a'\nrole='admin'\nsha256='ABC'\n";
         assert!(KeyRing::parse(bad_hash).unwrap_err().contains("sha256"));
-        let bad_role = format!("[[keys]]\nname='a'\nrole='root'\nsha256='{}'\n", "0".repeat(64));
+        let bad_role = format!(
+            "[[keys]]\nname='a'\nrole='root'\nsha256='{}'\n",
+            "0".repeat(64)
+        );
         assert!(KeyRing::parse(&bad_role).is_err());
         let scoped_admin = format!(
             "[[keys]]\nname='a'\nrole='admin'\nsha256='{}'\nagents=['x']\n",
             "0".repeat(64)
         );
-        assert!(KeyRing::parse(&scoped_admin).unwrap_err().contains("agents"));
+        assert!(
+            KeyRing::parse(&scoped_admin)
+                .unwrap_err()
+                .contains("agents")
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::Role;
+use crate::cli::ClientCommand;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +31,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start-up; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server (the default).
@@ -41,6 +44,8 @@ pub enum Command {
     Keys(KeysCommand),
     /// Print the OpenAPI document.
     Openapi,
+    #[command(flatten)]
+    Client(ClientCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,10 +199,12 @@ pub struct Config {
 impl ServeArgs {
     /// Checks every setting; the error is a one-line reason.
     pub fn into_config(self) -> Result<Config, String> {
-        let listen: SocketAddr = self
-            .listen
-            .parse()
-            .map_err(|_| format!("--listen {:?} is not an address like 127.0.0.1:8080", self.listen))?;
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "--listen {:?} is not an address like 127.0.0.1:8080",
+                self.listen
+            )
+        })?;
         let redis_url = self.redis.url();
         if let Some(url) = &redis_url {
             redis::Client::open(url.as_str())
@@ -215,7 +222,10 @@ impl ServeArgs {
         positive("redis-timeout-ms", self.redis.redis_timeout_ms)?;
         positive("request-timeout-seconds", self.request_timeout_seconds)?;
         positive("agent-retention-seconds", self.agent_retention_seconds)?;
-        positive("approval-retention-seconds", self.approval_retention_seconds)?;
+        positive(
+            "approval-retention-seconds",
+            self.approval_retention_seconds,
+        )?;
         positive("usage-retention-days", self.usage_retention_days)?;
         positive("sweep-interval-ms", self.sweep_interval_ms)?;
         positive("stream-max-len", self.stream_max_len as u64)?;
@@ -229,7 +239,9 @@ impl ServeArgs {
         }
         for origin in &self.allowed_origins {
             if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
-                return Err(format!("--allowed-origins entry {origin:?} is not a valid origin"));
+                return Err(format!(
+                    "--allowed-origins entry {origin:?} is not a valid origin"
+                ));
             }
         }
         if let Some(path) = &self.keys_file {
@@ -251,7 +263,11 @@ impl ServeArgs {
             redis_timeout: Duration::from_millis(self.redis.redis_timeout_ms),
             keys_file: self.keys_file,
             insecure_allow_anonymous: self.insecure_allow_anonymous,
-            allowed_origins: self.allowed_origins.into_iter().filter(|o| !o.is_empty()).collect(),
+            allowed_origins: self
+                .allowed_origins
+                .into_iter()
+                .filter(|o| !o.is_empty())
+                .collect(),
             log_format: self.log_format,
             log: self.log,
             body_limit_bytes: self.body_limit_bytes,

@@ -201,7 +201,13 @@ mod tests {
         let q: Q = parse_query("limit=5&flag=true").unwrap();
         assert_eq!(q.limit.unwrap().get(), 5);
         assert_eq!(field_of(parse_query::<Q>("limit=0").unwrap_err()), "limit");
-        assert_eq!(field_of(parse_query::<Q>("limit=abc").unwrap_err()), "limit");
-        assert_eq!(field_of(parse_query::<Q>("flag=maybe").unwrap_err()), "flag");
+        assert_eq!(
+            field_of(parse_query::<Q>("limit=abc").unwrap_err()),
+            "limit"
+        );
+        assert_eq!(
+            field_of(parse_query::<Q>("flag=maybe").unwrap_err()),
+            "flag"
+        );
     }
 }

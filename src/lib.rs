@@ -28,13 +28,15 @@
 //! - [`events`] — the event log, history, WebSocket and SSE streams.
 //! - [`usage`] — LLM usage records, cost savings, cache statistics.
 //! - [`feedback`] — quality feedback, tier recommendations, templates.
-//! - [`app`], [`auth`], [`config`], [`error`], [`extract`], [`types`],
+//! - [`app`], [`auth`], [`clock`], [`config`], [`error`], [`extract`], [`types`],
 //!   [`engine`], [`migrate`], [`ops`] — the cross-cutting pieces.
 //! - [`cli`] — the client commands of the same binary.
 
 pub mod agents;
 pub mod app;
 pub mod auth;
+pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -43,5 +45,6 @@ pub mod extract;
 pub mod feedback;
 pub mod migrate;
 pub mod ops;
+pub mod signals;
 pub mod types;
 pub mod usage;

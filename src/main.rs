@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             eprint!("{entry}");
             Ok(())
         }
+        Some(Command::Client(command)) => runtime.block_on(attune_telemetry::cli::run(command)),
         Some(Command::Openapi) => {
             let doc = attune_telemetry::app::openapi();
             match doc.to_pretty_json() {
@@ -60,15 +61,19 @@ fn init_logging(format: LogFormat, filter: &str) {
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let config = args.into_config()?;
     init_logging(config.log_format, &config.log);
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listen = config.listen;
+    // Build first: a configuration the server would refuse (anonymous
+    // access off loopback, unreachable Redis) fails before the port opens.
+    let app = attune_telemetry::app::build(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(
-        address = %config.listen,
-        engine = if config.redis_url.is_some() { "redis" } else { "memory" },
+        address = %listen,
+        engine = app.state.engine.name(),
         "attune-telemetry listening"
     );
-    attune_telemetry::app::run(config, listener, shutdown_signal()).await
+    attune_telemetry::app::serve(app, listener, shutdown_signal()).await
 }
 
 async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), String> {

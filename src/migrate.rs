@@ -119,7 +119,11 @@ async fn apply_all(engine: &RedisEngine) -> EngineResult<Vec<&'static str>> {
         }
         let done: i64 = engine.run(invocation.invoke_async(&mut conn)).await?;
         if done == 1 {
-            tracing::info!(version = migration.version, name = migration.name, "applied migration");
+            tracing::info!(
+                version = migration.version,
+                name = migration.name,
+                "applied migration"
+            );
             applied.push(migration.version);
         }
     }

@@ -77,8 +77,8 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             .set_buckets_for_metric(
                 Matcher::Suffix("duration_seconds".into()),
                 &[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0, 60.0,
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0,
                 ],
             )
             .expect("bucket list is not empty")
@@ -101,7 +101,7 @@ async fn get_metrics(
     State(state): State<AppState>,
 ) -> Response {
     // Gauges read from storage at scrape time; a failure is counted, not fatal.
-    match crate::agents::state_counts(&state.engine).await {
+    match crate::agents::state_counts(&state).await {
         Ok(counts) => {
             for (agent_state, n) in counts {
                 metrics::gauge!("attune_agents", "state" => agent_state).set(n as f64);
@@ -126,7 +126,10 @@ const CACHE: HeaderValue = HeaderValue::from_static("public, max-age=3600");
 async fn docs_page() -> Response {
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         ],
         include_str!("../assets/docs/index.html"),
@@ -150,7 +153,10 @@ async fn docs_js() -> Response {
     (
         StatusCode::OK,
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/javascript")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/javascript"),
+            ),
             (header::CACHE_CONTROL, CACHE),
         ],
         include_str!("../assets/docs/swagger-ui-bundle.js"),

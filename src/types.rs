@@ -198,7 +198,9 @@ pub struct JsonObject(serde_json::Map<String, serde_json::Value>);
 
 impl JsonObject {
     pub fn new(map: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
-        let size = serde_json::to_vec(&map).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(&map)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size > MAX_OBJECT_BYTES {
             return Err(format!(
                 "must be at most {MAX_OBJECT_BYTES} bytes serialized (got {size})"
@@ -289,7 +291,10 @@ pub mod millis_time {
         use chrono::{DateTime, Utc};
         use serde::{Deserialize, Deserializer, Serializer};
 
-        pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        pub fn serialize<S: Serializer>(
+            t: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match t {
                 Some(t) => s.serialize_str(&super::super::rfc3339(*t)),
                 None => s.serialize_none(),
@@ -314,7 +319,12 @@ pub struct TypeFilter {
 impl TypeFilter {
     pub fn parse(field: &str, raw: Option<&str>) -> Result<Self, ApiError> {
         let mut filter = Self::default();
-        for entry in raw.unwrap_or("").split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        for entry in raw
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
             if let Some(prefix) = entry.strip_suffix(".*") {
                 EventType::new(prefix).map_err(|m| ApiError::invalid(field, m))?;
                 filter.prefixes.push(format!("{prefix}."));

@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -53,7 +52,9 @@ async fn post_heartbeat(
     ValidJson(req): ValidJson<HeartbeatRequest>,
 ) -> ApiResult<Json<AgentView>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
-    record_heartbeat(&state, &caller, agent_id, req).await.map(Json)
+    record_heartbeat(&state, &caller, agent_id, req)
+        .await
+        .map(Json)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -128,8 +129,15 @@ async fn get_stale_agents(
     ValidQuery(q): ValidQuery<StaleQuery>,
 ) -> ApiResult<Json<AgentList>> {
     let threshold = q.threshold_seconds.map_or(60, Bounded::get);
-    let cutoff = Utc::now().timestamp_millis() - (threshold * 1000) as i64;
-    page(&state, AgentSelection::StaleBefore(cutoff), None, q.cursor, q.limit).await
+    let cutoff = state.clock.now_ms() - (threshold * 1000) as i64;
+    page(
+        &state,
+        AgentSelection::StaleBefore(cutoff),
+        None,
+        q.cursor,
+        q.limit,
+    )
+    .await
 }
 
 async fn page(
@@ -143,9 +151,14 @@ async fn page(
         .map(|c| IndexCursor::decode("cursor", &c))
         .transpose()?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
-    let now_ms = Utc::now().timestamp_millis();
+    let now_ms = state.clock.now_ms();
     let (records, next) = match status {
-        None => state.engine.list_agents(selection, now_ms, cursor, limit).await?,
+        None => {
+            state
+                .engine
+                .list_agents(selection, now_ms, cursor, limit)
+                .await?
+        }
         Some(status) => {
             // A status filter is applied to index pages; keep reading pages
             // (a bounded number) until this one is full.
@@ -193,7 +206,7 @@ async fn get_agent(
         .get_agent(&agent_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no agent {agent_id:?}")))?;
-    Ok(Json(record.view(Utc::now().timestamp_millis())))
+    Ok(Json(record.view(state.clock.now_ms())))
 }
 
 /// Whether an agent is alive.
@@ -222,7 +235,7 @@ async fn get_agent_alive(
     Path(agent_id): Path<String>,
 ) -> ApiResult<Json<Alive>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
-    let now_ms = Utc::now().timestamp_millis();
+    let now_ms = state.clock.now_ms();
     let alive = state
         .engine
         .get_agent(&agent_id)
@@ -256,7 +269,7 @@ async fn delete_agent(
         "agent.deleted",
         &caller.name,
         Some(&agent_id),
-        Utc::now(),
+        state.clock.now(),
         serde_json::json!({}),
     );
     if state.engine.delete_agent(&agent_id, event).await? {
@@ -302,8 +315,12 @@ async fn get_agent_performance(
     ValidQuery(q): ValidQuery<PerformanceQuery>,
 ) -> ApiResult<Json<Performance>> {
     let hours = q.hours.map_or(168, Bounded::get);
-    let since = Utc::now().timestamp_millis() - (hours * 3_600_000) as i64;
+    let since = state.clock.now_ms() - (hours * 3_600_000) as i64;
     let runs = state.engine.runs_since(since).await?;
     let (agents, total) = run_stats(&runs);
-    Ok(Json(Performance { hours, agents, total }))
+    Ok(Json(Performance {
+        hours,
+        agents,
+        total,
+    }))
 }

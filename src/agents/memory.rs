@@ -39,8 +39,7 @@ impl AgentTable {
         if let Some(old) = self.agents.get(id) {
             let r = &old.record;
             self.by_beat.remove(&(r.last_beat_ms, id.clone()));
-            self.down_due
-                .remove(&(down_deadline(r), id.clone()));
+            self.down_due.remove(&(down_deadline(r), id.clone()));
         }
     }
 }
@@ -155,7 +154,9 @@ impl MemoryEngine {
             }
             agents.by_beat.insert((now_ms, beat.agent_id.clone()));
             if !terminal {
-                agents.down_due.insert((down_deadline(&record), beat.agent_id.clone()));
+                agents
+                    .down_due
+                    .insert((down_deadline(&record), beat.agent_id.clone()));
             }
             agents.agents.insert(
                 beat.agent_id.clone(),
@@ -174,7 +175,11 @@ impl MemoryEngine {
 
     pub async fn get_agent(&self, id: &Id) -> EngineResult<Option<AgentRecord>> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        Ok(self.lock().agents.live(id, now_ms).map(|e| e.record.clone()))
+        Ok(self
+            .lock()
+            .agents
+            .live(id, now_ms)
+            .map(|e| e.record.clone()))
     }
 
     pub async fn delete_agent(&self, id: &Id, event: EventBody) -> EngineResult<bool> {
@@ -244,14 +249,20 @@ impl MemoryEngine {
                 .take(limit)
                 .cloned()
                 .collect();
-            let ts = chrono::Utc::now();
+            let ts = crate::types::from_millis(now_ms);
             for item in &due {
                 s.agents.down_due.remove(item);
                 let id = &item.1;
-                let Some(entry) = s.agents.agents.get_mut(id) else { continue };
+                let Some(entry) = s.agents.agents.get_mut(id) else {
+                    continue;
+                };
                 entry.record.down = true;
                 let ttl = entry.record.ttl_seconds;
-                if let Some(run) = entry.run_key.as_ref().and_then(|k| s.agents.runs.get_mut(k)) {
+                if let Some(run) = entry
+                    .run_key
+                    .as_ref()
+                    .and_then(|k| s.agents.runs.get_mut(k))
+                {
                     run.lost = true;
                 }
                 let event = crate::agents::down_event(id, ttl, ts);
@@ -308,7 +319,12 @@ impl MemoryEngine {
             (AgentState::Down, 0),
             (AgentState::Finished, 0),
         ];
-        for entry in state.agents.agents.values().filter(|e| e.expires_ms > now_ms) {
+        for entry in state
+            .agents
+            .agents
+            .values()
+            .filter(|e| e.expires_ms > now_ms)
+        {
             let s = entry.record.state_at(now_ms);
             if let Some(c) = counts.iter_mut().find(|(k, _)| *k == s) {
                 c.1 += 1;

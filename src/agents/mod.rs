@@ -310,7 +310,10 @@ pub fn run_stats(runs: &[RunRecord]) -> (Vec<RunStats>, RunStats) {
     let mut per_agent: BTreeMap<&str, Acc> = BTreeMap::new();
     let mut total = Acc::default();
     for run in runs {
-        for acc in [per_agent.entry(run.agent_id.as_str()).or_default(), &mut total] {
+        for acc in [
+            per_agent.entry(run.agent_id.as_str()).or_default(),
+            &mut total,
+        ] {
             acc.stats.runs += 1;
             match run.outcome.as_deref() {
                 Some("completed") => acc.stats.completed += 1,
@@ -393,8 +396,11 @@ impl Engine {
 }
 
 /// Agents per state (`up`, `late`, `down`, `finished`) for `/metrics`.
-pub async fn state_counts(engine: &Engine) -> EngineResult<Vec<(&'static str, u64)>> {
-    let counts = engine.agent_state_counts(Utc::now().timestamp_millis()).await?;
+pub async fn state_counts(state: &AppState) -> EngineResult<Vec<(&'static str, u64)>> {
+    let counts = state
+        .engine
+        .agent_state_counts(state.clock.now_ms())
+        .await?;
     Ok(counts.iter().map(|(s, n)| (s.as_str(), *n)).collect())
 }
 
@@ -406,13 +412,10 @@ pub async fn record_heartbeat(
     req: HeartbeatRequest,
 ) -> ApiResult<AgentView> {
     caller.ensure_may_act_as(&agent_id, "agent_id")?;
-    let now = Utc::now();
+    let now = state.clock.now();
     let status = req.status.unwrap_or_default();
     let ttl_seconds = req.ttl_seconds.unwrap_or(DEFAULT_TTL).get();
-    let grace_seconds = state
-        .config
-        .down_grace
-        .map_or(ttl_seconds, |g| g.as_secs());
+    let grace_seconds = state.config.down_grace.map_or(ttl_seconds, |g| g.as_secs());
     let source = caller.name.as_str();
     let event = |kind: &str, data: serde_json::Value| {
         EventBody::new(kind, source, Some(&agent_id), now, data)
@@ -432,8 +435,14 @@ pub async fn record_heartbeat(
     });
     let events = BeatEvents {
         heartbeat,
-        started: event("agent.started", serde_json::json!({ "run_id": run_id, "status": status })),
-        finished: event("agent.finished", serde_json::json!({ "run_id": run_id, "status": status })),
+        started: event(
+            "agent.started",
+            serde_json::json!({ "run_id": run_id, "status": status }),
+        ),
+        finished: event(
+            "agent.finished",
+            serde_json::json!({ "run_id": run_id, "status": status }),
+        ),
         recovered: event("agent.recovered", serde_json::json!({ "status": status })),
     };
     let beat = Beat {
@@ -465,7 +474,7 @@ pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
                 _ = state.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let now_ms = Utc::now().timestamp_millis();
+            let now_ms = state.clock.now_ms();
             // Drain everything due, in batches.
             loop {
                 match state.engine.sweep_down_agents(now_ms, 500).await {
@@ -491,6 +500,17 @@ pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// The `agent.down` event, emitted by the sweeper.
+pub fn down_event(agent_id: &Id, ttl_seconds: u64, ts: DateTime<Utc>) -> EventBody {
+    EventBody::new(
+        "agent.down",
+        "system",
+        Some(agent_id),
+        ts,
+        serde_json::json!({ "ttl_seconds": ttl_seconds }),
+    )
 }
 
 #[cfg(test)]
@@ -522,12 +542,18 @@ mod tests {
         assert_eq!(r.state_at(60_001), AgentState::Down);
         assert!(r.view(30_000).alive);
         assert!(!r.view(30_001).alive);
-        assert_eq!(record(AgentStatus::Completed, 0).state_at(1_000_000), AgentState::Finished);
+        assert_eq!(
+            record(AgentStatus::Completed, 0).state_at(1_000_000),
+            AgentState::Finished
+        );
     }
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
-        let c = IndexCursor { score: 42, member: "agent-1".into() };
+        let c = IndexCursor {
+            score: 42,
+            member: "agent-1".into(),
+        };
         assert_eq!(IndexCursor::decode("cursor", &c.encode()).unwrap(), c);
         assert!(IndexCursor::decode("cursor", "!!").is_err());
         assert!(IndexCursor::decode("cursor", "eDp5").is_err());
@@ -559,15 +585,4 @@ mod tests {
         assert_eq!(rows[1].success_rate, None);
         assert_eq!(total.runs, 4);
     }
-}
-
-/// The `agent.down` event, emitted by the sweeper.
-pub fn down_event(agent_id: &Id, ttl_seconds: u64, ts: DateTime<Utc>) -> EventBody {
-    EventBody::new(
-        "agent.down",
-        "system",
-        Some(agent_id),
-        ts,
-        serde_json::json!({ "ttl_seconds": ttl_seconds }),
-    )
 }

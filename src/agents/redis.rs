@@ -9,14 +9,15 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use chrono::Utc;
 use redis::Script;
 
-use crate::agents::{AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord};
+use crate::agents::{
+    AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord,
+};
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
-use crate::types::{Id, rfc3339};
+use crate::types::{Id, from_millis, rfc3339};
 
 /// KEYS: 2 record, 3 by-beat, 4 active, 5 late-due, 6 down-due, 7 down,
 /// 8 finished, 9 runs, 10 runs-by-start.
@@ -181,7 +182,7 @@ impl RedisEngine {
 
     /// The same keys with a placeholder record (scripts over many agents).
     fn index_keys(&self) -> [String; 9] {
-        self.agent_keys(&Id::new("_").expect("valid id"))
+        self.agent_keys(&Id::new("unused").expect("valid id"))
     }
 
     pub async fn record_beat(&self, beat: Beat) -> EngineResult<AgentRecord> {
@@ -225,7 +226,11 @@ impl RedisEngine {
     pub async fn get_agent(&self, id: &Id) -> EngineResult<Option<AgentRecord>> {
         let mut conn = self.conn();
         let fields: Vec<String> = self
-            .run(redis::cmd("HGETALL").arg(self.keys.agent(id)).query_async(&mut conn))
+            .run(
+                redis::cmd("HGETALL")
+                    .arg(self.keys.agent(id))
+                    .query_async(&mut conn),
+            )
             .await?;
         if fields.is_empty() {
             return Ok(None);
@@ -253,7 +258,9 @@ impl RedisEngine {
             AgentSelection::All => (k.agents_by_beat(), false, i64::MIN, i64::MAX),
             AgentSelection::StaleBefore(cutoff) => (k.agents_active(), true, i64::MIN, cutoff - 1),
             AgentSelection::State(AgentState::Up) => (k.agents_late_due(), true, now_ms, i64::MAX),
-            AgentSelection::State(AgentState::Late) => (k.agents_late_due(), true, i64::MIN, now_ms - 1),
+            AgentSelection::State(AgentState::Late) => {
+                (k.agents_late_due(), true, i64::MIN, now_ms - 1)
+            }
             AgentSelection::State(AgentState::Down) => (k.agents_down(), true, i64::MIN, i64::MAX),
             AgentSelection::State(AgentState::Finished) => {
                 (k.agents_finished(), true, i64::MIN, i64::MAX)
@@ -265,13 +272,18 @@ impl RedisEngine {
         // they were read) are skipped; a few extra rounds fill the page.
         for _ in 0..4 {
             let want = limit - out.len() + 1;
-            let entries = self.index_range(&index, ascending, min, max, position.as_ref(), want).await?;
+            let entries = self
+                .index_range(&index, ascending, min, max, position.as_ref(), want)
+                .await?;
             let more = entries.len() == want;
             let take: Vec<(String, i64)> = entries.into_iter().take(limit - out.len()).collect();
             let ids: Vec<String> = take.iter().map(|(m, _)| m.clone()).collect();
             let records = self.get_agents(&ids).await?;
             for ((member, score), record) in take.iter().zip(records) {
-                position = Some(IndexCursor { score: *score, member: member.clone() });
+                position = Some(IndexCursor {
+                    score: *score,
+                    member: member.clone(),
+                });
                 if let Some(r) = record {
                     let keep = match selection {
                         AgentSelection::State(s) => r.state_at(now_ms) == s,
@@ -305,14 +317,22 @@ impl RedisEngine {
         count: usize,
     ) -> EngineResult<Vec<(String, i64)>> {
         let bound = |v: i64, inf: &str| {
-            if v == i64::MIN || v == i64::MAX { inf.to_owned() } else { v.to_string() }
+            if v == i64::MIN || v == i64::MAX {
+                inf.to_owned()
+            } else {
+                v.to_string()
+            }
         };
         let (mut lo, mut hi) = (bound(min, "-inf"), bound(max, "+inf"));
         // Resume at the cursor's score (inclusive) and drop the members
         // already returned with that same score.
         let mut skip_ties = None;
         if let Some(c) = cursor {
-            if ascending { lo = c.score.to_string() } else { hi = c.score.to_string() }
+            if ascending {
+                lo = c.score.to_string()
+            } else {
+                hi = c.score.to_string()
+            }
             skip_ties = Some(c);
         }
         let mut conn = self.conn();
@@ -339,7 +359,11 @@ impl RedisEngine {
                     // Within a score Redis orders members lexicographically
                     // (reversed for REV ranges).
                     let seen = score == c.score
-                        && if ascending { member.as_str() <= c.member.as_str() } else { member.as_str() >= c.member.as_str() };
+                        && if ascending {
+                            member.as_str() <= c.member.as_str()
+                        } else {
+                            member.as_str() >= c.member.as_str()
+                        };
                     if seen {
                         continue;
                     }
@@ -369,7 +393,13 @@ impl RedisEngine {
         let replies: Vec<Vec<String>> = self.run(pipe.query_async(&mut conn)).await?;
         replies
             .iter()
-            .map(|f| if f.is_empty() { Ok(None) } else { decode_record(f).map(Some) })
+            .map(|f| {
+                if f.is_empty() {
+                    Ok(None)
+                } else {
+                    decode_record(f).map(Some)
+                }
+            })
             .collect()
     }
 
@@ -378,7 +408,11 @@ impl RedisEngine {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let record_prefix = self.keys.sub("agent:");
         let claimed: i64 = self
-            .invoke(&SWEEP_DOWN, &keys, &args![now_ms, limit, record_prefix, rfc3339(Utc::now())])
+            .invoke(
+                &SWEEP_DOWN,
+                &keys,
+                &args![now_ms, limit, record_prefix, rfc3339(from_millis(now_ms))],
+            )
             .await?;
         Ok(claimed as usize)
     }
@@ -388,7 +422,9 @@ impl RedisEngine {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let agent_cutoff = now_ms - retention.as_millis() as i64;
         let run_cutoff = now_ms - crate::agents::RUN_RETENTION.as_millis() as i64;
-        let _: i64 = self.invoke(&PRUNE, &keys, &args![agent_cutoff, run_cutoff]).await?;
+        let _: i64 = self
+            .invoke(&PRUNE, &keys, &args![agent_cutoff, run_cutoff])
+            .await?;
         Ok(())
     }
 
@@ -406,10 +442,17 @@ impl RedisEngine {
         let mut runs = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(1000) {
             let raw: Vec<Option<String>> = self
-                .run(redis::cmd("HMGET").arg(self.keys.runs()).arg(chunk).query_async(&mut conn))
+                .run(
+                    redis::cmd("HMGET")
+                        .arg(self.keys.runs())
+                        .arg(chunk)
+                        .query_async(&mut conn),
+                )
                 .await?;
             for json in raw.into_iter().flatten() {
-                runs.push(serde_json::from_str(&json).map_err(|e| EngineError::Corrupt(e.to_string()))?);
+                runs.push(
+                    serde_json::from_str(&json).map_err(|e| EngineError::Corrupt(e.to_string()))?,
+                );
             }
         }
         Ok(runs)
@@ -418,8 +461,14 @@ impl RedisEngine {
     pub async fn agent_state_counts(&self, now_ms: i64) -> EngineResult<[(AgentState, u64); 4]> {
         let k = &self.keys;
         let mut pipe = redis::pipe();
-        pipe.cmd("ZCOUNT").arg(k.agents_late_due()).arg(now_ms).arg("+inf");
-        pipe.cmd("ZCOUNT").arg(k.agents_late_due()).arg("-inf").arg(format!("({now_ms}"));
+        pipe.cmd("ZCOUNT")
+            .arg(k.agents_late_due())
+            .arg(now_ms)
+            .arg("+inf");
+        pipe.cmd("ZCOUNT")
+            .arg(k.agents_late_due())
+            .arg("-inf")
+            .arg(format!("({now_ms}"));
         pipe.cmd("ZCARD").arg(k.agents_down());
         pipe.cmd("ZCARD").arg(k.agents_finished());
         let mut conn = self.conn();
@@ -450,7 +499,9 @@ fn decode_record(fields: &[String]) -> EngineResult<AgentRecord> {
         }
     };
     let int = |name: &str| -> EngineResult<i64> {
-        get.get(name).and_then(|v| v.parse().ok()).ok_or_else(|| corrupt(name))
+        get.get(name)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| corrupt(name))
     };
     Ok(AgentRecord {
         agent_id: get

@@ -118,6 +118,52 @@ impl Keys {
         self.key("runs:by-start")
     }
 
+    // ---- signals ----------------------------------------------------------
+
+    /// Prefix of the per-signal keys; the signal scripts complete it with a
+    /// server-made UUIDv7:
+    /// - `…signal:<id>` — hash of one signal: `type`, `source`, `target`
+    ///   (empty for a broadcast), `created` and `expires` (ms), and `json`
+    ///   (the signal as served). `PEXPIREAT` its expiry.
+    /// - `…signal:<id>:consumed` — set of the agent ids that consumed this
+    ///   broadcast. `PEXPIREAT` the broadcast's expiry, so the markers go
+    ///   exactly when the broadcast does.
+    pub fn signal_prefix(&self) -> String {
+        self.key("signal:")
+    }
+
+    /// Sorted set of the live signals targeted at one agent, scored by
+    /// creation (ms); expires with the last of them.
+    pub fn inbox(&self, agent: &Id) -> String {
+        self.key(&format!("inbox:{agent}"))
+    }
+
+    /// Prefix of [`Keys::inbox`] keys, completed with a target agent id by
+    /// the scripts that drop expired signals from every inbox.
+    pub fn inbox_prefix(&self) -> String {
+        self.key("inbox:")
+    }
+
+    /// Sorted set of the live broadcasts, scored by creation (ms); expires
+    /// with the last of them.
+    pub fn signals_broadcast(&self) -> String {
+        self.key("signals:broadcast")
+    }
+
+    /// Sorted set of every live signal, scored by creation (ms): the index
+    /// behind `GET /v1/signals`. Expires with the last of them.
+    pub fn signals_all(&self) -> String {
+        self.key("signals:all")
+    }
+
+    /// Sorted set of every live signal, scored by expiry (ms), whose members
+    /// say where the signal is indexed: `<id>` for a broadcast,
+    /// `<id>/<target>` for a targeted signal. Signal operations drop what is
+    /// due from every index. Expires with the last of them.
+    pub fn signals_expiry(&self) -> String {
+        self.key("signals:expiry")
+    }
+
     // ---- usage ------------------------------------------------------------
 
     /// Hash of one UTC day's usage aggregates (`calls`, `cost`,

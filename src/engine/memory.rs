@@ -15,6 +15,7 @@ use crate::agents::memory::AgentTable;
 use crate::engine::EngineResult;
 use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
 use crate::feedback::memory::FeedbackTable;
+use crate::signals::memory::SignalTable;
 use crate::usage::memory::UsageTable;
 
 /// Everything the memory engine stores, one table per domain.
@@ -22,6 +23,7 @@ use crate::usage::memory::UsageTable;
 pub struct MemoryState {
     pub events: EventRing,
     pub agents: AgentTable,
+    pub signals: SignalTable,
     pub usage: UsageTable,
     pub feedback: FeedbackTable,
     /// Applied migration versions, in order.
@@ -50,7 +52,9 @@ impl MemoryEngine {
     /// half-applied operation behind (each one validates before it writes),
     /// so a poisoned lock is safe to keep using.
     pub fn lock(&self) -> MutexGuard<'_, MemoryState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` on the locked state and then wakes blocked log readers if it

@@ -38,7 +38,7 @@ end
 
 /// Stringifies script arguments: `args![id, ttl, json]`.
 macro_rules! args {
-    ($($arg:expr),* $(,)?) => { vec![$($arg.to_string()),*] };
+    ($($arg:expr),* $(,)?) => { [$($arg.to_string()),*] };
 }
 pub(crate) use args;
 
@@ -104,7 +104,9 @@ impl RedisEngine {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(classify(err)),
-            Err(_) => Err(EngineError::Unavailable("Redis did not answer in time".into())),
+            Err(_) => Err(EngineError::Unavailable(
+                "Redis did not answer in time".into(),
+            )),
         }
     }
 
@@ -154,7 +156,8 @@ impl RedisEngine {
                 .set_response_timeout(Some(block + self.timeout));
             let conn = tokio::time::timeout(
                 self.timeout,
-                self.client.get_multiplexed_async_connection_with_config(&config),
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
             )
             .await
             .map_err(|_| EngineError::Unavailable("timed out connecting to Redis".into()))?

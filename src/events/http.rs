@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -20,7 +19,14 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Event types only the service itself may write.
-const RESERVED_PREFIXES: [&str; 6] = ["agent.", "signal.", "approval.", "usage.", "feedback.", "stream."];
+const RESERVED_PREFIXES: [&str; 6] = [
+    "agent.",
+    "signal.",
+    "approval.",
+    "usage.",
+    "feedback.",
+    "stream.",
+];
 /// Custom agent events that share the `agent.` namespace by design.
 const CUSTOM_AGENT_TYPES: [&str; 2] = ["agent.error", "agent.log"];
 
@@ -62,7 +68,8 @@ async fn post_event(
     ValidJson(req): ValidJson<NewEvent>,
 ) -> ApiResult<(StatusCode, Json<Appended>)> {
     let kind = req.kind.as_str();
-    if RESERVED_PREFIXES.iter().any(|p| kind.starts_with(p)) && !CUSTOM_AGENT_TYPES.contains(&kind) {
+    if RESERVED_PREFIXES.iter().any(|p| kind.starts_with(p)) && !CUSTOM_AGENT_TYPES.contains(&kind)
+    {
         return Err(ApiError::invalid(
             "type",
             format!("{kind:?} is written by the service itself; choose another type"),
@@ -71,7 +78,10 @@ async fn post_event(
     match &req.agent_id {
         Some(agent) => caller.ensure_may_act_as(agent, "agent_id")?,
         None if caller.is_agent() && !caller.may_act_as_any() => {
-            return Err(ApiError::invalid("agent_id", "required for keys limited to some agents"));
+            return Err(ApiError::invalid(
+                "agent_id",
+                "required for keys limited to some agents",
+            ));
         }
         None => {}
     }
@@ -79,7 +89,7 @@ async fn post_event(
         kind,
         &caller.name,
         req.agent_id.as_ref(),
-        Utc::now(),
+        state.clock.now(),
         serde_json::Value::Object(req.data.into_inner()),
     );
     let id = state.engine.publish(body).await?;
@@ -116,7 +126,10 @@ pub fn parse_position(
 ) -> ApiResult<(Option<StreamId>, EventFilter)> {
     let since = since
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<StreamId>().map_err(|m| ApiError::invalid("since", m)))
+        .map(|s| {
+            s.parse::<StreamId>()
+                .map_err(|m| ApiError::invalid("since", m))
+        })
         .transpose()?;
     let filter = EventFilter {
         types: TypeFilter::parse("types", types)?,
@@ -157,7 +170,10 @@ async fn list_events(
     let mut scanned = 0;
     let mut exhausted = false;
     while events.len() < limit && scanned < SCAN_BUDGET {
-        let batch = state.engine.read_events(position, 1000.min(SCAN_BUDGET - scanned)).await?;
+        let batch = state
+            .engine
+            .read_events(position, 1000.min(SCAN_BUDGET - scanned))
+            .await?;
         if batch.is_empty() {
             exhausted = true;
             break;

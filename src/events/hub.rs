@@ -298,20 +298,24 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let h = hub.clone();
         let c = calls.clone();
-        let result: Result<usize, ()> = wait_for(&hub, &["k".into()], Duration::from_secs(5), || {
-            let n = c.fetch_add(1, Ordering::SeqCst);
-            let h = h.clone();
-            async move {
-                if n == 0 {
-                    // Woken after registration, before waiting.
-                    h.waiters.wake("k");
+        let result: Result<usize, ()> =
+            wait_for(&hub, &["k".into()], Duration::from_secs(5), || {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                async move {
+                    if n == 0 {
+                        // Woken after registration, before waiting.
+                        h.waiters.wake("k");
+                    }
+                    Ok((n, n >= 1))
                 }
-                Ok((n, n >= 1))
-            }
-        })
-        .await;
+            })
+            .await;
         assert_eq!(result, Ok(1));
-        assert!(hub.waiters.is_empty(), "registrations are removed when waiters leave");
+        assert!(
+            hub.waiters.is_empty(),
+            "registrations are removed when waiters leave"
+        );
     }
 
     #[tokio::test]

@@ -18,8 +18,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{self, Sse};
 use axum::response::{IntoResponse, Response};
@@ -70,7 +71,9 @@ pub struct StreamQuery {
 #[derive(Debug, Clone)]
 pub enum Frame {
     /// `since` was trimmed away; replay continues from `oldest`.
-    Reset { oldest: Option<StreamId> },
+    Reset {
+        oldest: Option<StreamId>,
+    },
     Event(Arc<Event>),
 }
 
@@ -122,7 +125,9 @@ impl Subscription {
         if let Some(since) = since {
             let bounds = state.engine.log_bounds().await?;
             if bounds.trimmed_after(since) {
-                pending.push_back(Frame::Reset { oldest: bounds.oldest });
+                pending.push_back(Frame::Reset {
+                    oldest: bounds.oldest,
+                });
             }
         }
         Ok(Self {
@@ -217,10 +222,16 @@ async fn get_events_ws(
     State(state): State<AppState>,
     headers: HeaderMap,
     crate::extract::ValidQuery(q): crate::extract::ValidQuery<StreamQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     check_origin(&state, &headers)?;
-    let (since, filter) = parse_position(q.since.as_deref(), q.types.as_deref(), q.agent_id.as_deref())?;
+    let (since, filter) = parse_position(
+        q.since.as_deref(),
+        q.types.as_deref(),
+        q.agent_id.as_deref(),
+    )?;
+    // Checked after the query so that a bad `since` is a 422 either way.
+    let ws = ws.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let subscription = Subscription::start(&state, since, filter).await?;
     let guard = state.hub.client_guard();
     let shutdown = state.shutdown.clone();
@@ -321,7 +332,9 @@ async fn get_events_sse(
     let since = last_event_id.as_deref().or(q.since.as_deref());
     let (since, filter) = parse_position(since, q.types.as_deref(), q.agent_id.as_deref())
         .map_err(|e| match (&e, last_event_id.is_some()) {
-            (ApiError::Validation(_), true) => ApiError::invalid("Last-Event-ID", "is not an event id"),
+            (ApiError::Validation(_), true) => {
+                ApiError::invalid("Last-Event-ID", "is not an event id")
+            }
             _ => e,
         })?;
     let subscription = Subscription::start(&state, since, filter).await?;
@@ -337,36 +350,38 @@ fn sse_stream(
     shutdown: tokio_util::sync::CancellationToken,
     guard: crate::events::hub::ClientGuard,
 ) -> impl Stream<Item = Result<sse::Event, Infallible>> {
-    futures_util::stream::unfold(
-        Some((subscription, shutdown, guard)),
-        |state| async move {
-            let (mut sub, shutdown, guard) = state?;
-            let next = tokio::select! {
-                next = sub.next() => next,
-                _ = shutdown.cancelled() => Err(Ended::Shutdown),
-            };
-            match next {
-                Ok(frame) => {
-                    let mut event = sse::Event::default().data(frame.json().as_str());
-                    if let Frame::Event(e) = &frame {
-                        event = event.id(e.id.to_string());
-                    }
-                    Some((Ok(event), Some((sub, shutdown, guard))))
+    futures_util::stream::unfold(Some((subscription, shutdown, guard)), |state| async move {
+        let (mut sub, shutdown, guard) = state?;
+        let next = tokio::select! {
+            next = sub.next() => next,
+            _ = shutdown.cancelled() => Err(Ended::Shutdown),
+        };
+        match next {
+            Ok(frame) => {
+                let mut event = sse::Event::default().data(frame.json().as_str());
+                if let Frame::Event(e) = &frame {
+                    event = event.id(e.id.to_string());
                 }
-                Err(ended) => {
-                    let detail = match ended {
-                        Ended::Lagged { last } => serde_json::json!({
-                            "type": "stream.lagged",
-                            "resume_from": last.map(|id| id.to_string()),
-                        }),
-                        Ended::Shutdown => serde_json::json!({ "type": "stream.closed" }),
-                        Ended::Engine(_) => serde_json::json!({ "type": "stream.unavailable" }),
-                    };
-                    // A final event, then the stream ends (the client resumes
-                    // with Last-Event-ID).
-                    Some((Ok(sse::Event::default().event("error").data(detail.to_string())), None))
-                }
+                Some((Ok(event), Some((sub, shutdown, guard))))
             }
-        },
-    )
+            Err(ended) => {
+                let detail = match ended {
+                    Ended::Lagged { last } => serde_json::json!({
+                        "type": "stream.lagged",
+                        "resume_from": last.map(|id| id.to_string()),
+                    }),
+                    Ended::Shutdown => serde_json::json!({ "type": "stream.closed" }),
+                    Ended::Engine(_) => serde_json::json!({ "type": "stream.unavailable" }),
+                };
+                // A final event, then the stream ends (the client resumes
+                // with Last-Event-ID).
+                Some((
+                    Ok(sse::Event::default()
+                        .event("error")
+                        .data(detail.to_string())),
+                    None,
+                ))
+            }
+        }
+    })
 }

@@ -66,7 +66,13 @@ mod tests {
     use super::*;
 
     fn body(kind: &str) -> EventBody {
-        EventBody::new(kind, "test", None, chrono::Utc::now(), serde_json::json!({}))
+        EventBody::new(
+            kind,
+            "test",
+            None,
+            chrono::Utc::now(),
+            serde_json::json!({}),
+        )
     }
 
     #[test]

@@ -43,6 +43,18 @@ pub struct StreamId {
 impl StreamId {
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
 
+    /// The largest id strictly smaller than this one (`0-0` stays `0-0`).
+    pub fn prev(self) -> StreamId {
+        match (self.ms, self.seq) {
+            (0, 0) => self,
+            (ms, 0) => StreamId {
+                ms: ms - 1,
+                seq: u64::MAX,
+            },
+            (ms, seq) => StreamId { ms, seq: seq - 1 },
+        }
+    }
+
     /// The smallest id strictly greater than this one.
     pub fn next(self) -> StreamId {
         match self.seq.checked_add(1) {
@@ -68,7 +80,8 @@ impl FromStr for StreamId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("{s:?} is not an event id (expected <ms>-<seq>)");
         let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(ms) || !digits(seq) {
             return Err(bad());
         }
@@ -150,7 +163,13 @@ pub struct Event {
 
 impl Event {
     /// Splices the id into an envelope serialized without one.
-    pub fn assemble(id: StreamId, kind: String, agent_id: Option<String>, wake: Option<String>, body: &str) -> Self {
+    pub fn assemble(
+        id: StreamId,
+        kind: String,
+        agent_id: Option<String>,
+        wake: Option<String>,
+        body: &str,
+    ) -> Self {
         let rest = body.strip_prefix('{').unwrap_or(body);
         let json = format!("{{\"id\":\"{id}\",{rest}");
         Self {
@@ -254,7 +273,15 @@ mod tests {
         assert!(a < b);
         assert_eq!(a.to_string(), "1700000000000-5");
         assert_eq!(a.next().to_string(), "1700000000000-6");
-        for bad in ["", "abc", "1-", "-1", "1-2-3", "1 2", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "abc",
+            "1-",
+            "-1",
+            "1-2-3",
+            "1 2",
+            "99999999999999999999999",
+        ] {
             assert!(bad.parse::<StreamId>().is_err(), "{bad}");
         }
     }

@@ -33,7 +33,9 @@ fn decode(entry: Entry) -> EngineResult<Event> {
         }
     }
     if kind.is_empty() || body.is_empty() {
-        return Err(EngineError::Corrupt(format!("event {id} lacks its type or body")));
+        return Err(EngineError::Corrupt(format!(
+            "event {id} lacks its type or body"
+        )));
     }
     Ok(Event::assemble(id, kind, agent, wake, &body))
 }
@@ -106,16 +108,21 @@ impl RedisEngine {
                 _ => None,
             }
         };
-        let max_deleted = match info.get("max-deleted-entry-id") {
-            Some(Value::BulkString(id)) => std::str::from_utf8(id)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_default(),
-            Some(Value::SimpleString(id)) => id.parse().unwrap_or_default(),
+        let int = |name: &str| match info.get(name) {
+            Some(Value::Int(n)) => *n,
+            _ => 0,
+        };
+        let oldest = entry_id("first-entry");
+        // `max-deleted-entry-id` only tracks XDEL; MAXLEN trimming removes
+        // from the front without recording what it removed. When more
+        // entries were ever added than remain, everything before the oldest
+        // remaining entry may be gone: report the id just before it.
+        let max_deleted = match oldest {
+            Some(oldest) if int("entries-added") > int("length") => oldest.prev(),
             _ => StreamId::ZERO,
         };
         Ok(LogBounds {
-            oldest: entry_id("first-entry"),
+            oldest,
             newest: entry_id("last-entry"),
             max_deleted,
         })

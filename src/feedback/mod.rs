@@ -23,7 +23,7 @@ pub mod http;
 pub mod memory;
 mod redis;
 
-use chrono::{Duration as ChronoDuration, Utc};
+use chrono::Duration as ChronoDuration;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -426,7 +426,7 @@ pub async fn record_feedback(
     if let Some(agent) = &req.agent_id {
         caller.ensure_may_act_as(agent, "agent_id")?;
     }
-    let now = Utc::now();
+    let now = state.clock.now();
     let id = uuid::Uuid::now_v7().to_string();
     let score = req.quality_score.get();
     let event = EventBody::new(
@@ -466,8 +466,8 @@ pub async fn record_feedback(
     })
 }
 
-fn window_start() -> i64 {
-    (Utc::now() - WINDOW).timestamp_millis()
+fn window_start(state: &AppState) -> i64 {
+    (state.clock.now() - WINDOW).timestamp_millis()
 }
 
 /// Scores of several groups merged in time order.
@@ -495,7 +495,7 @@ pub async fn quality_stats(
         .collect();
     let samples = state
         .engine
-        .feedback_samples(&groups, window_start())
+        .feedback_samples(&groups, window_start(state))
         .await?;
     Ok(QualityStats::of(
         workflow,
@@ -531,7 +531,7 @@ pub async fn underperforming(
     min_samples: usize,
     limit: usize,
 ) -> ApiResult<Vec<QualityStats>> {
-    let since = window_start();
+    let since = window_start(state);
     let groups = state.engine.feedback_groups(workflow, since).await?;
     let samples = state.engine.feedback_samples(&groups, since).await?;
     let mut rows: Vec<QualityStats> = groups
@@ -562,7 +562,7 @@ pub async fn rate_template(
         "feedback.recorded",
         &caller.name,
         None,
-        Utc::now(),
+        state.clock.now(),
         serde_json::json!({ "kind": "template", "template_id": id, "rating": rating }),
     );
     let (good, bad) = state.engine.rate_template(id, rating, event).await?;

@@ -545,7 +545,7 @@ pub async fn record_usage(
             ),
         ));
     }
-    let now = Utc::now();
+    let now = state.clock.now();
     let mut prepared = Vec::with_capacity(records.len());
     for (i, record) in records.into_iter().enumerate() {
         let at = |name: &str| {
@@ -806,7 +806,7 @@ fn ratio(part: i64, whole: i64) -> f64 {
 }
 
 async fn totals(state: &AppState, days: u64) -> ApiResult<Totals> {
-    let window = state.usage.window(Utc::now(), days);
+    let window = state.usage.window(state.clock.now(), days);
     Ok(Totals::sum(state.engine.usage_days(&window).await?))
 }
 
@@ -1039,7 +1039,7 @@ pub struct RecentUsage {
 
 pub async fn recent(state: &AppState, limit: usize, days: Option<u64>) -> ApiResult<RecentUsage> {
     let days = days.unwrap_or(state.usage.retention_days + 1);
-    let window = state.usage.window(Utc::now(), days);
+    let window = state.usage.window(state.clock.now(), days);
     let raw = state.engine.usage_recent(&window, limit).await?;
     let mut records = Vec::with_capacity(raw.len());
     let mut totals = RecentTotals::default();

@@ -147,6 +147,8 @@ pub struct TestApp {
     pub prefix: String,
     /// The token sent with every request made through the helpers.
     pub token: Option<String>,
+    /// The app's state (its clock, engine and hub).
+    pub state: app::AppState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
@@ -226,6 +228,7 @@ impl TestApp {
         config.listen = addr;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let built = app::build(config).await.expect("app builds");
+        let state = built.state.clone();
         let task = tokio::spawn(app::serve(built, listener, async move {
             let _ = rx.await;
         }));
@@ -240,6 +243,7 @@ impl TestApp {
             redis,
             prefix,
             token: None,
+            state,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -413,7 +417,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,529 @@
+//! The command-line client: the same binary, talking to a server over HTTP.
+//!
+//! Every command prints a table for people or, with `--json`, the server's
+//! JSON for scripts. Any failure exits non-zero with the server's problem
+//! `detail` (or a plain sentence when the server cannot be reached).
+
+mod render;
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use render::short_time;
+
+/// Where the server is and how to present answers; shared by every client command.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the server.
+    #[arg(
+        long,
+        env = "ATTUNE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// API key (sent as a bearer token).
+    #[arg(long, env = "ATTUNE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Recent LLM calls, newest first, then totals.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// How many calls.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Only calls from the last N days.
+        #[arg(long)]
+        days: Option<u32>,
+    },
+    /// What routing and caching saved against an all-premium baseline.
+    Savings {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Prompt-cache hit rate, reads, writes and savings, overall and per workflow.
+    CacheStats {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
+    /// Runs per agent: completed, failed, cancelled, lost, success rate, duration.
+    AgentPerformance {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 168)]
+        hours: u32,
+    },
+    /// Agents and their liveness.
+    Agents {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only non-terminal agents silent for more than N seconds.
+        #[arg(long, value_name = "SECONDS")]
+        stale: Option<u64>,
+        /// Only agents in this state (up, late, down, finished).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// List and decide approval requests.
+    Approvals {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        action: Option<ApprovalAction>,
+    },
+    /// Send signals and read inboxes.
+    Signals {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        action: SignalAction,
+    },
+    /// Follow the live event stream.
+    Tail {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Comma-separated types; `prefix.*` matches a prefix.
+        #[arg(long)]
+        types: Option<String>,
+        /// Only events about this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Replay everything after this event id first.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalAction {
+    /// Requests, oldest first (default: pending).
+    List {
+        /// pending, approved, rejected, timeout or cancelled.
+        #[arg(long, default_value = "pending")]
+        status: String,
+        #[arg(long = "type")]
+        approval_type: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Approve a request.
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reject a request.
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SignalAction {
+    /// Send a signal (a broadcast without --to).
+    Send {
+        /// Signal type, e.g. `task_complete`, `abort`, `ready`.
+        #[arg(long = "type")]
+        signal_type: String,
+        /// The sending agent.
+        #[arg(long)]
+        from: String,
+        /// The receiving agent; omit to broadcast.
+        #[arg(long)]
+        to: Option<String>,
+        /// JSON object payload.
+        #[arg(long)]
+        payload: Option<String>,
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Read an agent's inbox.
+    Inbox {
+        agent: String,
+        /// Remove what is returned from the inbox.
+        #[arg(long)]
+        consume: bool,
+        /// Wait up to N seconds for a signal when the inbox is empty.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+        #[arg(long = "type")]
+        signal_type: Option<String>,
+    },
+}
+
+/// A thin HTTP client that turns failures into one-line reasons.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn new(args: &ClientArgs) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| format!("cannot create an HTTP client: {e}"))?;
+        Ok(Self {
+            http,
+            base: args.url.trim_end_matches('/').to_owned(),
+            token: args.token.clone(),
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let detail = body["detail"].as_str().unwrap_or("").to_owned();
+        let fields: Vec<String> = body["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e["field"].as_str().unwrap_or("?"),
+                    e["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        let mut message = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        if !detail.is_empty() {
+            message = format!("{message}: {detail}");
+        }
+        if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
+            message.push_str(" (set --token or ATTUNE_TOKEN)");
+        }
+        if !fields.is_empty() && detail.is_empty() {
+            message = format!("{message}: {}", fields.join("; "));
+        }
+        Err(message)
+    }
+
+    fn unreachable(&self, err: reqwest::Error) -> String {
+        if err.is_connect() || err.is_timeout() {
+            format!(
+                "cannot reach the server at {} — is it running? (set --url or ATTUNE_URL)",
+                self.base
+            )
+        } else {
+            format!("request to {} failed: {err}", self.base)
+        }
+    }
+
+    async fn json(&self, req: reqwest::RequestBuilder) -> Result<Value, String> {
+        self.send(req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| format!("the server sent something that is not JSON: {e}"))
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, String> {
+        self.json(self.request(Method::GET, path)).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+        self.json(self.request(Method::POST, path).json(body)).await
+    }
+}
+
+fn print_json(value: &Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Percent-encodes a query value.
+fn q(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// Runs one client command.
+pub async fn run(command: ClientCommand) -> Result<(), String> {
+    match command {
+        ClientCommand::Show {
+            client,
+            limit,
+            days,
+        } => {
+            let api = Api::new(&client)?;
+            let mut path = format!("/v1/usage/recent?limit={limit}");
+            if let Some(days) = days {
+                path.push_str(&format!("&days={days}"));
+            }
+            let body = api.get(&path).await?;
+            if client.json {
+                return print_json(&body);
+            }
+            render::recent(&body);
+            Ok(())
+        }
+        ClientCommand::Savings { client, days } => {
+            let api = Api::new(&client)?;
+            let body = api.get(&format!("/v1/usage/savings?days={days}")).await?;
+            if client.json {
+                return print_json(&body);
+            }
+            render::savings(&body, days);
+            Ok(())
+        }
+        ClientCommand::CacheStats { client, days } => {
+            let api = Api::new(&client)?;
+            let body = api
+                .get(&format!("/v1/usage/cache-stats?days={days}"))
+                .await?;
+            if client.json {
+                return print_json(&body);
+            }
+            render::cache_stats(&body, days);
+            Ok(())
+        }
+        ClientCommand::AgentPerformance { client, hours } => {
+            let api = Api::new(&client)?;
+            let body = api
+                .get(&format!("/v1/agents/performance?hours={hours}"))
+                .await?;
+            if client.json {
+                return print_json(&body);
+            }
+            render::performance(&body);
+            Ok(())
+        }
+        ClientCommand::Agents {
+            client,
+            stale,
+            state,
+            limit,
+        } => {
+            let api = Api::new(&client)?;
+            let path = match (stale, state) {
+                (Some(seconds), _) => {
+                    format!("/v1/agents/stale?threshold_seconds={seconds}&limit={limit}")
+                }
+                (None, Some(state)) => format!("/v1/agents?state={}&limit={limit}", q(&state)),
+                (None, None) => format!("/v1/agents?limit={limit}"),
+            };
+            let body = api.get(&path).await?;
+            if client.json {
+                return print_json(&body);
+            }
+            render::agents(&body);
+            Ok(())
+        }
+        ClientCommand::Approvals { client, action } => {
+            let api = Api::new(&client)?;
+            let action = action.unwrap_or(ApprovalAction::List {
+                status: "pending".into(),
+                approval_type: None,
+                agent: None,
+            });
+            match action {
+                ApprovalAction::List {
+                    status,
+                    approval_type,
+                    agent,
+                } => {
+                    let mut path = format!("/v1/approvals?status={}", q(&status));
+                    if let Some(t) = approval_type {
+                        path.push_str(&format!("&type={}", q(&t)));
+                    }
+                    if let Some(a) = agent {
+                        path.push_str(&format!("&agent_id={}", q(&a)));
+                    }
+                    let body = api.get(&path).await?;
+                    if client.json {
+                        return print_json(&body);
+                    }
+                    render::approvals(&body);
+                    Ok(())
+                }
+                ApprovalAction::Approve { id, reason } => {
+                    decide(&api, &client, &id, true, reason).await
+                }
+                ApprovalAction::Reject { id, reason } => {
+                    decide(&api, &client, &id, false, Some(reason)).await
+                }
+            }
+        }
+        ClientCommand::Signals { client, action } => {
+            let api = Api::new(&client)?;
+            match action {
+                SignalAction::Send {
+                    signal_type,
+                    from,
+                    to,
+                    payload,
+                    ttl,
+                } => {
+                    let payload: Value = match payload {
+                        Some(text) => serde_json::from_str(&text)
+                            .map_err(|e| format!("--payload is not JSON: {e}"))?,
+                        None => json!({}),
+                    };
+                    let mut body = json!({"signal_type": signal_type, "source_agent": from, "payload": payload});
+                    if let Some(to) = to {
+                        body["target_agent"] = json!(to);
+                    }
+                    if let Some(ttl) = ttl {
+                        body["ttl_seconds"] = json!(ttl);
+                    }
+                    let sent = api.post("/v1/signals", &body).await?;
+                    if client.json {
+                        return print_json(&sent);
+                    }
+                    println!(
+                        "sent {} {} (expires {})",
+                        sent["signal_type"].as_str().unwrap_or(""),
+                        sent["signal_id"].as_str().unwrap_or(""),
+                        short_time(&sent["expires_at"]),
+                    );
+                    Ok(())
+                }
+                SignalAction::Inbox {
+                    agent,
+                    consume,
+                    wait,
+                    signal_type,
+                } => {
+                    let mut path = format!(
+                        "/v1/agents/{}/signals?consume={consume}&wait_seconds={wait}",
+                        q(&agent)
+                    );
+                    if let Some(t) = signal_type {
+                        path.push_str(&format!("&type={}", q(&t)));
+                    }
+                    let body = api.get(&path).await?;
+                    if client.json {
+                        return print_json(&body);
+                    }
+                    render::signals(&body);
+                    Ok(())
+                }
+            }
+        }
+        ClientCommand::Tail {
+            client,
+            types,
+            agent,
+            since,
+        } => tail(&client, types, agent, since).await,
+    }
+}
+
+async fn decide(
+    api: &Api,
+    client: &ClientArgs,
+    id: &str,
+    approved: bool,
+    reason: Option<String>,
+) -> Result<(), String> {
+    let mut body = json!({ "approved": approved });
+    if let Some(reason) = reason {
+        body["reason"] = json!(reason);
+    }
+    let decided = api
+        .post(&format!("/v1/approvals/{}/decision", q(id)), &body)
+        .await?;
+    if client.json {
+        return print_json(&decided);
+    }
+    println!(
+        "{} {} as {}",
+        if approved { "approved" } else { "rejected" },
+        id,
+        decided["response"]["responder"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// Follows the SSE stream, printing one line per event until interrupted.
+async fn tail(
+    client: &ClientArgs,
+    types: Option<String>,
+    agent: Option<String>,
+    since: Option<String>,
+) -> Result<(), String> {
+    let api = Api::new(client)?;
+    let mut query = Vec::new();
+    if let Some(t) = types {
+        query.push(format!("types={}", q(&t)));
+    }
+    if let Some(a) = agent {
+        query.push(format!("agent_id={}", q(&a)));
+    }
+    if let Some(s) = since {
+        query.push(format!("since={}", q(&s)));
+    }
+    let path = format!("/v1/events/sse?{}", query.join("&"));
+    let resp = api.send(api.request(Method::GET, &path)).await?;
+    let mut stream = resp.bytes_stream();
+    let mut buffer = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("the event stream broke: {e}"))?;
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let is_error = block.lines().any(|l| l.trim() == "event: error");
+            let data: String = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+                .collect();
+            if data.is_empty() {
+                continue;
+            }
+            let event: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
+            if is_error {
+                return Err(format!("the server ended the stream: {event}"));
+            }
+            let line = if client.json {
+                serde_json::to_string(&event).unwrap_or_default()
+            } else {
+                render::event_line(&event)
+            };
+            // A closed pipe (`tail | head`) ends the command quietly.
+            let mut out = std::io::stdout().lock();
+            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}

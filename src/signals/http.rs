@@ -1,0 +1,256 @@
+//! HTTP handlers for coordination signals.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::agents::IndexCursor;
+use crate::app::AppState;
+use crate::auth::{AgentWrite, AnyRole, Caller, Viewer};
+use crate::error::{ApiResult, Problem};
+use crate::extract::{ValidJson, ValidQuery};
+use crate::signals::{
+    InboxQuery, Signal, SignalFilter, SignalRequest, WaitSeconds, clear_inbox, read_inbox,
+    send_signal,
+};
+use crate::types::{DEFAULT_LIMIT, Id, Limit};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(post_signal, list_signals))
+        .routes(routes!(post_broadcast))
+        .routes(routes!(get_inbox, delete_inbox))
+}
+
+/// Send a signal.
+///
+/// To `target_agent`, or to every agent when it is absent (a broadcast).
+/// The signal is deliverable until `expires_at`; the send appends
+/// `signal.sent` and wakes the target's waiting readers.
+#[utoipa::path(
+    post, path = "/v1/signals", tag = "signals", request_body = SignalRequest,
+    responses(
+        (status = 201, description = "The stored signal", body = Signal),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, description = "The key may not act as `source_agent`", body = Problem),
+        (status = 413, body = Problem), (status = 415, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn post_signal(
+    caller: Caller<AgentWrite>,
+    State(state): State<AppState>,
+    ValidJson(req): ValidJson<SignalRequest>,
+) -> ApiResult<(StatusCode, Json<Signal>)> {
+    let signal = send_signal(&state, &caller, req, false).await?;
+    Ok((StatusCode::CREATED, Json(signal)))
+}
+
+/// Broadcast a signal.
+///
+/// The same as `POST /v1/signals` without a `target_agent` (which must be
+/// absent here): every agent receives it once, including agents that start
+/// after it was sent, until it expires.
+#[utoipa::path(
+    post, path = "/v1/signals/broadcast", tag = "signals", request_body = SignalRequest,
+    responses(
+        (status = 201, description = "The stored broadcast", body = Signal),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 403, description = "The key may not act as `source_agent`", body = Problem),
+        (status = 413, body = Problem), (status = 415, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn post_broadcast(
+    caller: Caller<AgentWrite>,
+    State(state): State<AppState>,
+    ValidJson(req): ValidJson<SignalRequest>,
+) -> ApiResult<(StatusCode, Json<Signal>)> {
+    let signal = send_signal(&state, &caller, req, true).await?;
+    Ok((StatusCode::CREATED, Json(signal)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct InboxParams {
+    /// Only signals of this `signal_type`.
+    #[serde(rename = "type")]
+    #[param(rename = "type", value_type = Option<String>)]
+    signal_type: Option<Id>,
+    /// Only signals from this `source_agent`.
+    #[param(value_type = Option<String>)]
+    source: Option<Id>,
+    /// Remove what is returned from this inbox (default false). A broadcast
+    /// is removed for this agent only.
+    consume: Option<bool>,
+    /// When nothing matches, wait up to this many seconds (0–60, default 0)
+    /// for a matching signal.
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 60)]
+    wait_seconds: Option<WaitSeconds>,
+    /// At most this many signals, 1–1000 (default 100).
+    #[param(value_type = Option<u64>)]
+    limit: Option<Limit>,
+}
+
+/// An agent's signals.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Inbox {
+    /// Oldest first.
+    pub signals: Vec<Signal>,
+}
+
+/// Read an agent's inbox.
+///
+/// The live signals targeted at this agent plus the live broadcasts it has
+/// not consumed, oldest first — never another agent's signals. With
+/// `wait_seconds`, an empty answer is held until a matching signal arrives
+/// (answered at once) or the wait ends (an empty list). Agent keys may read
+/// only the inboxes of agents in their scope; any other inbox is a 404.
+#[utoipa::path(
+    get, path = "/v1/agents/{agent_id}/signals", tag = "signals",
+    params(("agent_id" = String, Path, description = "The agent's id"), InboxParams),
+    responses(
+        (status = 200, body = Inbox), (status = 401, body = Problem),
+        (status = 403, description = "Consuming needs an agent or admin key", body = Problem),
+        (status = 404, description = "Not an inbox this key may read", body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn get_inbox(
+    caller: Caller<AnyRole>,
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+    ValidQuery(q): ValidQuery<InboxParams>,
+) -> ApiResult<Json<Inbox>> {
+    let agent_id = Id::parse("agent_id", &agent_id)?;
+    let query = InboxQuery {
+        signal_type: q.signal_type,
+        source: q.source,
+        limit: q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize,
+        consume: q.consume.unwrap_or(false),
+    };
+    let wait = Duration::from_secs(q.wait_seconds.map_or(0, WaitSeconds::get));
+    let signals = read_inbox(&state, &caller, agent_id, query, wait).await?;
+    Ok(Json(Inbox { signals }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ClearParams {
+    /// Clear only signals of this `signal_type`.
+    #[serde(rename = "type")]
+    #[param(rename = "type", value_type = Option<String>)]
+    signal_type: Option<Id>,
+}
+
+/// How many signals a clear removed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Cleared {
+    pub agent_id: String,
+    /// Targeted signals deleted plus broadcasts marked consumed for this agent.
+    pub cleared: u64,
+}
+
+/// Clear an agent's inbox.
+///
+/// Deletes the signals targeted at the agent and marks the live broadcasts
+/// consumed for this agent only (other agents still receive them). Allowed
+/// to the agent itself (an agent key in scope) and to admins.
+#[utoipa::path(
+    delete, path = "/v1/agents/{agent_id}/signals", tag = "signals",
+    params(("agent_id" = String, Path, description = "The agent's id"), ClearParams),
+    responses(
+        (status = 200, body = Cleared), (status = 401, body = Problem),
+        (status = 403, body = Problem),
+        (status = 404, description = "Not an inbox this key may clear", body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+async fn delete_inbox(
+    caller: Caller<AgentWrite>,
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+    ValidQuery(q): ValidQuery<ClearParams>,
+) -> ApiResult<Json<Cleared>> {
+    let agent_id = Id::parse("agent_id", &agent_id)?;
+    let cleared = clear_inbox(&state, &caller, agent_id.clone(), q.signal_type).await?;
+    Ok(Json(Cleared {
+        agent_id: agent_id.to_string(),
+        cleared,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListParams {
+    /// Only signals of this `signal_type`.
+    #[serde(rename = "type")]
+    #[param(rename = "type", value_type = Option<String>)]
+    signal_type: Option<Id>,
+    /// Only signals from this `source_agent`.
+    #[param(value_type = Option<String>)]
+    source: Option<Id>,
+    /// Only signals targeted at this agent (broadcasts are left out).
+    #[param(value_type = Option<String>)]
+    target: Option<Id>,
+    /// Page size, 1–1000 (default 100).
+    #[param(value_type = Option<u64>)]
+    limit: Option<Limit>,
+    /// `next_cursor` of the previous page (empty: the first page).
+    cursor: Option<String>,
+}
+
+/// A page of live signals.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SignalList {
+    /// Oldest first.
+    pub signals: Vec<Signal>,
+    /// Pass as `cursor` for the next page; null when this is the last.
+    pub next_cursor: Option<String>,
+}
+
+/// List live signals (viewer).
+///
+/// Every signal that has not expired or been consumed, oldest first:
+/// targeted ones and broadcasts (a broadcast stays listed until it expires,
+/// whoever consumed it).
+#[utoipa::path(
+    get, path = "/v1/signals", tag = "signals", params(ListParams),
+    responses(
+        (status = 200, body = SignalList), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem),
+    )
+)]
+async fn list_signals(
+    _caller: Caller<Viewer>,
+    State(state): State<AppState>,
+    ValidQuery(q): ValidQuery<ListParams>,
+) -> ApiResult<Json<SignalList>> {
+    let cursor = q
+        .cursor
+        .filter(|c| !c.is_empty())
+        .map(|c| IndexCursor::decode("cursor", &c))
+        .transpose()?;
+    let filter = SignalFilter {
+        signal_type: q.signal_type,
+        source: q.source,
+        target: q.target,
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
+    let now_ms = Utc::now().timestamp_millis();
+    let (signals, next) = state
+        .engine
+        .list_signals(&filter, now_ms, cursor, limit)
+        .await?;
+    Ok(Json(SignalList {
+        signals,
+        next_cursor: next.map(|c| c.encode()),
+    }))
+}

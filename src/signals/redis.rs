@@ -1,0 +1,420 @@
+//! Signals on Redis: one hash per signal, sorted-set indexes, key expiry.
+//!
+//! Every stored piece expires by itself: a signal's hash and its broadcast
+//! consumption markers at the signal's expiry (`PEXPIREAT`), each index key
+//! with the last signal it holds. Expired members of indexes that are still
+//! alive are dropped lazily: every signal script first takes what is due
+//! from the expiry queue ([`Keys::signals_expiry`]) and removes it from
+//! every index, and reads skip anything past its expiry in any case. No
+//! sweeper is needed for correctness.
+//!
+//! Each operation is one Lua script. Reading with `consume=true` must be:
+//! read and remove in two commands would let two concurrent consumers both
+//! receive the same targeted signal, or one agent the same broadcast twice.
+//! Sending is one script so that the signal and its `signal.sent` event (the
+//! long-poll wake-up) are written together.
+//!
+//! The scripts reach the hashes of the signals they read and the inboxes of
+//! the expired signals they prune by key prefix rather than as declared
+//! keys; every key shares the deployment's hash tag, so they live in the
+//! slot of the declared keys.
+//!
+//! [`Keys::signals_expiry`]: crate::engine::keys::Keys::signals_expiry
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use crate::agents::IndexCursor;
+use crate::engine::redis::{RedisEngine, args, script};
+use crate::engine::{EngineError, EngineResult};
+use crate::events::EventBody;
+use crate::signals::{InboxQuery, Signal, SignalFilter, SignalRecord};
+use crate::types::Id;
+
+/// Shared by every signal script.
+///
+/// KEYS: 2 all signals, 3 expiry queue, 4 broadcasts, 5 the inbox the
+/// operation is about (the broadcast set when there is none).
+/// ARGV: 2 now ms, 3 signal key prefix, 4 inbox key prefix; a script's own
+/// arguments start at 5.
+const PRELUDE: &str = r#"
+local ALL, EXPIRY, BROADCAST, INBOX = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local NOW, SIG, INBOXES = tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local BATCH = 100
+
+-- Moves a key's expiry out to `at`; never brings it closer.
+local function extend(key, at)
+  local current = redis.call('PEXPIRETIME', key)
+  if current ~= -2 and current < at then redis.call('PEXPIREAT', key, at) end
+end
+
+-- Removes a signal from storage and every index ('' target: a broadcast).
+local function drop(id, target)
+  redis.call('ZREM', ALL, id)
+  if target == '' then
+    redis.call('ZREM', BROADCAST, id)
+    redis.call('ZREM', EXPIRY, id)
+  else
+    redis.call('ZREM', INBOXES .. target, id)
+    redis.call('ZREM', EXPIRY, id .. '/' .. target)
+  end
+  redis.call('DEL', SIG .. id, SIG .. id .. ':consumed')
+end
+
+-- Drops up to `budget` signals whose expiry has passed.
+local function prune(budget)
+  local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', NOW, 'LIMIT', 0, budget)
+  for _, member in ipairs(due) do
+    local slash = string.find(member, '/', 1, true)
+    if slash then
+      drop(string.sub(member, 1, slash - 1), string.sub(member, slash + 1))
+    else
+      drop(member, '')
+    end
+  end
+end
+
+-- Byte order of strings (Lua's `<` follows the server's locale).
+local function bytes_before(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- Index order: entries are { id, score, score as sent by Redis }.
+local function earlier(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return bytes_before(a[1], b[1])
+end
+
+-- Reads a sorted set in order, a batch at a time.
+local function reader(key)
+  return { key = key, buf = {}, i = 1, offset = 0, eof = false }
+end
+
+local function head(r)
+  if r.i > #r.buf and not r.eof then
+    local got = redis.call('ZRANGE', r.key, r.offset, r.offset + BATCH - 1, 'WITHSCORES')
+    r.buf, r.i = {}, 1
+    for j = 1, #got, 2 do r.buf[#r.buf + 1] = { got[j], tonumber(got[j + 1]), got[j + 1] } end
+    r.offset = r.offset + #r.buf
+    r.eof = #r.buf < BATCH
+  end
+  return r.buf[r.i]
+end
+"#;
+
+fn signal_script(body: &str) -> Script {
+    script(&format!("{PRELUDE}\n{body}"))
+}
+
+/// ARGV: 5 id, 6 target ('' for a broadcast), 7 type, 8 source, 9 created
+/// ms, 10 expires ms, 11 signal JSON, 12 event, 13 wake-up key.
+static SEND: LazyLock<Script> = LazyLock::new(|| {
+    signal_script(
+        r#"
+prune(BATCH)
+local id, target, created, expires = ARGV[5], ARGV[6], ARGV[9], tonumber(ARGV[10])
+local body = SIG .. id
+redis.call('HSET', body, 'type', ARGV[7], 'source', ARGV[8], 'target', target,
+  'created', created, 'expires', ARGV[10], 'json', ARGV[11])
+redis.call('PEXPIREAT', body, expires)
+local index, member = BROADCAST, id
+if target ~= '' then index, member = INBOX, id .. '/' .. target end
+redis.call('ZADD', ALL, created, id)
+redis.call('ZADD', index, created, id)
+redis.call('ZADD', EXPIRY, expires, member)
+for _, key in ipairs({ ALL, index, EXPIRY }) do extend(key, expires) end
+emit('signal.sent', ARGV[8], ARGV[13], ARGV[12])
+return 1
+"#,
+    )
+});
+
+/// Reads (and with `consume`, takes) an inbox: the targeted set and the
+/// broadcasts, merged oldest first. ARGV: 5 agent, 6 type or '', 7 source
+/// or '', 8 limit, 9 consume (0/1). Returns the signals' JSON.
+static READ: LazyLock<Script> = LazyLock::new(|| {
+    signal_script(
+        r#"
+prune(10 * BATCH)
+local agent, want_type, want_source = ARGV[5], ARGV[6], ARGV[7]
+local limit, consume = tonumber(ARGV[8]), ARGV[9] == '1'
+local targeted, broadcasts = reader(INBOX), reader(BROADCAST)
+local out, taken, dead = {}, {}, {}
+while #out < limit do
+  local t, b = head(targeted), head(broadcasts)
+  local entry, broadcast
+  if t and (not b or earlier(t, b)) then
+    entry, broadcast = t, false
+    targeted.i = targeted.i + 1
+  elseif b then
+    entry, broadcast = b, true
+    broadcasts.i = broadcasts.i + 1
+  else
+    break
+  end
+  local id = entry[1]
+  local f = redis.call('HMGET', SIG .. id, 'type', 'source', 'expires', 'json')
+  if not f[4] then
+    -- The hash expired (by Redis's clock) before the queue said so.
+    dead[#dead + 1] = { id, broadcast and '' or agent }
+  elseif tonumber(f[3]) > NOW
+    and (want_type == '' or f[1] == want_type)
+    and (want_source == '' or f[2] == want_source)
+    and not (broadcast and redis.call('SISMEMBER', SIG .. id .. ':consumed', agent) == 1) then
+    out[#out + 1] = f[4]
+    taken[#taken + 1] = { id, broadcast, f[3] }
+  end
+end
+for _, d in ipairs(dead) do drop(d[1], d[2]) end
+if consume then
+  for _, x in ipairs(taken) do
+    if x[2] then
+      local marks = SIG .. x[1] .. ':consumed'
+      redis.call('SADD', marks, agent)
+      redis.call('PEXPIREAT', marks, x[3])
+    else
+      drop(x[1], agent)
+    end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// One page of live signals from `INBOX` (a `target` filter) or `ALL`.
+/// ARGV: 5 type or '', 6 source or '', 7 target or '', 8 limit, 9 cursor
+/// score or '', 10 cursor member, 11 most entries to examine. Returns
+/// `{ signals' JSON, next score or '', next member or '' }`.
+static LIST: LazyLock<Script> = LazyLock::new(|| {
+    signal_script(
+        r#"
+prune(10 * BATCH)
+local want_type, want_source = ARGV[5], ARGV[6]
+local limit, budget = tonumber(ARGV[8]), tonumber(ARGV[11])
+local index = ALL
+if ARGV[7] ~= '' then index = INBOX end
+local after, min = nil, '-inf'
+if ARGV[9] ~= '' then after, min = { ARGV[10], tonumber(ARGV[9]) }, ARGV[9] end
+local out, last, examined, offset = {}, nil, 0, 0
+while true do
+  local got = redis.call('ZRANGEBYSCORE', index, min, '+inf', 'WITHSCORES', 'LIMIT', offset, BATCH)
+  offset = offset + #got / 2
+  for j = 1, #got, 2 do
+    local entry = { got[j], tonumber(got[j + 1]), got[j + 1] }
+    if not after or earlier(after, entry) then
+      local f = redis.call('HMGET', SIG .. entry[1], 'type', 'source', 'expires', 'json')
+      if f[4] and tonumber(f[3]) > NOW
+        and (want_type == '' or f[1] == want_type)
+        and (want_source == '' or f[2] == want_source) then
+        if #out == limit then return { out, last[3], last[1] } end
+        out[#out + 1] = f[4]
+        last = entry
+      end
+      examined = examined + 1
+      if examined >= budget then
+        -- A long run of non-matching entries: a short page that resumes here.
+        return { out, entry[3], entry[1] }
+      end
+    end
+  end
+  if #got < 2 * BATCH then return { out, '', '' } end
+end
+"#,
+    )
+});
+
+/// Clears an inbox: deletes its targeted signals and marks its broadcasts
+/// consumed for this agent. ARGV: 5 agent, 6 type or '', 7 event. Returns
+/// how many signals left the inbox.
+static CLEAR: LazyLock<Script> = LazyLock::new(|| {
+    signal_script(
+        r#"
+prune(10 * BATCH)
+local agent, want_type = ARGV[5], ARGV[6]
+local cleared, drops = 0, {}
+for _, id in ipairs(redis.call('ZRANGE', INBOX, 0, -1)) do
+  local f = redis.call('HMGET', SIG .. id, 'type', 'expires')
+  if not f[2] then
+    drops[#drops + 1] = id
+  elseif tonumber(f[2]) > NOW and (want_type == '' or f[1] == want_type) then
+    drops[#drops + 1] = id
+    cleared = cleared + 1
+  end
+end
+for _, id in ipairs(drops) do drop(id, agent) end
+for _, id in ipairs(redis.call('ZRANGE', BROADCAST, 0, -1)) do
+  local f = redis.call('HMGET', SIG .. id, 'type', 'expires')
+  if f[2] and tonumber(f[2]) > NOW and (want_type == '' or f[1] == want_type) then
+    local marks = SIG .. id .. ':consumed'
+    if redis.call('SADD', marks, agent) == 1 then
+      redis.call('PEXPIREAT', marks, f[2])
+      cleared = cleared + 1
+    end
+  end
+end
+if cleared > 0 then emit('signal.cleared', agent, '', ARGV[7]) end
+return cleared
+"#,
+    )
+});
+
+/// Most index entries one `GET /v1/signals` page examines.
+const LIST_SCAN_BUDGET: usize = 10_000;
+
+impl RedisEngine {
+    /// KEYS 2–5 of every signal script; `inbox` is the agent the operation
+    /// is about, if any.
+    fn signal_keys(&self, inbox: Option<&Id>) -> [String; 4] {
+        let k = &self.keys;
+        [
+            k.signals_all(),
+            k.signals_expiry(),
+            k.signals_broadcast(),
+            inbox.map_or_else(|| k.signals_broadcast(), |agent| k.inbox(agent)),
+        ]
+    }
+
+    /// ARGV 2–4 of every signal script, followed by `rest`.
+    fn signal_args(&self, now_ms: i64, rest: &[String]) -> Vec<String> {
+        let mut all = args![now_ms, self.keys.signal_prefix(), self.keys.inbox_prefix()].to_vec();
+        all.extend_from_slice(rest);
+        all
+    }
+
+    async fn invoke_signals<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        inbox: Option<&Id>,
+        now_ms: i64,
+        rest: &[String],
+    ) -> EngineResult<T> {
+        let keys = self.signal_keys(inbox);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.invoke(script, &keys, &self.signal_args(now_ms, rest))
+            .await
+    }
+
+    pub async fn send_signal(&self, record: SignalRecord, event: EventBody) -> EngineResult<()> {
+        let json = serde_json::to_string(&record.view()).expect("a signal always serializes");
+        let wake = event.wake.clone().unwrap_or_default();
+        let target = record.target_agent.as_ref();
+        let _: i64 = self
+            .invoke_signals(
+                &SEND,
+                target,
+                record.created_ms,
+                &args![
+                    record.signal_id,
+                    target.map(Id::to_string).unwrap_or_default(),
+                    record.signal_type,
+                    record.source_agent,
+                    record.created_ms,
+                    record.expires_ms,
+                    json,
+                    event.json,
+                    wake,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn read_inbox(
+        &self,
+        agent: &Id,
+        query: &InboxQuery,
+        now_ms: i64,
+    ) -> EngineResult<Vec<Signal>> {
+        let raw: Vec<String> = self
+            .invoke_signals(
+                &READ,
+                Some(agent),
+                now_ms,
+                &args![
+                    agent,
+                    optional(query.signal_type.as_ref()),
+                    optional(query.source.as_ref()),
+                    query.limit,
+                    u8::from(query.consume),
+                ],
+            )
+            .await?;
+        raw.iter().map(|json| decode(json)).collect()
+    }
+
+    pub async fn list_signals(
+        &self,
+        filter: &SignalFilter,
+        now_ms: i64,
+        cursor: Option<IndexCursor>,
+        limit: usize,
+    ) -> EngineResult<(Vec<Signal>, Option<IndexCursor>)> {
+        let (score, member) = match &cursor {
+            Some(c) => (c.score.to_string(), c.member.clone()),
+            None => (String::new(), String::new()),
+        };
+        let (raw, next_score, next_member): (Vec<String>, String, String) = self
+            .invoke_signals(
+                &LIST,
+                filter.target.as_ref(),
+                now_ms,
+                &args![
+                    optional(filter.signal_type.as_ref()),
+                    optional(filter.source.as_ref()),
+                    optional(filter.target.as_ref()),
+                    limit,
+                    score,
+                    member,
+                    LIST_SCAN_BUDGET,
+                ],
+            )
+            .await?;
+        let signals = raw
+            .iter()
+            .map(|json| decode(json))
+            .collect::<EngineResult<_>>()?;
+        let next = if next_member.is_empty() {
+            None
+        } else {
+            Some(IndexCursor {
+                score: next_score.parse().map_err(|_| {
+                    EngineError::Corrupt(format!("signal index score {next_score:?}"))
+                })?,
+                member: next_member,
+            })
+        };
+        Ok((signals, next))
+    }
+
+    pub async fn clear_inbox(
+        &self,
+        agent: &Id,
+        signal_type: Option<&Id>,
+        now_ms: i64,
+        event: EventBody,
+    ) -> EngineResult<u64> {
+        let cleared: u64 = self
+            .invoke_signals(
+                &CLEAR,
+                Some(agent),
+                now_ms,
+                &args![agent, optional(signal_type), event.json],
+            )
+            .await?;
+        Ok(cleared)
+    }
+}
+
+fn optional(id: Option<&Id>) -> String {
+    id.map(Id::to_string).unwrap_or_default()
+}
+
+fn decode(json: &str) -> EngineResult<Signal> {
+    serde_json::from_str(json).map_err(|e| EngineError::Corrupt(format!("signal: {e}")))
+}

@@ -1,0 +1,373 @@
+//! Heartbeats and liveness, on both engines.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Kind, Options, TestApp, TestKeys, eventually, problem_field};
+use serde_json::{Value, json};
+
+async fn beat(app: &TestApp, id: &str, body: Value) -> Value {
+    let (status, view) = app.post(&format!("/v1/agents/{id}/heartbeats"), body).await;
+    assert_eq!(status, 200, "{view}");
+    view
+}
+
+async fn stale_ids(app: &TestApp, threshold: u64) -> Vec<String> {
+    let (status, body) = app
+        .get(&format!("/v1/agents/stale?threshold_seconds={threshold}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    ids(&body)
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn a_first_beat_creates_the_agent_with_defaults(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let view = beat(&app, "agent-1", json!({})).await;
+    assert_eq!(view["agent_id"], "agent-1");
+    assert_eq!(view["status"], "running");
+    assert_eq!(view["ttl_seconds"], 30);
+    assert_eq!(view["alive"], true);
+    assert_eq!(view["state"], "up");
+    let (status, got) = app.get("/v1/agents/agent-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(got["agent_id"], "agent-1");
+    let (status, _) = app.get("/v1/agents/nobody").await;
+    assert_eq!(status, 404);
+}
+
+async fn stale_finds_an_agent_whose_ttl_is_shorter_than_the_threshold(kind: Kind) {
+    // The original could never do this: its record expired after the 30 s
+    // ttl, before a 60 s threshold was reached.
+    let app = TestApp::spawn(kind).await;
+    beat(&app, "slow", json!({"ttl_seconds": 30})).await;
+    beat(
+        &app,
+        "done",
+        json!({"ttl_seconds": 30, "status": "completed"}),
+    )
+    .await;
+    app.state.clock.advance(Duration::from_secs(61));
+    beat(&app, "fresh", json!({"ttl_seconds": 30})).await;
+    assert_eq!(stale_ids(&app, 60).await, vec!["slow".to_owned()]);
+    let (_, view) = app.get("/v1/agents/slow").await;
+    assert_eq!(view["alive"], false);
+    assert_eq!(view["state"], "down");
+    assert!(view["seconds_since_beat"].as_f64().unwrap() >= 61.0);
+}
+
+async fn stale_never_lists_a_completed_agent(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for status in ["completed", "failed", "cancelled"] {
+        beat(&app, &format!("agent-{status}"), json!({"status": status})).await;
+    }
+    app.state.clock.advance(Duration::from_secs(3600));
+    assert!(stale_ids(&app, 60).await.is_empty());
+    let (_, finished) = app.get("/v1/agents?state=finished").await;
+    assert_eq!(ids(&finished).len(), 3);
+}
+
+async fn stale_lists_oldest_first_and_pages(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for i in 0..5 {
+        beat(&app, &format!("a{i}"), json!({})).await;
+        app.state.clock.advance(Duration::from_secs(1));
+    }
+    app.state.clock.advance(Duration::from_secs(120));
+    let (_, first) = app
+        .get("/v1/agents/stale?threshold_seconds=60&limit=2")
+        .await;
+    assert_eq!(ids(&first), vec!["a0", "a1"]);
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("more pages")
+        .to_owned();
+    let (_, second) = app
+        .get(&format!(
+            "/v1/agents/stale?threshold_seconds=60&limit=2&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(ids(&second), vec!["a2", "a3"]);
+    let cursor = second["next_cursor"]
+        .as_str()
+        .expect("more pages")
+        .to_owned();
+    let (_, third) = app
+        .get(&format!(
+            "/v1/agents/stale?threshold_seconds=60&limit=2&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(ids(&third), vec!["a4"]);
+    assert_eq!(third["next_cursor"], Value::Null);
+}
+
+async fn metadata_and_display_name_persist_across_beats_without_them(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(
+        &app,
+        "agent-1",
+        json!({"metadata": {"model": "opus", "n": [1, 2]}, "display_name": "Summarizer"}),
+    )
+    .await;
+    for i in 0..10 {
+        beat(&app, "agent-1", json!({"progress": i as f64 / 10.0})).await;
+    }
+    let (_, view) = app.get("/v1/agents/agent-1").await;
+    assert_eq!(view["metadata"], json!({"model": "opus", "n": [1, 2]}));
+    assert_eq!(view["display_name"], "Summarizer");
+    assert_eq!(view["progress"], 0.9);
+    let view = beat(&app, "agent-1", json!({"metadata": {"model": "haiku"}})).await;
+    assert_eq!(view["metadata"], json!({"model": "haiku"}));
+}
+
+async fn state_goes_up_late_down_and_alive_flips_after_the_ttl(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(&app, "short", json!({"ttl_seconds": 1})).await;
+    let (_, view) = app.get("/v1/agents/short").await;
+    assert_eq!(
+        (view["alive"].clone(), view["state"].clone()),
+        (json!(true), json!("up"))
+    );
+    let late = eventually(Duration::from_secs(3), || async {
+        let (_, v) = app.get("/v1/agents/short").await;
+        (v["state"] == "late").then_some(v)
+    })
+    .await;
+    assert_eq!(late["alive"], false);
+    let (_, alive) = app.get("/v1/agents/short/alive").await;
+    assert_eq!(alive, json!({"agent_id": "short", "alive": false}));
+    eventually(Duration::from_secs(3), || async {
+        let (_, v) = app.get("/v1/agents/short").await;
+        (v["state"] == "down").then_some(())
+    })
+    .await;
+    // The down index is written by the sweeper, within one sweep interval.
+    eventually(Duration::from_secs(1), || async {
+        let (_, down) = app.get("/v1/agents?state=down").await;
+        (ids(&down) == vec!["short"]).then_some(())
+    })
+    .await;
+}
+
+async fn agent_down_is_emitted_once_within_a_second_and_recovery_after(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    // Two sweepers on the same Redis: the replica runs its own.
+    let replica = match kind {
+        Kind::Redis => Some(app.replica().await),
+        Kind::Memory => None,
+    };
+    beat(&app, "flaky", json!({"ttl_seconds": 1})).await;
+    // ttl 1 s + grace 1 s: down at 2 s, event within a second of that.
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(4), || async {
+        (!app.events_of("agent.down").await.is_empty()).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "down too early: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(3000),
+        "down too late: {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let downs = app.events_of("agent.down").await;
+    assert_eq!(downs.len(), 1, "{downs:?}");
+    assert_eq!(downs[0]["agent_id"], "flaky");
+    assert_eq!(downs[0]["source"], "system");
+    beat(&app, "flaky", json!({"ttl_seconds": 30})).await;
+    assert_eq!(app.events_of("agent.recovered").await.len(), 1);
+    let (_, view) = app.get("/v1/agents/flaky").await;
+    assert_eq!(view["state"], "up");
+    drop(replica);
+}
+
+async fn runs_open_close_and_count_in_performance(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(
+        &app,
+        "worker",
+        json!({"status": "starting", "run_id": "r1"}),
+    )
+    .await;
+    app.state.clock.advance(Duration::from_secs(10));
+    beat(&app, "worker", json!({"status": "completed"})).await;
+    beat(
+        &app,
+        "worker",
+        json!({"status": "starting", "run_id": "r2"}),
+    )
+    .await;
+    app.state.clock.advance(Duration::from_secs(20));
+    beat(&app, "worker", json!({"status": "failed"})).await;
+    beat(&app, "other", json!({"status": "running"})).await;
+    assert_eq!(app.events_of("agent.started").await.len(), 3);
+    assert_eq!(app.events_of("agent.finished").await.len(), 2);
+    let (status, perf) = app.get("/v1/agents/performance?hours=24").await;
+    assert_eq!(status, 200, "{perf}");
+    let worker = perf["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agent_id"] == "worker")
+        .unwrap()
+        .clone();
+    assert_eq!(worker["runs"], 2);
+    assert_eq!(worker["completed"], 1);
+    assert_eq!(worker["failed"], 1);
+    assert_eq!(worker["success_rate"], 0.5);
+    // 10 s and 20 s of clock advance, plus the few ms the requests took.
+    let avg = worker["avg_duration_seconds"].as_f64().unwrap();
+    assert!((15.0..15.5).contains(&avg), "{avg}");
+    assert_eq!(perf["total"]["runs"], 3);
+    assert_eq!(perf["total"]["running"], 1);
+}
+
+async fn a_run_that_goes_down_counts_as_lost(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(
+        &app,
+        "lost-one",
+        json!({"status": "starting", "ttl_seconds": 1}),
+    )
+    .await;
+    eventually(Duration::from_secs(4), || async {
+        (!app.events_of("agent.down").await.is_empty()).then_some(())
+    })
+    .await;
+    let (_, perf) = app.get("/v1/agents/performance").await;
+    assert_eq!(perf["total"]["lost"], 1, "{perf}");
+    assert_eq!(perf["total"]["success_rate"], 0.0);
+}
+
+async fn every_beat_emits_a_heartbeat_event(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for _ in 0..3 {
+        beat(&app, "chatty", json!({"current_task": "summarize"})).await;
+    }
+    let beats = app.events_of("agent.heartbeat").await;
+    assert_eq!(beats.len(), 3);
+    assert_eq!(beats[0]["data"]["current_task"], "summarize");
+    let quiet =
+        TestApp::spawn_with(Options::new(kind).configure(|c| c.heartbeat_events = false)).await;
+    beat(&quiet, "chatty", json!({})).await;
+    assert!(quiet.events_of("agent.heartbeat").await.is_empty());
+    assert_eq!(quiet.events_of("agent.started").await.len(), 1);
+}
+
+async fn bad_heartbeats_are_422s_naming_the_field(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let cases = [
+        ("agent-1", json!({"progress": 1.5}), "progress"),
+        ("agent-1", json!({"status": "sleeping"}), "status"),
+        ("agent-1", json!({"ttl_seconds": 0}), "ttl_seconds"),
+        ("agent-1", json!({"ttl_seconds": 3601}), "ttl_seconds"),
+        ("agent-1", json!({"metadata": [1, 2]}), "metadata"),
+        ("agent-1", json!({"run_id": "a b"}), "run_id"),
+    ];
+    for (id, body, field) in cases {
+        let (status, problem) = app
+            .post(&format!("/v1/agents/{id}/heartbeats"), body.clone())
+            .await;
+        assert_eq!(status, 422, "{body} -> {problem}");
+        assert_eq!(problem_field(&problem), field, "{problem}");
+    }
+    let long = "a".repeat(200);
+    for id in ["a:b", "a*", long.as_str()] {
+        let (status, problem) = app
+            .post(&format!("/v1/agents/{id}/heartbeats"), json!({}))
+            .await;
+        assert_eq!(status, 422, "{id} -> {problem}");
+        assert_eq!(problem_field(&problem), "agent_id");
+    }
+    let (status, _) = app.get("/v1/agents?state=sideways").await;
+    assert_eq!(status, 422);
+    let (status, _) = app.get("/v1/agents?cursor=garbage").await;
+    assert_eq!(status, 422);
+}
+
+async fn keys_scoped_to_ci_agents_can_beat_only_as_ci_agents(kind: Kind) {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
+    let ci = Some(keys.ci_agent.as_str());
+    let (status, _) = app
+        .post_as("/v1/agents/ci-7/heartbeats", json!({}), ci)
+        .await;
+    assert_eq!(status, 200);
+    let (status, problem) = app
+        .post_as("/v1/agents/prod-1/heartbeats", json!({}), ci)
+        .await;
+    assert_eq!(status, 403, "{problem}");
+    let (status, _) = app
+        .post_as(
+            "/v1/agents/prod-1/heartbeats",
+            json!({}),
+            Some(&keys.viewer),
+        )
+        .await;
+    assert_eq!(status, 403, "viewers cannot beat");
+    let (status, _) = app.get_as("/v1/agents", Some(&keys.viewer)).await;
+    assert_eq!(status, 200);
+    let (status, _) = app.get_as("/v1/agents", None).await;
+    assert_eq!(status, 401);
+}
+
+async fn only_admins_delete_agents(kind: Kind) {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
+    app.post_as("/v1/agents/gone/heartbeats", json!({}), Some(&keys.agent))
+        .await;
+    let (status, _) = app.delete_as("/v1/agents/gone", Some(&keys.agent)).await;
+    assert_eq!(status, 403);
+    let (status, _) = app.delete_as("/v1/agents/gone", Some(&keys.admin)).await;
+    assert_eq!(status, 204);
+    let (status, _) = app.get_as("/v1/agents/gone", Some(&keys.admin)).await;
+    assert_eq!(status, 404);
+    let (status, _) = app.delete_as("/v1/agents/gone", Some(&keys.admin)).await;
+    assert_eq!(status, 404);
+    let (_, all) = app.get_as("/v1/agents", Some(&keys.admin)).await;
+    assert!(ids(&all).is_empty());
+}
+
+async fn listing_filters_by_state_and_status(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(&app, "r1", json!({"status": "running"})).await;
+    beat(&app, "s1", json!({"status": "starting"})).await;
+    beat(&app, "c1", json!({"status": "completed"})).await;
+    let (_, up) = app.get("/v1/agents?state=up").await;
+    let mut up = ids(&up);
+    up.sort();
+    assert_eq!(up, vec!["r1", "s1"]);
+    let (_, starting) = app.get("/v1/agents?status=starting").await;
+    assert_eq!(ids(&starting), vec!["s1"]);
+    let (_, all) = app.get("/v1/agents").await;
+    assert_eq!(ids(&all), vec!["c1", "s1", "r1"], "most recent first");
+}
+
+conformance!(
+    a_first_beat_creates_the_agent_with_defaults,
+    stale_finds_an_agent_whose_ttl_is_shorter_than_the_threshold,
+    stale_never_lists_a_completed_agent,
+    stale_lists_oldest_first_and_pages,
+    metadata_and_display_name_persist_across_beats_without_them,
+    state_goes_up_late_down_and_alive_flips_after_the_ttl,
+    agent_down_is_emitted_once_within_a_second_and_recovery_after,
+    runs_open_close_and_count_in_performance,
+    a_run_that_goes_down_counts_as_lost,
+    every_beat_emits_a_heartbeat_event,
+    bad_heartbeats_are_422s_naming_the_field,
+    keys_scoped_to_ci_agents_can_beat_only_as_ci_agents,
+    only_admins_delete_agents,
+    listing_filters_by_state_and_status,
+);

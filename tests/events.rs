@@ -1,0 +1,446 @@
+//! The event log and live streams, on both engines.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Kind, Options, TestApp, TestKeys, eventually};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(app: &TestApp, query: &str) -> Socket {
+    let (socket, _) =
+        tokio_tungstenite::connect_async(app.ws_url(&format!("/v1/events/ws{query}")))
+            .await
+            .expect("websocket connects");
+    socket
+}
+
+/// The next JSON text frame, skipping pings.
+async fn next_json(socket: &mut Socket) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return None,
+            Ok(Some(Ok(other))) => panic!("unexpected frame {other:?}"),
+            Ok(Some(Err(e))) => panic!("socket error {e}"),
+            Err(_) => panic!("no frame within 10 s"),
+        }
+    }
+}
+
+async fn publish(app: &TestApp, kind: &str, n: usize) -> String {
+    let (status, body) = app
+        .post("/v1/events", json!({"type": kind, "data": {"n": n}}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// Ids of the log's entries of type `kind`: `XRANGE` on Redis, history on memory.
+async fn log_ids(app: &TestApp, kind: &str) -> Vec<String> {
+    match &app.redis {
+        Some(redis) => {
+            let mut conn = redis.conn();
+            let entries: Vec<(String, Vec<(String, String)>)> = ::redis::cmd("XRANGE")
+                .arg(format!("{{{}}}:events", app.prefix))
+                .arg("-")
+                .arg("+")
+                .query(&mut conn)
+                .unwrap();
+            entries
+                .into_iter()
+                .filter(|(_, fields)| fields.iter().any(|(k, v)| k == "t" && v == kind))
+                .map(|(id, _)| id)
+                .collect()
+        }
+        None => app
+            .events_of(kind)
+            .await
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect(),
+    }
+}
+
+async fn a_subscriber_that_reconnects_with_since_gets_every_event_exactly_once(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let mut socket = connect(&app, "?types=test.burst").await;
+    let publisher = {
+        let client = app.client.clone();
+        let url = app.url("/v1/events");
+        tokio::spawn(async move {
+            for n in 0..1000 {
+                let resp = client
+                    .post(&url)
+                    .json(&json!({"type": "test.burst", "data": {"n": n}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 201);
+            }
+        })
+    };
+    let mut received = Vec::new();
+    while received.len() < 300 {
+        let frame = next_json(&mut socket).await.expect("frame");
+        received.push(frame["id"].as_str().unwrap().to_owned());
+    }
+    drop(socket);
+    let last = received.last().unwrap().clone();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut socket = connect(&app, &format!("?types=test.burst&since={last}")).await;
+    while received.len() < 1000 {
+        let frame = next_json(&mut socket).await.expect("frame");
+        received.push(frame["id"].as_str().unwrap().to_owned());
+    }
+    publisher.await.unwrap();
+    assert_eq!(received, log_ids(&app, "test.burst").await);
+    // Nothing more arrives: no duplicates after the last one.
+    publish(&app, "test.marker", 0).await;
+    let mut socket = connect(&app, &format!("?since={}", received.last().unwrap())).await;
+    let next = next_json(&mut socket).await.unwrap();
+    assert_eq!(next["type"], "test.marker");
+}
+
+async fn a_stream_filters_by_type_prefix_and_agent(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let mut by_type = connect(&app, "?since=0&types=workflow.*,agent.error").await;
+    let mut by_agent = connect(&app, "?since=0&agent_id=a-1").await;
+    app.post("/v1/agents/a-1/heartbeats", json!({})).await;
+    app.post("/v1/agents/a-2/heartbeats", json!({})).await;
+    app.post(
+        "/v1/events",
+        json!({"type": "workflow.progress", "data": {}, "agent_id": "a-2"}),
+    )
+    .await;
+    app.post("/v1/events", json!({"type": "workflows", "data": {}}))
+        .await;
+    app.post(
+        "/v1/events",
+        json!({"type": "agent.error", "data": {"e": 1}, "agent_id": "a-1"}),
+    )
+    .await;
+    let t1 = next_json(&mut by_type).await.unwrap();
+    let t2 = next_json(&mut by_type).await.unwrap();
+    assert_eq!(
+        (t1["type"].clone(), t2["type"].clone()),
+        (json!("workflow.progress"), json!("agent.error"))
+    );
+    let mut agent_types = Vec::new();
+    for _ in 0..3 {
+        let e = next_json(&mut by_agent).await.unwrap();
+        assert_eq!(e["agent_id"], "a-1");
+        agent_types.push(e["type"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        agent_types,
+        vec!["agent.started", "agent.heartbeat", "agent.error"]
+    );
+    let (_, history) = app.get("/v1/events?types=agent.*&agent_id=a-2").await;
+    let types: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, vec!["agent.started", "agent.heartbeat"]);
+}
+
+async fn a_trimmed_cursor_starts_with_a_stream_reset(kind: Kind) {
+    let app = TestApp::spawn_with(Options::new(kind).configure(|c| c.stream_max_len = 10)).await;
+    let first = publish(&app, "test.old", 0).await;
+    // Redis trims approximately (whole nodes of ~100 entries): publish enough.
+    for n in 1..400 {
+        publish(&app, "test.old", n).await;
+    }
+    let mut socket = connect(&app, &format!("?since={first}")).await;
+    let reset = next_json(&mut socket).await.unwrap();
+    assert_eq!(reset["type"], "stream.reset");
+    let oldest = reset["oldest_id"].as_str().expect("oldest id").to_owned();
+    let next = next_json(&mut socket).await.unwrap();
+    assert_eq!(next["id"], oldest, "replay continues from the oldest entry");
+    // A cursor that was not trimmed gets no reset.
+    let mut fine = connect(&app, &format!("?since={oldest}")).await;
+    assert_ne!(next_json(&mut fine).await.unwrap()["type"], "stream.reset");
+}
+
+async fn a_malformed_since_is_a_422(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for path in [
+        "/v1/events?since=yesterday",
+        "/v1/events/ws?since=1-2-3",
+        "/v1/events/sse?since=x",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 422, "{path}: {body}");
+        assert_eq!(body["errors"][0]["field"], "since");
+    }
+}
+
+async fn custom_events_are_validated_and_reserved_types_refused(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (status, _) = app
+        .post("/v1/events", json!({"type": "Bad Type", "data": {}}))
+        .await;
+    assert_eq!(status, 422);
+    let (status, body) = app
+        .post(
+            "/v1/events",
+            json!({"type": "approval.decided", "data": {}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = app
+        .post(
+            "/v1/events",
+            json!({"type": "agent.error", "data": {"msg": "oops"}}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = app
+        .post("/v1/events", json!({"type": "x.y", "data": [1]}))
+        .await;
+    assert_eq!(status, 422);
+}
+
+async fn sse_sends_id_lines_and_resumes_from_last_event_id(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let ids: Vec<String> = futures_util::future::join_all((0..5).map(|n| {
+        let app = &app;
+        async move { publish(app, "test.sse", n).await }
+    }))
+    .await;
+    let mut ids = ids;
+    ids.sort_by_key(|id| id.parse::<StreamIdKey>().unwrap());
+    let resp = app
+        .client
+        .get(app.url("/v1/events/sse?since=0&types=test.sse"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let got = read_sse_ids(resp, 5).await;
+    assert_eq!(got, ids);
+    let resp = app
+        .client
+        .get(app.url("/v1/events/sse?types=test.sse"))
+        .header("Last-Event-ID", &ids[2])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read_sse_ids(resp, 2).await, ids[3..].to_vec());
+}
+
+/// Sortable form of an event id.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct StreamIdKey(u64, u64);
+
+impl std::str::FromStr for StreamIdKey {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (a, b) = s.split_once('-').ok_or(())?;
+        Ok(Self(a.parse().map_err(|_| ())?, b.parse().map_err(|_| ())?))
+    }
+}
+
+async fn read_sse_ids(resp: reqwest::Response, n: usize) -> Vec<String> {
+    let mut stream = resp.bytes_stream();
+    let mut buffer = String::new();
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("sse data within 10 s")
+            .expect("stream open")
+            .unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let id = block
+                .lines()
+                .find_map(|l| l.strip_prefix("id:"))
+                .map(|s| s.trim().to_owned());
+            let data = block
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .map(|s| s.trim().to_owned());
+            if let (Some(id), Some(data)) = (id, data) {
+                let v: Value = serde_json::from_str(&data).unwrap();
+                assert_eq!(v["id"], id.as_str(), "id line matches the envelope");
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+async fn websockets_close_with_going_away_on_shutdown(kind: Kind) {
+    let mut app = TestApp::spawn(kind).await;
+    let mut socket = connect(&app, "").await;
+    app.stop().await;
+    let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("close within 5 s");
+    match frame {
+        Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 1001),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+conformance!(
+    a_subscriber_that_reconnects_with_since_gets_every_event_exactly_once,
+    a_stream_filters_by_type_prefix_and_agent,
+    a_trimmed_cursor_starts_with_a_stream_reset,
+    a_malformed_since_is_a_422,
+    custom_events_are_validated_and_reserved_types_refused,
+    sse_sends_id_lines_and_resumes_from_last_event_id,
+    websockets_close_with_going_away_on_shutdown,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_across_a_redis_restart_gets_every_later_event_once() {
+    let mut app = TestApp::spawn(Kind::Redis).await;
+    let mut socket = connect(&app, "?types=test.*").await;
+    publish(&app, "test.before", 0).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["type"], "test.before");
+    let redis = app.redis.as_mut().unwrap();
+    redis.kill();
+    let (status, _) = app
+        .post("/v1/events", json!({"type": "test.lost", "data": {}}))
+        .await;
+    assert_eq!(status, 503);
+    app.redis.as_mut().unwrap().restart();
+    eventually(Duration::from_secs(5), || async {
+        let (status, _) = app
+            .post("/v1/events", json!({"type": "test.probe", "data": {}}))
+            .await;
+        (status == 201).then_some(())
+    })
+    .await;
+    let mut sent = Vec::new();
+    for n in 0..50 {
+        sent.push(publish(&app, "test.after", n).await);
+    }
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        let e = next_json(&mut socket).await.expect("still connected");
+        if e["type"] == "test.after" {
+            got.push(e["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(got, sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_check_origin_and_credentials_before_upgrading() {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory)
+            .keys(&keys.toml)
+            .configure(|c| c.allowed_origins = vec!["https://dash.example".into()]),
+    )
+    .await;
+    let status_of = |result: Result<_, tungstenite::Error>| match result {
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Ok(_) => 101,
+        Err(e) => panic!("{e}"),
+    };
+    // No token: 401 before the upgrade.
+    let no_token = tokio_tungstenite::connect_async(app.ws_url("/v1/events/ws")).await;
+    assert_eq!(status_of(no_token.map(drop)), 401);
+    // An agent key may not subscribe.
+    let agent = tokio_tungstenite::connect_async(
+        app.ws_url(&format!("/v1/events/ws?access_token={}", keys.agent)),
+    )
+    .await;
+    assert_eq!(status_of(agent.map(drop)), 403);
+    // A disallowed origin.
+    let mut req = app
+        .ws_url(&format!("/v1/events/ws?access_token={}", keys.viewer))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Origin", "https://evil.example".parse().unwrap());
+    assert_eq!(
+        status_of(tokio_tungstenite::connect_async(req).await.map(drop)),
+        403
+    );
+    // The allowed origin with a viewer token.
+    let mut req = app
+        .ws_url(&format!("/v1/events/ws?access_token={}", keys.viewer))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Origin", "https://dash.example".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    app.post_as("/v1/agents/a/heartbeats", json!({}), Some(&keys.agent))
+        .await;
+    assert_eq!(
+        next_json(&mut socket).await.unwrap()["type"],
+        "agent.started"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_frames_over_64_kib_close_the_socket_with_1009() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let mut socket = connect(&app, "").await;
+    socket
+        .send(Message::Text("x".repeat(70 * 1024).into()))
+        .await
+        .unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("answer");
+    match frame {
+        Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 1009),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_too_far_behind_is_closed_with_a_resume_point() {
+    let app =
+        TestApp::spawn_with(Options::new(Kind::Memory).configure(|c| c.subscriber_buffer = 16))
+            .await;
+    let mut socket = connect(&app, "").await;
+    // Publish far more than the buffer and the sockets' kernel buffers can
+    // hold (500 × 60 KiB) without reading, so the server's writes block.
+    let blob = "x".repeat(60 * 1024);
+    for n in 0..500 {
+        let (status, _) = app
+            .post(
+                "/v1/events",
+                json!({"type": "test.flood", "data": {"n": n, "blob": blob}}),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("frame")
+        {
+            Some(Ok(Message::Close(Some(close)))) => break close,
+            Some(Ok(_)) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 4008);
+    assert!(close.reason.contains("since="), "{}", close.reason);
+}

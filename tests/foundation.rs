@@ -1,0 +1,366 @@
+//! The service foundation: operations endpoints, errors, auth, outages,
+//! migrations, the OpenAPI document, and robustness against bad input.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use attune_telemetry::app;
+use attune_telemetry::config::Config;
+use common::{Kind, Options, RedisServer, TestApp, TestKeys, eventually};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn healthz_answers_with_the_memory_engine_and_docs_render_offline() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let (status, body) = app.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["engine"], "memory");
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!((status, body["status"].clone()), (200, json!("ok")));
+
+    let page = app.client.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("/docs/swagger-ui-bundle.js") && html.contains("/openapi.json"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
+    for asset in ["/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"] {
+        let resp = app.client.get(app.url(asset)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{asset}");
+        assert!(
+            resp.bytes().await.unwrap().len() > 10_000,
+            "{asset} is the real bundle"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_equals_the_committed_one() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let (status, served) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .expect("openapi/openapi.json is committed"),
+    )
+    .unwrap();
+    assert!(
+        served == committed,
+        "openapi/openapi.json is out of date: run `cargo run -- openapi > openapi/openapi.json`"
+    );
+}
+
+#[tokio::test]
+async fn every_failure_is_problem_json() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let check = |resp: reqwest::Response, status: u16| async move {
+        assert_eq!(resp.status().as_u16(), status);
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        assert!(resp.headers().contains_key("x-request-id"));
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["status"], status);
+        assert!(
+            body["title"].is_string() && body["detail"].is_string() && body["type"].is_string()
+        );
+        body
+    };
+    let c = &app.client;
+    check(c.get(app.url("/v1/nowhere")).send().await.unwrap(), 404).await;
+    check(c.put(app.url("/v1/agents")).send().await.unwrap(), 405).await;
+    let url = app.url("/v1/agents/a/heartbeats");
+    check(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body("{bad")
+            .send()
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    check(
+        c.post(&url)
+            .header("content-type", "text/plain")
+            .body("hi")
+            .send()
+            .await
+            .unwrap(),
+        415,
+    )
+    .await;
+    let big = format!(
+        "{{\"metadata\":{{\"x\":\"{}\"}}}}",
+        "a".repeat(2 * 1024 * 1024)
+    );
+    check(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(big)
+            .send()
+            .await
+            .unwrap(),
+        413,
+    )
+    .await;
+    let body = check(
+        c.post(&url)
+            .json(&json!({"progress": 7}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(body["errors"][0]["field"], "progress");
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_or_generated() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let resp = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "abc-123");
+    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+}
+
+#[tokio::test]
+async fn credentials_and_roles_are_enforced() {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(Kind::Memory).keys(&keys.toml)).await;
+    let (status, body) = app.get("/v1/agents").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = app.get_as("/v1/agents", Some("not-a-key")).await;
+    assert_eq!(status, 401);
+    let (status, _) = app.get_as("/v1/agents", Some(&keys.agent)).await;
+    assert_eq!(status, 200);
+    let (status, _) = app.get_as("/v1/events", Some(&keys.agent)).await;
+    assert_eq!(status, 403, "agents do not read the event log");
+    let (status, _) = app.get_as("/v1/events", Some(&keys.viewer)).await;
+    assert_eq!(status, 200);
+    // Query tokens are for streams only.
+    let (status, _) = app
+        .get_as(&format!("/v1/agents?access_token={}", keys.admin), None)
+        .await;
+    assert_eq!(status, 401);
+    // Health and docs need no key.
+    assert_eq!(app.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn anonymous_access_is_refused_off_loopback_unless_explicitly_allowed() {
+    let mut config = Config::for_tests();
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    let err = app::build(config.clone()).await.err().expect("refused");
+    assert!(err.contains("--insecure-allow-anonymous"), "{err}");
+    config.insecure_allow_anonymous = true;
+    assert!(app::build(config).await.is_ok());
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    app.post("/v1/agents/m-1/heartbeats", json!({})).await;
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("attune_http_requests_total")
+                && l.contains("route=\"/v1/agents/{agent_id}/heartbeats\"")),
+        "{text}"
+    );
+    assert!(text.contains("attune_http_request_duration_seconds_bucket"));
+    assert!(text.contains("attune_agents{state=\"up\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_a_fast_503_and_the_service_recovers() {
+    let mut app = TestApp::spawn(Kind::Redis).await;
+    let (status, _) = app.post("/v1/agents/a/heartbeats", json!({})).await;
+    assert_eq!(status, 200);
+    app.redis.as_mut().unwrap().kill();
+    let started = Instant::now();
+    let resp = app
+        .client
+        .post(app.url("/v1/agents/a/heartbeats"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert!(took < Duration::from_secs(1), "503 took {took:?}");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    assert_eq!(app.get("/readyz").await.0, 503);
+    assert_eq!(
+        app.get("/healthz").await.0,
+        200,
+        "the process itself is fine"
+    );
+
+    app.redis.as_mut().unwrap().restart();
+    eventually(Duration::from_secs(5), || async {
+        let (status, _) = app.post("/v1/agents/a/heartbeats", json!({})).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(app.get("/readyz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_migration_runs_apply_each_migration_exactly_once() {
+    use attune_telemetry::engine::redis::RedisEngine;
+    let redis = RedisServer::start();
+    let prefix = common::fresh_prefix();
+    let url = redis.url();
+    let connect = || RedisEngine::connect(&url, &prefix, Duration::from_secs(2), 100);
+    let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+    let (ra, rb) = tokio::join!(
+        attune_telemetry::migrate::run(&a),
+        attune_telemetry::migrate::run(&b)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let all: Vec<&str> = attune_telemetry::migrate::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .collect();
+    let mut applied: Vec<&str> = ra.iter().chain(rb.iter()).copied().collect();
+    applied.sort();
+    assert_eq!(applied, all, "each applied by exactly one runner");
+    let mut conn = redis.conn();
+    let log: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{{{prefix}}}:migrations:log"))
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(log.len(), all.len(), "{log:?}");
+    // Running again applies nothing.
+    assert!(attune_telemetry::migrate::run(&a).await.unwrap().is_empty());
+    let secret: Option<String> = redis::cmd("GET")
+        .arg(format!("{{{prefix}}}:secret:user-hmac"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(secret.map(|s| s.len()), Some(64));
+}
+
+/// Walks every operation of the OpenAPI document with hostile input and
+/// checks that none answers 500 (or drops the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_public_endpoint_can_be_made_to_fail_by_its_input() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let (_, spec) = app.get("/openapi.json").await;
+    let path_values = [
+        "agent-1",
+        "a:b",
+        "%2A",
+        "x".repeat(300).leak() as &str,
+        "..",
+        "%00",
+        "0",
+    ];
+    let bodies: Vec<String> = vec![
+        String::new(),
+        "{".into(),
+        "null".into(),
+        "[]".into(),
+        "{}".into(),
+        "\"text\"".into(),
+        r#"{"records": [{}], "tokens": {"input": -1}}"#.into(),
+        r#"{"status": 5, "progress": "x", "ttl_seconds": 1e99, "metadata": "m"}"#.into(),
+        r#"{"signal_type": "t", "source_agent": "a", "ttl_seconds": 0, "payload": []}"#.into(),
+        r#"{"approval_type": "x", "agent_id": "a:b", "approved": "yes", "rating": "meh"}"#.into(),
+        r#"{"workflow": "w", "stage": "s", "tier": "ultra", "quality_score": 2}"#.into(),
+        r#"{"type": "a.b", "data": {"deep": [[[[[[[[[[1]]]]]]]]]]}}"#.into(),
+        format!("{{\"x\": \"{}\"}}", "\u{0}\u{ffff}"),
+    ];
+    let queries = [
+        "",
+        "?limit=0",
+        "?limit=99999999999999999999",
+        "?since=-1&cursor=%%%",
+        "?wait_seconds=1000&consume=maybe",
+        "?days=-3&hours=0&threshold_seconds=abc",
+        "?state=x&status=y&type=*&types=..*",
+        "?threshold=2&order=nonsense&current_tier=ultra",
+    ];
+    let mut checked = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        if path.ends_with("/ws") || path.ends_with("/sse") {
+            continue;
+        }
+        for method in item.as_object().unwrap().keys() {
+            for value in path_values {
+                let concrete = path
+                    .split('/')
+                    .map(|seg| if seg.starts_with('{') { value } else { seg })
+                    .collect::<Vec<_>>()
+                    .join("/");
+                for query in queries {
+                    for body in &bodies {
+                        let url = app.url(&format!("{concrete}{query}"));
+                        let req = match method.as_str() {
+                            "get" => app.client.get(&url),
+                            "post" => app.client.post(&url),
+                            "delete" => app.client.delete(&url),
+                            other => panic!("unexpected method {other}"),
+                        };
+                        let resp = req
+                            .header("content-type", "application/json")
+                            .header("Idempotency-Key", "k ey/\"*:{}")
+                            .body(body.clone())
+                            .timeout(Duration::from_secs(15))
+                            .send()
+                            .await
+                            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+                        let status = resp.status().as_u16();
+                        assert!(
+                            status < 500,
+                            "{method} {url} {body} -> {status}: {}",
+                            resp.text().await.unwrap()
+                        );
+                        checked += 1;
+                        if method == "get" || method == "delete" {
+                            break; // bodies do not matter
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 500, "walked {checked} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_finish_during_a_graceful_shutdown() {
+    let mut app = TestApp::spawn(Kind::Memory).await;
+    let slow = {
+        let client = app.client.clone();
+        let url = app.url("/v1/agents/a/heartbeats");
+        tokio::spawn(async move { client.post(url).json(&json!({})).send().await })
+    };
+    app.stop().await;
+    // Whether it was accepted before or after the signal, it got an answer
+    // or a refused connection, never a hang.
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("no hang");
+}

@@ -1,0 +1,688 @@
+//! Coordination signals: delivery, isolation, broadcasts, expiry, waits,
+//! validation and scope — on both engines.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Kind, Options, TestApp, TestKeys, eventually, problem_field};
+use serde_json::{Value, json};
+
+/// Sends a signal and returns the stored signal, asserting a 201.
+async fn send(app: &TestApp, body: Value) -> Value {
+    let (status, signal) = app.post("/v1/signals", body).await;
+    assert_eq!(status, 201, "{signal}");
+    signal
+}
+
+/// Reads an inbox (with a query string) and returns its signals.
+async fn inbox(app: &TestApp, agent: &str, query: &str) -> Vec<Value> {
+    let (status, body) = app
+        .get(&format!("/v1/agents/{agent}/signals?{query}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["signals"].as_array().expect("signals").clone()
+}
+
+fn ids(signals: &[Value]) -> Vec<String> {
+    signals
+        .iter()
+        .map(|s| s["signal_id"].as_str().expect("signal_id").to_owned())
+        .collect()
+}
+
+async fn a_send_answers_201_with_the_full_signal(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let signal = send(
+        &app,
+        json!({"signal_type": "task_complete", "source_agent": "agent-1",
+               "target_agent": "agent-2", "payload": {"task": 7}}),
+    )
+    .await;
+    let id = signal["signal_id"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
+    assert_eq!(signal["signal_type"], "task_complete");
+    assert_eq!(signal["source_agent"], "agent-1");
+    assert_eq!(signal["target_agent"], "agent-2");
+    assert_eq!(signal["payload"], json!({"task": 7}));
+    assert_eq!(signal["ttl_seconds"], 60, "the default TTL is 60 s");
+    let created =
+        chrono::DateTime::parse_from_rfc3339(signal["created_at"].as_str().unwrap()).unwrap();
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(signal["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!((expires - created).num_milliseconds(), 60_000);
+
+    let (status, broadcast) = app
+        .post(
+            "/v1/signals/broadcast",
+            json!({"signal_type": "abort", "source_agent": "agent-1"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{broadcast}");
+    assert_eq!(broadcast["target_agent"], Value::Null);
+    assert_eq!(broadcast["payload"], json!({}));
+}
+
+async fn a_signal_for_one_agent_is_invisible_to_another(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let signal = send(
+        &app,
+        json!({"signal_type": "abort", "source_agent": "agent-1", "target_agent": "agent-3"}),
+    )
+    .await;
+    for query in [
+        "",
+        "type=abort",
+        "type=abort&source=agent-1",
+        "consume=true",
+        "type=abort&consume=true",
+    ] {
+        assert!(
+            inbox(&app, "agent-2", query).await.is_empty(),
+            "agent-2 saw it with {query:?}"
+        );
+    }
+    let (_, listed) = app.get("/v1/signals?target=agent-2").await;
+    assert_eq!(listed["signals"], json!([]));
+    // Still there for its target, after all of agent-2's consuming reads.
+    let got = inbox(&app, "agent-3", "type=abort").await;
+    assert_eq!(ids(&got), [signal["signal_id"].as_str().unwrap()]);
+}
+
+async fn a_consumed_broadcast_is_still_delivered_once_to_every_other_agent(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let broadcast = send(
+        &app,
+        json!({"signal_type": "checkpoint", "source_agent": "lead"}),
+    )
+    .await;
+    let id = broadcast["signal_id"].as_str().unwrap();
+
+    assert_eq!(ids(&inbox(&app, "agent-1", "consume=true").await), [id]);
+    assert!(
+        inbox(&app, "agent-1", "consume=true").await.is_empty(),
+        "agent-1 got it twice"
+    );
+
+    assert_eq!(ids(&inbox(&app, "agent-2", "consume=true").await), [id]);
+    assert!(
+        inbox(&app, "agent-2", "consume=true").await.is_empty(),
+        "agent-2 got it twice"
+    );
+
+    // Reading without consuming leaves it in place.
+    assert_eq!(ids(&inbox(&app, "agent-3", "").await), [id]);
+    assert_eq!(ids(&inbox(&app, "agent-3", "consume=true").await), [id]);
+
+    // It stays live (and listed) for agents that have not read it yet.
+    let (_, listed) = app.get("/v1/signals").await;
+    assert_eq!(ids(listed["signals"].as_array().unwrap()), [id]);
+}
+
+async fn a_broadcast_sent_before_an_agent_first_beats_is_delivered_to_it(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let broadcast = send(
+        &app,
+        json!({"signal_type": "ready", "source_agent": "lead"}),
+    )
+    .await;
+    let (status, _) = app.post("/v1/agents/newcomer/heartbeats", json!({})).await;
+    assert_eq!(status, 200);
+    let got = inbox(&app, "newcomer", "consume=true").await;
+    assert_eq!(ids(&got), [broadcast["signal_id"].as_str().unwrap()]);
+}
+
+async fn the_inbox_merges_targeted_signals_and_broadcasts_oldest_first(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let mut sent = Vec::new();
+    for (i, target) in [Some("worker"), None, Some("worker"), None, Some("other")]
+        .iter()
+        .enumerate()
+    {
+        let mut body = json!({"signal_type": if i % 2 == 0 { "ready" } else { "abort" },
+                              "source_agent": if i < 2 { "lead" } else { "helper" }});
+        if let Some(t) = target {
+            body["target_agent"] = json!(t);
+        }
+        sent.push(
+            send(&app, body).await["signal_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        // Distinct creation milliseconds make "oldest first" unambiguous.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(ids(&inbox(&app, "worker", "").await), sent[..4]);
+    assert_eq!(
+        ids(&inbox(&app, "worker", "type=ready").await),
+        [sent[0].as_str(), sent[2].as_str()]
+    );
+    assert_eq!(
+        ids(&inbox(&app, "worker", "source=helper").await),
+        [sent[2].as_str(), sent[3].as_str()]
+    );
+    assert_eq!(
+        ids(&inbox(&app, "worker", "limit=3&consume=true").await),
+        sent[..3]
+    );
+    assert_eq!(ids(&inbox(&app, "worker", "").await), [sent[3].as_str()]);
+}
+
+async fn concurrent_consumers_never_receive_the_same_targeted_signal(kind: Kind) {
+    let app = Arc::new(TestApp::spawn(kind).await);
+    let mut sent = HashSet::new();
+    for i in 0..40 {
+        let s = send(
+            &app,
+            json!({"signal_type": "job", "source_agent": "lead", "target_agent": "pool",
+                   "payload": {"n": i}}),
+        )
+        .await;
+        sent.insert(s["signal_id"].as_str().unwrap().to_owned());
+    }
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let batch = inbox(&app, "pool", "consume=true&limit=3").await;
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    got.extend(ids(&batch));
+                }
+            })
+        })
+        .collect();
+    let mut received = Vec::new();
+    for reader in readers {
+        received.extend(reader.await.unwrap());
+    }
+    let unique: HashSet<String> = received.iter().cloned().collect();
+    assert_eq!(unique.len(), received.len(), "a signal was delivered twice");
+    assert_eq!(unique, sent, "every signal is delivered exactly once");
+}
+
+async fn an_expired_signal_is_gone_from_the_inbox_and_from_storage(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let targeted = send(
+        &app,
+        json!({"signal_type": "ping", "source_agent": "agent-1", "target_agent": "agent-2",
+               "ttl_seconds": 1}),
+    )
+    .await;
+    let broadcast = send(
+        &app,
+        json!({"signal_type": "ping", "source_agent": "agent-1", "ttl_seconds": 1}),
+    )
+    .await;
+    // agent-3 consumes the broadcast, so a consumption marker exists too.
+    assert_eq!(inbox(&app, "agent-3", "consume=true").await.len(), 1);
+    assert_eq!(inbox(&app, "agent-2", "").await.len(), 2);
+
+    eventually(Duration::from_secs(3), || async {
+        inbox(&app, "agent-2", "").await.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        inbox(&app, "agent-4", "").await.is_empty(),
+        "the broadcast expired for everyone"
+    );
+    let (_, listed) = app.get("/v1/signals").await;
+    assert_eq!(listed["signals"], json!([]));
+
+    if let Some(redis) = &app.redis {
+        let mut conn = redis.conn();
+        let pattern = format!("\\{{{}\\}}:*", app.prefix);
+        let left: Vec<String> = ::redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap();
+        let signal_keys: Vec<&String> = left
+            .iter()
+            .filter(|k| k.contains(":signal") || k.contains(":inbox"))
+            .collect();
+        assert!(
+            signal_keys.is_empty(),
+            "expired signals left keys behind: {signal_keys:?}"
+        );
+        for signal in [&targeted, &broadcast] {
+            let key = format!(
+                "{{{}}}:signal:{}",
+                app.prefix,
+                signal["signal_id"].as_str().unwrap()
+            );
+            let exists: bool = ::redis::cmd("EXISTS").arg(&key).query(&mut conn).unwrap();
+            assert!(!exists, "{key} still exists");
+        }
+    }
+}
+
+/// Redis only: an inbox key that outlives an expired signal (because it
+/// holds a longer-lived one) loses the expired member on the next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_prunes_expired_signals_from_indexes_that_live_on() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let short = send(
+        &app,
+        json!({"signal_type": "ping", "source_agent": "a", "target_agent": "b", "ttl_seconds": 1}),
+    )
+    .await;
+    let long = send(
+        &app,
+        json!({"signal_type": "ping", "source_agent": "a", "target_agent": "b", "ttl_seconds": 600}),
+    )
+    .await;
+    let short_id = short["signal_id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(3), || async {
+        (ids(&inbox(&app, "b", "").await) == [long["signal_id"].as_str().unwrap()]).then_some(())
+    })
+    .await;
+    let mut conn = app.redis.as_ref().unwrap().conn();
+    let p = &app.prefix;
+    for index in [format!("{{{p}}}:inbox:b"), format!("{{{p}}}:signals:all")] {
+        let score: Option<f64> = ::redis::cmd("ZSCORE")
+            .arg(&index)
+            .arg(&short_id)
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(score, None, "{index} still holds the expired signal");
+        let ttl: i64 = ::redis::cmd("PTTL").arg(&index).query(&mut conn).unwrap();
+        assert!(ttl > 0, "{index} expires with its last signal");
+    }
+    let queued: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg(format!("{{{p}}}:signals:expiry"))
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        queued.iter().all(|m| !m.starts_with(&short_id)),
+        "{queued:?}"
+    );
+}
+
+/// Starts a long-poll read of `agent`'s inbox on `app` and returns when it
+/// answered: `(signals, instant of the answer)`.
+fn spawn_waiter(
+    app: Arc<TestApp>,
+    agent: &'static str,
+) -> tokio::task::JoinHandle<(Vec<Value>, Instant)> {
+    tokio::spawn(async move {
+        let got = inbox(&app, agent, "wait_seconds=10&consume=true").await;
+        (got, Instant::now())
+    })
+}
+
+/// How long a waiter may take to answer after the send's response. The
+/// push path (event log → tailer → wake-up → one read) takes a few ms; the
+/// bound leaves room for a loaded CI machine without admitting polling.
+const WAKE_BOUND: Duration = Duration::from_millis(50);
+
+/// Lets a spawned waiter reach its wait before the send.
+const SETTLE: Duration = Duration::from_millis(300);
+
+async fn a_waiter_is_answered_within_50_ms_of_the_send(kind: Kind) {
+    let app = Arc::new(TestApp::spawn(kind).await);
+    let waiter = spawn_waiter(app.clone(), "sleeper");
+    tokio::time::sleep(SETTLE).await;
+    assert!(
+        !waiter.is_finished(),
+        "the waiter answered before anything was sent"
+    );
+    let signal = send(
+        &app,
+        json!({"signal_type": "wake", "source_agent": "lead", "target_agent": "sleeper"}),
+    )
+    .await;
+    let sent_at = Instant::now();
+    let (got, answered_at) = waiter.await.unwrap();
+    assert_eq!(ids(&got), [signal["signal_id"].as_str().unwrap()]);
+    let latency = answered_at.saturating_duration_since(sent_at);
+    assert!(latency < WAKE_BOUND, "answered {latency:?} after the send");
+}
+
+async fn a_broadcast_wakes_every_waiting_agent(kind: Kind) {
+    let app = Arc::new(TestApp::spawn(kind).await);
+    let waiters = [
+        spawn_waiter(app.clone(), "w-1"),
+        spawn_waiter(app.clone(), "w-2"),
+    ];
+    tokio::time::sleep(SETTLE).await;
+    let broadcast = send(
+        &app,
+        json!({"signal_type": "abort", "source_agent": "lead"}),
+    )
+    .await;
+    let sent_at = Instant::now();
+    for waiter in waiters {
+        let (got, answered_at) = waiter.await.unwrap();
+        assert_eq!(ids(&got), [broadcast["signal_id"].as_str().unwrap()]);
+        let latency = answered_at.saturating_duration_since(sent_at);
+        assert!(latency < WAKE_BOUND, "answered {latency:?} after the send");
+    }
+}
+
+/// Redis only: the send goes through one instance, the waiter waits on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_one_replica_is_woken_by_a_send_through_another() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let replica = Arc::new(app.replica().await);
+    let waiter = spawn_waiter(replica.clone(), "remote");
+    tokio::time::sleep(SETTLE).await;
+    assert!(!waiter.is_finished());
+    let signal = send(
+        &app,
+        json!({"signal_type": "wake", "source_agent": "lead", "target_agent": "remote"}),
+    )
+    .await;
+    let sent_at = Instant::now();
+    let (got, answered_at) = waiter.await.unwrap();
+    assert_eq!(ids(&got), [signal["signal_id"].as_str().unwrap()]);
+    let latency = answered_at.saturating_duration_since(sent_at);
+    assert!(latency < WAKE_BOUND, "answered {latency:?} after the send");
+}
+
+async fn a_wait_that_ends_returns_200_with_an_empty_list(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    // A signal for someone else, and one of another type, do not end the wait.
+    send(
+        &app,
+        json!({"signal_type": "x", "source_agent": "a", "target_agent": "other"}),
+    )
+    .await;
+    send(
+        &app,
+        json!({"signal_type": "x", "source_agent": "a", "target_agent": "patient"}),
+    )
+    .await;
+    let started = Instant::now();
+    let (status, body) = app
+        .get("/v1/agents/patient/signals?wait_seconds=1&type=never")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"signals": []}));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "answered before the wait ended"
+    );
+}
+
+async fn a_wait_ignores_signals_that_do_not_match_its_filter(kind: Kind) {
+    let app = Arc::new(TestApp::spawn(kind).await);
+    let waiter = {
+        let app = app.clone();
+        tokio::spawn(async move { inbox(&app, "picky", "wait_seconds=10&type=wanted").await })
+    };
+    tokio::time::sleep(SETTLE).await;
+    send(
+        &app,
+        json!({"signal_type": "unwanted", "source_agent": "a", "target_agent": "picky"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiter.is_finished(),
+        "a non-matching signal ended the wait"
+    );
+    let wanted = send(
+        &app,
+        json!({"signal_type": "wanted", "source_agent": "a", "target_agent": "picky"}),
+    )
+    .await;
+    let got = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&got), [wanted["signal_id"].as_str().unwrap()]);
+}
+
+async fn invalid_signals_are_422s_naming_the_field(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let base = json!({"signal_type": "ready", "source_agent": "a"});
+    let with = |field: &str, value: Value| {
+        let mut body = base.clone();
+        body[field] = value;
+        body
+    };
+    let cases = [
+        ("/v1/signals", with("ttl_seconds", json!(0)), "ttl_seconds"),
+        (
+            "/v1/signals",
+            with("ttl_seconds", json!(86_401)),
+            "ttl_seconds",
+        ),
+        (
+            "/v1/signals",
+            with("payload", json!({"blob": "x".repeat(70_000)})),
+            "payload",
+        ),
+        ("/v1/signals", with("payload", json!([1, 2])), "payload"),
+        ("/v1/signals", json!({"source_agent": "a"}), "signal_type"),
+        (
+            "/v1/signals",
+            json!({"signal_type": "ready"}),
+            "source_agent",
+        ),
+        (
+            "/v1/signals",
+            with("signal_type", json!("a:b")),
+            "signal_type",
+        ),
+        (
+            "/v1/signals",
+            with("target_agent", json!("x*")),
+            "target_agent",
+        ),
+        (
+            "/v1/signals/broadcast",
+            with("target_agent", json!("b")),
+            "target_agent",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (status, problem) = app.post(path, body).await;
+        assert_eq!(status, 422, "{path} {field}: {problem}");
+        assert_eq!(problem_field(&problem), field, "{problem}");
+    }
+    let (status, problem) = app.get("/v1/agents/a/signals?wait_seconds=61").await;
+    assert_eq!(
+        (status, problem_field(&problem)),
+        (422, "wait_seconds".to_owned())
+    );
+    let (status, problem) = app.get("/v1/agents/a:b/signals").await;
+    assert_eq!(
+        (status, problem_field(&problem)),
+        (422, "agent_id".to_owned())
+    );
+    let (_, listed) = app.get("/v1/signals").await;
+    assert_eq!(listed["signals"], json!([]), "nothing invalid was stored");
+}
+
+async fn agent_keys_send_and_read_only_within_their_scope(kind: Kind) {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
+    let ci = Some(keys.ci_agent.as_str());
+    let body = |source: &str, target: &str| json!({"signal_type": "ready", "source_agent": source, "target_agent": target});
+
+    let (status, _) = app.post_as("/v1/signals", body("prod-1", "ci-1"), ci).await;
+    assert_eq!(status, 403, "the ci key cannot send as prod-1");
+    let (status, _) = app
+        .post_as(
+            "/v1/signals",
+            body("prod-2", "prod-1"),
+            Some(keys.agent.as_str()),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = app.get_as("/v1/agents/prod-1/signals", ci).await;
+    assert_eq!(
+        status, 404,
+        "another agent's inbox does not exist for this key"
+    );
+    let (status, _) = app.delete_as("/v1/agents/prod-1/signals", ci).await;
+    assert_eq!(status, 404);
+
+    // Within its scope it may send, read and clear.
+    let (status, _) = app.post_as("/v1/signals", body("ci-1", "ci-2"), ci).await;
+    assert_eq!(status, 201);
+    let (status, got) = app.get_as("/v1/agents/ci-2/signals?consume=true", ci).await;
+    assert_eq!((status, got["signals"].as_array().unwrap().len()), (200, 1));
+    let (status, _) = app.delete_as("/v1/agents/ci-2/signals", ci).await;
+    assert_eq!(status, 200);
+
+    // Viewers read inboxes and the list, but neither send nor consume.
+    let viewer = Some(keys.viewer.as_str());
+    let (status, _) = app
+        .post_as("/v1/signals", body("prod-2", "prod-1"), viewer)
+        .await;
+    assert_eq!(status, 403);
+    let (status, got) = app.get_as("/v1/agents/prod-1/signals", viewer).await;
+    assert_eq!((status, got["signals"].as_array().unwrap().len()), (200, 1));
+    let (status, _) = app
+        .get_as("/v1/agents/prod-1/signals?consume=true", viewer)
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = app.get_as("/v1/signals", viewer).await;
+    assert_eq!(status, 200);
+    let (status, _) = app.get_as("/v1/signals", ci).await;
+    assert_eq!(status, 403, "listing every signal needs the viewer role");
+    let (status, _) = app.delete_as("/v1/agents/prod-1/signals", viewer).await;
+    assert_eq!(status, 403);
+    let (status, _) = app.get("/v1/agents/prod-1/signals").await;
+    assert_eq!(status, 401);
+
+    // Admins clear any inbox.
+    let (status, cleared) = app
+        .delete_as("/v1/agents/prod-1/signals", Some(keys.admin.as_str()))
+        .await;
+    assert_eq!((status, cleared["cleared"].as_u64()), (200, Some(1)));
+}
+
+async fn clearing_an_inbox_hides_broadcasts_for_that_agent_only(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    send(
+        &app,
+        json!({"signal_type": "ready", "source_agent": "a", "target_agent": "c"}),
+    )
+    .await;
+    let keep = send(
+        &app,
+        json!({"signal_type": "keep", "source_agent": "a", "target_agent": "c"}),
+    )
+    .await;
+    let broadcast = send(&app, json!({"signal_type": "ready", "source_agent": "a"})).await;
+
+    let (status, cleared) = app.delete("/v1/agents/c/signals?type=ready").await;
+    assert_eq!(
+        (status, cleared["cleared"].as_u64()),
+        (200, Some(2)),
+        "{cleared}"
+    );
+    assert_eq!(
+        ids(&inbox(&app, "c", "").await),
+        [keep["signal_id"].as_str().unwrap()]
+    );
+    assert_eq!(
+        ids(&inbox(&app, "d", "").await),
+        [broadcast["signal_id"].as_str().unwrap()]
+    );
+
+    let (_, cleared) = app.delete("/v1/agents/c/signals").await;
+    assert_eq!(cleared["cleared"], 1);
+    assert!(inbox(&app, "c", "").await.is_empty());
+    assert_eq!(app.events_of("signal.cleared").await.len(), 2);
+}
+
+async fn every_send_emits_signal_sent_with_the_signal(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let targeted = send(
+        &app,
+        json!({"signal_type": "ready", "source_agent": "a", "target_agent": "b"}),
+    )
+    .await;
+    let broadcast = send(&app, json!({"signal_type": "abort", "source_agent": "a"})).await;
+    let events = app.events_of("signal.sent").await;
+    assert_eq!(events.len(), 2);
+    for (event, signal) in events.iter().zip([&targeted, &broadcast]) {
+        assert_eq!(&event["data"], signal);
+        assert_eq!(event["agent_id"], "a");
+    }
+}
+
+async fn live_signals_are_listed_oldest_first_with_filters_and_pages(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let mut body = json!({"signal_type": if i < 3 { "ready" } else { "abort" },
+                              "source_agent": format!("s-{}", i % 2)});
+        if i != 4 {
+            body["target_agent"] = json!("t-1");
+        }
+        sent.push(
+            send(&app, body).await["signal_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let list = |query: &'static str| {
+        let app = &app;
+        async move {
+            let (status, body) = app.get(&format!("/v1/signals?{query}")).await;
+            assert_eq!(status, 200, "{body}");
+            (
+                ids(body["signals"].as_array().unwrap()),
+                body["next_cursor"].clone(),
+            )
+        }
+    };
+    assert_eq!(list("").await.0, sent);
+    assert_eq!(list("type=abort").await.0, sent[3..]);
+    assert_eq!(
+        list("source=s-1").await.0,
+        [sent[1].as_str(), sent[3].as_str()]
+    );
+    assert_eq!(list("target=t-1").await.0, sent[..4]);
+    assert_eq!(list("type=abort&target=t-1").await.0, [sent[3].as_str()]);
+
+    let mut pages = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, body) = app
+            .get(&format!("/v1/signals?limit=2&cursor={cursor}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        pages.extend(ids(body["signals"].as_array().unwrap()));
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, sent, "pages cover every signal once, in order");
+    let (status, problem) = app.get("/v1/signals?cursor=garbage!").await;
+    assert_eq!(
+        (status, problem_field(&problem)),
+        (422, "cursor".to_owned())
+    );
+}
+
+conformance!(
+    a_send_answers_201_with_the_full_signal,
+    a_signal_for_one_agent_is_invisible_to_another,
+    a_consumed_broadcast_is_still_delivered_once_to_every_other_agent,
+    a_broadcast_sent_before_an_agent_first_beats_is_delivered_to_it,
+    the_inbox_merges_targeted_signals_and_broadcasts_oldest_first,
+    concurrent_consumers_never_receive_the_same_targeted_signal,
+    an_expired_signal_is_gone_from_the_inbox_and_from_storage,
+    a_waiter_is_answered_within_50_ms_of_the_send,
+    a_broadcast_wakes_every_waiting_agent,
+    a_wait_that_ends_returns_200_with_an_empty_list,
+    a_wait_ignores_signals_that_do_not_match_its_filter,
+    invalid_signals_are_422s_naming_the_field,
+    agent_keys_send_and_read_only_within_their_scope,
+    clearing_an_inbox_hides_broadcasts_for_that_agent_only,
+    every_send_emits_signal_sent_with_the_signal,
+    live_signals_are_listed_oldest_first_with_filters_and_pages,
+);
