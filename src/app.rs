@@ -124,6 +124,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::agents::http::router())
         .merge(crate::signals::http::router())
+        .merge(crate::approvals::http::router())
         .merge(crate::events::http::router())
         .merge(crate::events::live::router())
         .merge(crate::feedback::http::router())
@@ -356,6 +357,7 @@ fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
             .spawn_tailer(state.engine.clone(), state.shutdown.clone()),
     ];
     tasks.push(crate::agents::spawn_sweeper(state.clone()));
+    tasks.push(crate::approvals::spawn_sweeper(state.clone()));
     tasks
 }
 

@@ -31,9 +31,11 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
-// Parsed once at start-up; boxing the large variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing the server's flags would buy nothing"
+)]
 pub enum Command {
     /// Run the HTTP server (the default).
     Serve(ServeArgs),

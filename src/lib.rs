@@ -34,6 +34,7 @@
 
 pub mod agents;
 pub mod app;
+pub mod approvals;
 pub mod auth;
 pub mod cli;
 pub mod clock;

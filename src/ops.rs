@@ -109,6 +109,10 @@ async fn get_metrics(
         }
         Err(_) => metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1),
     }
+    match crate::approvals::pending_count(&state.engine).await {
+        Ok(n) => metrics::gauge!("attune_approvals_pending").set(n as f64),
+        Err(_) => metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1),
+    }
     metrics::gauge!("attune_event_subscribers").set(state.hub.subscriber_count() as f64);
     let body = metrics_handle().render();
     (

@@ -126,3 +126,135 @@ async fn an_unreachable_server_gets_a_friendly_message() {
     );
     drop(app);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_listed_and_decided_from_the_command_line() {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(Kind::Memory).keys(&keys.toml)).await;
+    let mut ids = Vec::new();
+    for agent in ["deployer-1", "deployer-2"] {
+        let (status, body) = app
+            .post_as(
+                "/v1/approvals",
+                json!({"approval_type": "deploy", "agent_id": agent, "context": {"env": "prod"}}),
+                Some(&keys.agent),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["request"]["request_id"].as_str().unwrap().to_owned());
+    }
+    let approver = Some(keys.approver.as_str());
+    let out = cli(&app, approver, &["approvals"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for id in &ids {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(id.as_str()) && l.contains("pending") && l.contains("deploy")),
+            "{text}"
+        );
+    }
+    let out = cli(
+        &app,
+        approver,
+        &["approvals", "approve", &ids[0], "--reason", "looks fine"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("approved") && stdout(&out).contains("alice"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(
+        &app,
+        approver,
+        &[
+            "approvals",
+            "reject",
+            &ids[1],
+            "--reason",
+            "not today",
+            "--json",
+        ],
+    )
+    .await;
+    let decided: Value = serde_json::from_str(&stdout(&out)).expect("--json parses");
+    assert_eq!(decided["request"]["status"], "rejected");
+    assert_eq!(decided["response"]["reason"], "not today");
+    // Deciding again fails with the server's detail naming the status.
+    let out = cli(&app, approver, &["approvals", "approve", &ids[1]]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("409") && stderr(&out).contains("rejected"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(
+        &app,
+        approver,
+        &["approvals", "list", "--status", "approved", "--json"],
+    )
+    .await;
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed["approvals"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_are_sent_and_read_from_the_command_line() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let out = cli(
+        &app,
+        None,
+        &[
+            "signals",
+            "send",
+            "--type",
+            "ready",
+            "--from",
+            "planner",
+            "--to",
+            "coder",
+            "--payload",
+            r#"{"step":2}"#,
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("sent ready"), "{}", stdout(&out));
+    let out = cli(&app, None, &["signals", "inbox", "coder"]).await;
+    let text = stdout(&out);
+    let row = text.lines().find(|l| l.contains("ready")).expect("a row");
+    assert!(
+        row.contains("planner") && row.contains("coder") && row.contains(r#"{"step":2}"#),
+        "{row}"
+    );
+    let out = cli(
+        &app,
+        None,
+        &["signals", "inbox", "coder", "--consume", "--json"],
+    )
+    .await;
+    let read: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(read["signals"].as_array().unwrap().len(), 1);
+    let out = cli(&app, None, &["signals", "inbox", "coder", "--json"]).await;
+    let read: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(read["signals"], json!([]));
+    let out = cli(
+        &app,
+        None,
+        &[
+            "signals",
+            "send",
+            "--type",
+            "ready",
+            "--from",
+            "planner",
+            "--payload",
+            "[1]",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("payload"), "{}", stderr(&out));
+}

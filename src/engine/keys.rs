@@ -164,6 +164,48 @@ impl Keys {
         self.key("signals:expiry")
     }
 
+    // ---- approvals --------------------------------------------------------
+
+    /// Hash holding one approval request and its response. Pending requests
+    /// expire after their timeout plus the retention (a backstop: a sweeper
+    /// settles them long before); settled ones `--approval-retention-seconds`
+    /// after settling.
+    pub fn approval(&self, id: &uuid::Uuid) -> String {
+        self.key(&format!("approval:{id}"))
+    }
+
+    /// Sorted set of pending requests scored by `expires_at` (ms): the
+    /// sweepers' queue. Removing a member is the claim to time it out.
+    pub fn approvals_deadlines(&self) -> String {
+        self.key("approvals:deadlines")
+    }
+
+    /// Sorted set of every retained request, all with score 0, so ordered by
+    /// request id (UUIDv7: creation order) for `ZRANGEBYLEX` paging.
+    pub fn approvals_all(&self) -> String {
+        self.key("approvals:all")
+    }
+
+    /// Like [`Keys::approvals_all`], for the requests in one status
+    /// (`pending`, `approved`, `rejected`, `timeout`, `cancelled`).
+    pub fn approvals_by_status(&self, status: &str) -> String {
+        self.key(&format!("approvals:status:{status}"))
+    }
+
+    /// Sorted set of settled requests scored by the end of their retention
+    /// (ms), for pruning the indexes.
+    pub fn approvals_purge_due(&self) -> String {
+        self.key("approvals:purge-due")
+    }
+
+    /// String `<body fingerprint> <request id>` remembering one
+    /// `Idempotency-Key`; `digest` is a server-made hex hash of the caller's
+    /// key name and the header, never the header itself. Lives as long as
+    /// the request it created.
+    pub fn approval_idempotency(&self, digest: &str) -> String {
+        self.key(&format!("approvals:idem:{digest}"))
+    }
+
     // ---- usage ------------------------------------------------------------
 
     /// Hash of one UTC day's usage aggregates (`calls`, `cost`,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::agents::memory::AgentTable;
+use crate::approvals::memory::ApprovalTable;
 use crate::engine::EngineResult;
 use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
 use crate::feedback::memory::FeedbackTable;
@@ -24,6 +25,7 @@ pub struct MemoryState {
     pub events: EventRing,
     pub agents: AgentTable,
     pub signals: SignalTable,
+    pub approvals: ApprovalTable,
     pub usage: UsageTable,
     pub feedback: FeedbackTable,
     /// Applied migration versions, in order.

@@ -36,7 +36,8 @@ local function emit(kind, agent, wake, body)
 end
 "#;
 
-/// Stringifies script arguments: `args![id, ttl, json]`.
+/// Stringifies script arguments: `args![id, ttl, json]` (an array, which
+/// borrows as the `&[String]` that [`RedisEngine::invoke`] takes).
 macro_rules! args {
     ($($arg:expr),* $(,)?) => { [$($arg.to_string()),*] };
 }

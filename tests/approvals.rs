@@ -1,0 +1,740 @@
+//! Approval gates: the state machine under races, server-side deadlines,
+//! pushed waits across replicas, idempotent creation, and who may do what.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+use common::{Kind, Options, TestApp, TestKeys, eventually, problem_field};
+
+/// A service with one key per role; the helpers' default token is the admin's.
+async fn spawn(kind: Kind) -> (TestApp, TestKeys) {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
+    let app = app.with_token(&keys.admin);
+    (app, keys)
+}
+
+/// Another instance on the same Redis and prefix, with the same keys.
+async fn replica(app: &TestApp, keys: &TestKeys) -> TestApp {
+    let url = app.redis_url().expect("a Redis-backed app");
+    let options = Options::new(Kind::Redis)
+        .shared_redis(&url, &app.prefix)
+        .keys(&keys.toml);
+    TestApp::spawn_with(options).await.with_token(&keys.admin)
+}
+
+fn request(agent_id: &str, timeout_seconds: u64) -> Value {
+    json!({
+        "approval_type": "deploy",
+        "agent_id": agent_id,
+        "context": {"service": "billing", "version": "1.4.2"},
+        "timeout_seconds": timeout_seconds,
+    })
+}
+
+/// Creates an approval as `token` and returns its id.
+async fn create(app: &TestApp, token: &str, body: Value) -> String {
+    let (status, created) = app.post_as("/v1/approvals", body, Some(token)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["request"]["status"], "pending");
+    assert!(created["response"].is_null());
+    created["request"]["request_id"]
+        .as_str()
+        .expect("request_id")
+        .to_owned()
+}
+
+async fn decide(app: &TestApp, token: &str, id: &str, approved: bool) -> (u16, Value) {
+    app.post_as(
+        &format!("/v1/approvals/{id}/decision"),
+        json!({"approved": approved, "reason": "looked at it"}),
+        Some(token),
+    )
+    .await
+}
+
+/// `POST /v1/approvals` with an `Idempotency-Key` header.
+async fn create_with_key(app: &TestApp, token: &str, key: &str, body: &str) -> (u16, Value) {
+    let resp = app
+        .client
+        .post(app.url("/v1/approvals"))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .header("Content-Type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("a JSON body"))
+}
+
+fn ms(t: &Value) -> DateTime<Utc> {
+    t.as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| panic!("{t} is not an RFC 3339 time"))
+}
+
+async fn two_decisions_racing_on_each_of_200_requests_have_exactly_one_winner(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(create(&app, &keys.agent, request(&format!("agent-{}", i % 7), 300)).await);
+    }
+    let races = ids.iter().map(|id| {
+        let (app, keys) = (&app, &keys);
+        async move {
+            let (approve, reject) = tokio::join!(
+                decide(app, &keys.approver, id, true),
+                decide(app, &keys.admin, id, false),
+            );
+            (id.clone(), approve, reject)
+        }
+    });
+    let results = join_all(races).await;
+    let mut approvals_won = 0;
+    for (id, (approve_status, approve_body), (reject_status, reject_body)) in results {
+        let mut statuses = [approve_status, reject_status];
+        statuses.sort();
+        assert_eq!(statuses, [200, 409], "{id}: {approve_body} / {reject_body}");
+        let winner = if approve_status == 200 {
+            approvals_won += 1;
+            approve_body
+        } else {
+            reject_body
+        };
+        let (_, stored) = app.get(&format!("/v1/approvals/{id}")).await;
+        assert_eq!(stored, winner, "the stored state is the winner's");
+    }
+    println!("approve won {approvals_won} of 200 races");
+    let mut decided: HashMap<String, usize> = HashMap::new();
+    for event in app.events_of("approval.decided").await {
+        let id = event["data"]["request_id"].as_str().expect("request_id");
+        *decided.entry(id.to_owned()).or_default() += 1;
+    }
+    assert_eq!(decided.len(), 200);
+    assert!(
+        decided.values().all(|n| *n == 1),
+        "one approval.decided per request"
+    );
+}
+
+async fn a_decision_at_the_deadline_gives_its_waiter_exactly_the_stored_final_state(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    // Decisions land from 40 ms before to 60 ms after the 1-second deadline.
+    let offsets_ms: [i64; 20] = [
+        -40, -25, -15, -10, -6, -4, -2, -1, 0, 0, 1, 2, 3, 5, 8, 12, 16, 25, 40, 60,
+    ];
+    let trials = offsets_ms.iter().enumerate().map(|(i, offset)| {
+        let (app, keys) = (&app, &keys);
+        async move {
+            let (status, created) = app
+                .post_as(
+                    "/v1/approvals",
+                    request(&format!("agent-{i}"), 1),
+                    Some(&keys.agent),
+                )
+                .await;
+            assert_eq!(status, 201, "{created}");
+            let id = created["request"]["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let expires_at = ms(&created["request"]["expires_at"]);
+            let path = format!("/v1/approvals/{id}");
+            let wait_path = format!("{path}?wait_seconds=5");
+            let waiter = app.get_as(&wait_path, Some(&keys.viewer));
+            let decider = async {
+                let at = expires_at + chrono::Duration::milliseconds(*offset);
+                let delay = (at - Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(delay).await;
+                decide(app, &keys.approver, &id, true).await
+            };
+            let ((wait_status, seen), (decision_status, decision)) = tokio::join!(waiter, decider);
+            let (_, stored) = app.get(&path).await;
+            assert_eq!(wait_status, 200, "{seen}");
+            assert_ne!(stored["request"]["status"], "pending");
+            assert_eq!(
+                seen, stored,
+                "offset {offset} ms: the waiter saw the final state"
+            );
+            match decision_status {
+                200 => {
+                    assert_eq!(decision, stored);
+                    assert_eq!(stored["request"]["status"], "approved");
+                }
+                409 => {
+                    assert_eq!(stored["request"]["status"], "timeout");
+                    assert_eq!(stored["response"]["responder"], "system");
+                    assert_eq!(stored["response"]["approved"], false);
+                }
+                other => panic!("decision answered {other}: {decision}"),
+            }
+            stored["request"]["status"].as_str().unwrap().to_owned()
+        }
+    });
+    let outcomes = join_all(trials).await;
+    let approved = outcomes.iter().filter(|s| *s == "approved").count();
+    println!(
+        "at the deadline: {approved} decisions won, {} timeouts won",
+        outcomes.len() - approved
+    );
+    // Each request settled exactly once, whichever way.
+    let settled = app.events_of("approval.decided").await.len()
+        + app.events_of("approval.expired").await.len();
+    assert_eq!(settled, offsets_ms.len());
+}
+
+async fn an_approval_nobody_waits_on_times_out_once_within_two_seconds(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    // On Redis a second replica runs a second sweeper over the same
+    // deadlines; both race to claim every due request.
+    let second = match kind {
+        Kind::Redis => Some(replica(&app, &keys).await),
+        Kind::Memory => None,
+    };
+    let started = Instant::now();
+    let id = create(&app, &keys.agent, request("agent-1", 1)).await;
+    let path = format!("/v1/approvals/{id}");
+    let timed_out = eventually(Duration::from_secs(2), || async {
+        let (_, body) = app.get(&path).await;
+        (body["request"]["status"] == "timeout").then_some(body)
+    })
+    .await;
+    let elapsed = started.elapsed();
+    println!("timed out after {elapsed:?}");
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    let response = &timed_out["response"];
+    assert_eq!(response["approved"], false);
+    assert_eq!(response["responder"], "system");
+    assert_eq!(response["reason"], "timed out after 1 seconds");
+    assert_eq!(response["decided_at"], timed_out["request"]["expires_at"]);
+    // Give every sweeper several more rounds to (wrongly) expire it again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let expired: Vec<Value> = app
+        .events_of("approval.expired")
+        .await
+        .into_iter()
+        .filter(|e| e["data"]["request_id"] == id.as_str())
+        .collect();
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0]["source"], "system");
+    assert_eq!(expired[0]["data"]["status"], "timeout");
+    assert!(app.events_of("approval.decided").await.is_empty());
+    drop(second);
+}
+
+async fn the_same_idempotency_key_twice_creates_one_approval_and_another_body_is_refused(
+    kind: Kind,
+) {
+    let (app, keys) = spawn(kind).await;
+    let body = r#"{"approval_type":"deploy","agent_id":"agent-1","context":{"a":1,"b":[1,2]}}"#;
+    let (s1, first) = create_with_key(&app, &keys.agent, "retry-7", body).await;
+    let (s2, again) = create_with_key(&app, &keys.agent, "retry-7", body).await;
+    assert_eq!((s1, s2), (201, 201), "{first} / {again}");
+    assert_eq!(first, again);
+    // The same body with its keys in another order is the same body.
+    let reordered = r#"{"context":{"b":[1,2],"a":1},"timeout_seconds":300,"agent_id":"agent-1","approval_type":"deploy"}"#;
+    let (s3, same) = create_with_key(&app, &keys.agent, "retry-7", reordered).await;
+    assert_eq!(s3, 201);
+    assert_eq!(
+        same["request"]["request_id"],
+        first["request"]["request_id"]
+    );
+    // Retries racing each other still create one request.
+    let racing =
+        join_all((0..10).map(|_| create_with_key(&app, &keys.agent, "retry-8", body))).await;
+    let ids: std::collections::HashSet<String> = racing
+        .iter()
+        .map(|(status, b)| {
+            assert_eq!(*status, 201, "{b}");
+            b["request"]["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+
+    let other = r#"{"approval_type":"deploy","agent_id":"agent-1","context":{"a":2}}"#;
+    let (status, problem) = create_with_key(&app, &keys.agent, "retry-7", other).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem_field(&problem), "Idempotency-Key");
+
+    let (_, list) = app.get("/v1/approvals?status=all").await;
+    assert_eq!(list["approvals"].as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(app.events_of("approval.requested").await.len(), 2);
+}
+
+async fn an_agent_key_cannot_decide_and_a_requester_cannot_decide_its_own_approval(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let id = create(&app, &keys.agent, request("agent-1", 300)).await;
+    let (status, problem) = decide(&app, &keys.agent, &id, true).await;
+    assert_eq!(status, 403, "{problem}");
+    let (status, _) = decide(&app, &keys.viewer, &id, true).await;
+    assert_eq!(status, 403);
+
+    let own = create(&app, &keys.admin, request("agent-1", 300)).await;
+    let (status, problem) = decide(&app, &keys.admin, &own, true).await;
+    assert_eq!(status, 403, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("ops-admin"));
+    // Refusals change nothing; a different approver decides both.
+    let (status, decided) = decide(&app, &keys.approver, &own, false).await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(decided["request"]["status"], "rejected");
+    assert_eq!(decided["response"]["responder"], "alice");
+    assert_eq!(decided["response"]["approved"], false);
+    let (status, decided) = decide(&app, &keys.approver, &id, true).await;
+    assert_eq!(status, 200);
+    assert_eq!(decided["request"]["status"], "approved");
+    assert_eq!(decided["request"]["requested_by"], "agent-key");
+}
+
+async fn a_responder_field_sent_by_the_client_is_ignored(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let id = create(&app, &keys.agent, request("agent-1", 300)).await;
+    let (status, decided) = app
+        .post_as(
+            &format!("/v1/approvals/{id}/decision"),
+            json!({"approved": true, "responder": "the-ceo"}),
+            Some(&keys.approver),
+        )
+        .await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(decided["response"]["responder"], "alice");
+}
+
+async fn a_conflict_names_the_current_status_and_responder(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let detail = |problem: &Value| problem["detail"].as_str().unwrap_or("").to_owned();
+
+    let approved = create(&app, &keys.agent, request("agent-1", 300)).await;
+    assert_eq!(decide(&app, &keys.approver, &approved, true).await.0, 200);
+    let (status, problem) = decide(&app, &keys.admin, &approved, false).await;
+    assert_eq!(status, 409, "{problem}");
+    let text = detail(&problem);
+    assert!(
+        text.contains("approved") && text.contains("alice"),
+        "{text}"
+    );
+
+    let cancelled = create(&app, &keys.agent, request("agent-1", 300)).await;
+    let (status, body) = app
+        .post_as(
+            &format!("/v1/approvals/{cancelled}/cancel"),
+            json!({"reason": "no longer needed"}),
+            Some(&keys.agent),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, problem) = decide(&app, &keys.approver, &cancelled, true).await;
+    assert_eq!(status, 409);
+    let text = detail(&problem);
+    assert!(
+        text.contains("cancelled") && text.contains("agent-key"),
+        "{text}"
+    );
+
+    let timed_out = create(&app, &keys.agent, request("agent-1", 1)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, problem) = decide(&app, &keys.approver, &timed_out, true).await;
+    assert_eq!(status, 409);
+    let text = detail(&problem);
+    assert!(
+        text.contains("timeout") && text.contains("system"),
+        "{text}"
+    );
+
+    let (status, problem) = app
+        .post_as(
+            &format!("/v1/approvals/{approved}/cancel"),
+            json!({}),
+            Some(&keys.agent),
+        )
+        .await;
+    assert_eq!(status, 409);
+    assert!(detail(&problem).contains("approved"));
+}
+
+async fn a_cancel_racing_a_decision_has_exactly_one_winner(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids.push(create(&app, &keys.agent, request("agent-1", 300)).await);
+    }
+    let races = ids.iter().map(|id| {
+        let (app, keys) = (&app, &keys);
+        async move {
+            let cancel_path = format!("/v1/approvals/{id}/cancel");
+            let cancel = app.post_as(&cancel_path, json!({}), Some(&keys.agent));
+            let ((c, _), (d, _)) = tokio::join!(cancel, decide(app, &keys.approver, id, true));
+            let mut statuses = [c, d];
+            statuses.sort();
+            assert_eq!(statuses, [200, 409], "{id}");
+        }
+    });
+    join_all(races).await;
+    let settled = app.events_of("approval.cancelled").await.len()
+        + app.events_of("approval.decided").await.len();
+    assert_eq!(settled, 50);
+}
+
+async fn only_the_requesting_key_or_an_admin_may_cancel(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let id = create(&app, &keys.agent, request("ci-1", 300)).await;
+    let path = format!("/v1/approvals/{id}/cancel");
+    // Another agent key whose scope covers the agent did not request it.
+    let (status, _) = app.post_as(&path, json!({}), Some(&keys.ci_agent)).await;
+    assert_eq!(status, 403);
+    let (status, _) = app.post_as(&path, json!({}), Some(&keys.approver)).await;
+    assert_eq!(status, 403);
+    let (status, cancelled) = app.post_as(&path, json!({}), Some(&keys.agent)).await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["request"]["status"], "cancelled");
+    assert_eq!(cancelled["response"]["responder"], "agent-key");
+    assert_eq!(cancelled["response"]["approved"], false);
+
+    let other = create(&app, &keys.agent, request("agent-2", 300)).await;
+    let (status, _) = app
+        .post_as(
+            &format!("/v1/approvals/{other}/cancel"),
+            json!({}),
+            Some(&keys.admin),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let events = app.events_of("approval.cancelled").await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["data"]["response"]["responder"], "agent-key");
+}
+
+async fn an_agent_key_sees_and_creates_only_approvals_in_its_scope(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let (status, problem) = app
+        .post_as(
+            "/v1/approvals",
+            request("prod-1", 300),
+            Some(&keys.ci_agent),
+        )
+        .await;
+    assert_eq!(status, 403, "{problem}");
+    let theirs = create(&app, &keys.agent, request("prod-1", 300)).await;
+    let mine = create(&app, &keys.ci_agent, request("ci-1", 300)).await;
+
+    let (status, _) = app
+        .get_as(&format!("/v1/approvals/{theirs}"), Some(&keys.ci_agent))
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = app
+        .get_as(&format!("/v1/approvals/{mine}"), Some(&keys.ci_agent))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app
+        .post_as(
+            &format!("/v1/approvals/{theirs}/cancel"),
+            json!({}),
+            Some(&keys.ci_agent),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    let (_, list) = app.get_as("/v1/approvals", Some(&keys.ci_agent)).await;
+    let listed: Vec<&Value> = list["approvals"].as_array().unwrap().iter().collect();
+    assert_eq!(listed.len(), 1, "{list}");
+    assert_eq!(listed[0]["request"]["request_id"], mine.as_str());
+    let (_, list) = app.get_as("/v1/approvals", Some(&keys.viewer)).await;
+    assert_eq!(list["approvals"].as_array().unwrap().len(), 2);
+}
+
+async fn a_waiter_whose_wait_ends_gets_the_pending_state_and_can_wait_again(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let id = create(&app, &keys.agent, request("agent-1", 300)).await;
+    let path = format!("/v1/approvals/{id}");
+    let started = Instant::now();
+    let (status, pending) = app
+        .get_as(&format!("{path}?wait_seconds=1"), Some(&keys.agent))
+        .await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(950));
+    assert_eq!(pending["request"]["status"], "pending");
+    assert!(pending["response"].is_null());
+
+    let wait_path = format!("{path}?wait_seconds=10");
+    let waiter = app.get_as(&wait_path, Some(&keys.agent));
+    let decider = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        decide(&app, &keys.approver, &id, false).await
+    };
+    let started = Instant::now();
+    let ((status, seen), (_, decided)) = tokio::join!(waiter, decider);
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered when decided"
+    );
+    assert_eq!(seen, decided);
+    assert_eq!(seen["request"]["status"], "rejected");
+}
+
+async fn creating_with_wait_seconds_returns_the_decision_made_meanwhile(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let creator = app.post_as(
+        "/v1/approvals?wait_seconds=10",
+        request("agent-1", 300),
+        Some(&keys.agent),
+    );
+    let decider = async {
+        let id = eventually(Duration::from_secs(5), || async {
+            let (_, list) = app.get_as("/v1/approvals", Some(&keys.approver)).await;
+            list["approvals"][0]["request"]["request_id"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .await;
+        decide(&app, &keys.approver, &id, true).await
+    };
+    let ((status, created), (_, decided)) = tokio::join!(creator, decider);
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created, decided);
+    assert_eq!(created["request"]["status"], "approved");
+}
+
+async fn listing_is_oldest_first_paginated_and_filtered(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let body = json!({
+            "approval_type": if i % 2 == 0 { "deploy" } else { "spend" },
+            "agent_id": format!("agent-{}", i % 3),
+        });
+        ids.push(create(&app, &keys.agent, body).await);
+    }
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = app
+            .get(&format!("/v1/approvals?limit=2&cursor={cursor}"))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        for a in page["approvals"].as_array().unwrap() {
+            seen.push(a["request"]["request_id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "oldest first, every request once");
+
+    let ids_of = |list: &Value| -> Vec<String> {
+        list["approvals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["request"]["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, list) = app.get("/v1/approvals?type=spend").await;
+    assert_eq!(ids_of(&list), vec![ids[1].clone(), ids[3].clone()]);
+    let (_, list) = app.get("/v1/approvals?agent_id=agent-0").await;
+    assert_eq!(ids_of(&list), vec![ids[0].clone(), ids[3].clone()]);
+
+    assert_eq!(decide(&app, &keys.approver, &ids[2], true).await.0, 200);
+    let (_, list) = app.get("/v1/approvals?status=approved").await;
+    assert_eq!(ids_of(&list), vec![ids[2].clone()]);
+    let (_, list) = app.get("/v1/approvals").await;
+    assert_eq!(ids_of(&list).len(), 4, "pending is the default");
+    let (_, list) = app.get("/v1/approvals?status=all").await;
+    assert_eq!(ids_of(&list), ids);
+    assert_eq!(list["next_cursor"], Value::Null);
+}
+
+async fn invalid_requests_are_refused_naming_the_field(kind: Kind) {
+    let (app, _keys) = spawn(kind).await;
+    let cases = [
+        (
+            json!({"approval_type": "deploy", "agent_id": "a", "timeout_seconds": 0}),
+            "timeout_seconds",
+        ),
+        (
+            json!({"approval_type": "deploy", "agent_id": "a", "timeout_seconds": 86401}),
+            "timeout_seconds",
+        ),
+        (
+            json!({"approval_type": "deploy", "agent_id": "a:b"}),
+            "agent_id",
+        ),
+        (
+            json!({"approval_type": "de ploy", "agent_id": "a"}),
+            "approval_type",
+        ),
+        (json!({"agent_id": "a"}), "approval_type"),
+        (
+            json!({"approval_type": "deploy", "agent_id": "a", "context": [1]}),
+            "context",
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, problem) = app.post("/v1/approvals", body.clone()).await;
+        assert_eq!(status, 422, "{body}: {problem}");
+        assert_eq!(problem_field(&problem), field, "{body}");
+    }
+    let (status, problem) = app
+        .post("/v1/approvals?wait_seconds=61", request("a", 300))
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(problem_field(&problem), "wait_seconds");
+    let (status, problem) = app.get("/v1/approvals?status=maybe").await;
+    assert_eq!(status, 422);
+    assert_eq!(problem_field(&problem), "status");
+    let (status, problem) = app.get("/v1/approvals?cursor=nope").await;
+    assert_eq!(status, 422);
+    assert_eq!(problem_field(&problem), "cursor");
+    let (status, _) = app.get("/v1/approvals/not-a-request").await;
+    assert_eq!(status, 404);
+    let (status, _) = app
+        .get(&format!("/v1/approvals/{}", uuid::Uuid::now_v7()))
+        .await;
+    assert_eq!(status, 404);
+}
+
+async fn in_anonymous_mode_the_single_identity_may_decide_what_it_requested(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (status, created) = app.post("/v1/approvals", request("agent-1", 300)).await;
+    assert_eq!(status, 201);
+    let id = created["request"]["request_id"].as_str().unwrap();
+    let (status, decided) = app
+        .post(
+            &format!("/v1/approvals/{id}/decision"),
+            json!({"approved": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(decided["response"]["responder"], "anonymous");
+}
+
+async fn pending_approvals_are_counted_in_the_metrics(kind: Kind) {
+    let (app, keys) = spawn(kind).await;
+    let first = create(&app, &keys.agent, request("agent-1", 300)).await;
+    create(&app, &keys.agent, request("agent-1", 300)).await;
+    let scrape = || async {
+        let resp = app
+            .client
+            .get(app.url("/metrics"))
+            .bearer_auth(&keys.viewer)
+            .send()
+            .await
+            .expect("request");
+        resp.text().await.expect("body")
+    };
+    assert!(scrape().await.contains("attune_approvals_pending 2"));
+    decide(&app, &keys.approver, &first, true).await;
+    assert!(scrape().await.contains("attune_approvals_pending 1"));
+}
+
+conformance!(
+    two_decisions_racing_on_each_of_200_requests_have_exactly_one_winner,
+    a_decision_at_the_deadline_gives_its_waiter_exactly_the_stored_final_state,
+    an_approval_nobody_waits_on_times_out_once_within_two_seconds,
+    the_same_idempotency_key_twice_creates_one_approval_and_another_body_is_refused,
+    an_agent_key_cannot_decide_and_a_requester_cannot_decide_its_own_approval,
+    a_responder_field_sent_by_the_client_is_ignored,
+    a_conflict_names_the_current_status_and_responder,
+    a_cancel_racing_a_decision_has_exactly_one_winner,
+    only_the_requesting_key_or_an_admin_may_cancel,
+    an_agent_key_sees_and_creates_only_approvals_in_its_scope,
+    a_waiter_whose_wait_ends_gets_the_pending_state_and_can_wait_again,
+    creating_with_wait_seconds_returns_the_decision_made_meanwhile,
+    listing_is_oldest_first_paginated_and_filtered,
+    invalid_requests_are_refused_naming_the_field,
+    in_anonymous_mode_the_single_identity_may_decide_what_it_requested,
+    pending_approvals_are_counted_in_the_metrics,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_one_replica_is_answered_when_another_replica_decides() {
+    let (a, keys) = spawn(Kind::Redis).await;
+    let b = replica(&a, &keys).await;
+    let id = create(&a, &keys.agent, request("agent-1", 300)).await;
+    let waiter = {
+        let (client, url, token) = (
+            a.client.clone(),
+            a.url(&format!("/v1/approvals/{id}?wait_seconds=10")),
+            keys.agent.clone(),
+        );
+        tokio::spawn(async move {
+            let resp = client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("wait");
+            let answered = Instant::now();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("json"), answered)
+        })
+    };
+    // Let the waiter register before deciding.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let (status, decided) = decide(&b, &keys.approver, &id, true).await;
+    assert_eq!(status, 200, "{decided}");
+    let (status, seen, answered) = waiter.await.expect("waiter task");
+    let latency = answered.saturating_duration_since(sent);
+    println!("waiter on replica A answered {latency:?} after the decision was sent to replica B");
+    assert_eq!(status, 200);
+    assert_eq!(seen, decided);
+    assert!(latency < Duration::from_millis(500), "{latency:?}");
+}
+
+/// The memory engine serves one process, so its "replicas" are sweepers
+/// sharing one state: two of them race for every due request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sweepers_on_one_memory_engine_time_a_request_out_once() {
+    use attune_telemetry::approvals::{self, NewApprovalRequest};
+    use attune_telemetry::auth::Identity;
+    use attune_telemetry::events::StreamId;
+
+    // The app runs one sweeper; start a second on the same state.
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory).configure(|c| c.sweep_interval = Duration::from_millis(10)),
+    )
+    .await;
+    let state = app.state.clone();
+    let second = approvals::spawn_sweeper(state.clone());
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let req: NewApprovalRequest =
+            serde_json::from_value(request(&format!("agent-{i}"), 1)).unwrap();
+        let created = approvals::create(&state, &Identity::anonymous(), req, None)
+            .await
+            .expect("created");
+        ids.push(created.request.request_id);
+    }
+    eventually(Duration::from_secs(3), || async {
+        let mut all = true;
+        for id in &ids {
+            let approval = state.engine.get_approval(*id).await.unwrap().unwrap();
+            all &= approval.request.status == approvals::ApprovalStatus::Timeout;
+        }
+        all.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let events = state
+        .engine
+        .read_events(StreamId::ZERO, 10_000)
+        .await
+        .unwrap();
+    let expired = events
+        .iter()
+        .filter(|e| e.kind == "approval.expired")
+        .count();
+    assert_eq!(expired, 50);
+    state.shutdown.cancel();
+    second.await.unwrap();
+}
