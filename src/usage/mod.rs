@@ -429,11 +429,11 @@ mod field {
 #[derive(Debug, Clone)]
 struct Prepared {
     view: UsageRecordView,
+    /// `view` serialized, as stored for `recent`.
+    json: String,
     claim: Option<Id>,
     day: NaiveDate,
     ts_ms: i64,
-    tokens: TokenCounts,
-    hit: bool,
     /// n$ actually spent (0 for a response-cache hit).
     actual: i64,
     baseline: i64,
@@ -448,7 +448,7 @@ impl Prepared {
                 *into.entry(name).or_default() += v;
             }
         };
-        let t = &self.tokens;
+        let t = &self.view.tokens;
         let reads_cache = i64::from(t.cache_read > 0);
         add(field::CALLS.into(), 1);
         add(field::COST.into(), self.actual);
@@ -459,7 +459,7 @@ impl Prepared {
         add(field::TOKENS_OUT.into(), t.output as i64);
         add(field::CACHE_READ.into(), t.cache_read as i64);
         add(field::CACHE_CREATION.into(), t.cache_creation as i64);
-        add(field::CACHE_HITS.into(), i64::from(self.hit));
+        add(field::CACHE_HITS.into(), i64::from(self.view.cache.hit));
         add(field::CACHE_READ_CALLS.into(), reads_cache);
         add(field::DURATION_MS.into(), self.view.duration_ms as i64);
         for (group, name) in [
@@ -666,12 +666,11 @@ fn prepare(
         duration_ms: r.duration_ms.get(),
     };
     Ok(Prepared {
+        json: serde_json::to_string(&view).expect("a record view always serializes"),
         view,
         claim: r.id,
         day: ts.date_naive(),
         ts_ms: ts.timestamp_millis(),
-        tokens,
-        hit,
         actual: if hit { 0 } else { own },
         baseline: prices.baseline().uncached_cost(&tokens),
         prompt_savings: rates.cache_read_savings(tokens.cache_read),
@@ -701,12 +700,14 @@ fn plan(
             claim_owner.push(i);
         }
         p.add_fields(fields.entry(p.day).or_default());
-        let json = serde_json::to_string(&p.view).expect("a record view always serializes");
-        recent.entry(p.day).or_default().push((p.ts_ms, json));
+        recent
+            .entry(p.day)
+            .or_default()
+            .push((p.ts_ms, p.json.clone()));
         cost += p.actual;
-        tokens_in += p.tokens.input;
-        tokens_out += p.tokens.output;
-        hits += u64::from(p.hit);
+        tokens_in += p.view.tokens.input;
+        tokens_out += p.view.tokens.output;
+        hits += u64::from(p.view.cache.hit);
         agents.insert(p.view.agent_id.as_deref());
     }
     // The event names the agent when the whole batch is one agent's.
