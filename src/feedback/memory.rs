@@ -30,7 +30,7 @@ impl MemoryEngine {
             let cutoff = write.cutoff_ms;
             let samples = table.samples.entry(write.group.clone()).or_default();
             samples.insert((write.ts_ms, write.member.clone()));
-            samples.retain(|(ts, _)| *ts >= cutoff);
+            *samples = samples.split_off(&(cutoff, String::new()));
             while samples.len() > SAMPLES_PER_GROUP {
                 samples.pop_first();
             }
@@ -41,15 +41,11 @@ impl MemoryEngine {
                 .or_insert(write.ts_ms);
             *last = (*last).max(write.ts_ms);
             stages.retain(|_, ts| *ts >= cutoff);
-            let stale: Vec<Group> = table
+            // Groups nobody scored for the whole window go, as their keys
+            // expire on Redis.
+            table
                 .samples
-                .iter()
-                .filter(|(_, set)| set.last().is_none_or(|(ts, _)| *ts < cutoff))
-                .map(|(g, _)| g.clone())
-                .collect();
-            for g in stale {
-                table.samples.remove(&g);
-            }
+                .retain(|_, set| set.last().is_some_and(|(ts, _)| *ts >= cutoff));
             table.stages.retain(|_, stages| !stages.is_empty());
             s.events.append(write.event.clone());
         });
