@@ -76,6 +76,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// Wall-clock time for domain logic (tests advance it).
     pub clock: crate::clock::Clock,
+    /// The price table, the `user_id` HMAC secret and the usage retention.
+    pub usage: Arc<crate::usage::UsageSettings>,
     /// Cancelled when the server starts shutting down: long polls answer,
     /// WebSockets close, background tasks stop.
     pub shutdown: CancellationToken,
@@ -143,6 +145,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(crate::approvals::http::router())
         .merge(crate::events::http::router())
         .merge(crate::events::live::router())
+        .merge(crate::feedback::http::router())
+        .merge(crate::usage::http::router())
         .merge(crate::ops::router())
 }
 
@@ -182,6 +186,7 @@ pub async fn build(config: Config) -> Result<App, String> {
             Engine::Redis(Arc::new(engine))
         }
     };
+    let usage = crate::usage::UsageSettings::load(&config, &engine).await?;
     let shutdown = CancellationToken::new();
     let hub = Hub::new(config.subscriber_buffer, shutdown.clone());
     let state = AppState::new(Shared {
@@ -190,6 +195,7 @@ pub async fn build(config: Config) -> Result<App, String> {
         keys: Arc::new(keys),
         config: Arc::new(config),
         clock: crate::clock::Clock::default(),
+        usage: Arc::new(usage),
         shutdown,
     });
     let router = router(state.clone());

@@ -11,6 +11,8 @@
 //! Client-supplied parts of keys are always [`Id`]s, which cannot contain
 //! `:`, `*`, `{`, `}` or whitespace, so no key can collide or glob.
 
+use chrono::NaiveDate;
+
 use crate::types::Id;
 
 /// Builds keys for one deployment prefix.
@@ -202,6 +204,63 @@ impl Keys {
     /// the request it created.
     pub fn approval_idempotency(&self, digest: &str) -> String {
         self.key(&format!("approvals:idem:{digest}"))
+    }
+
+    // ---- usage ------------------------------------------------------------
+
+    /// Hash of one UTC day's usage aggregates (`calls`, `cost`,
+    /// `tier:cheap:cost`, `wf:<workflow>:calls`, …; money in integer
+    /// nano-dollars), incremented at write time so summaries read one hash
+    /// per day instead of every record. Expires `retention` after the day.
+    pub fn usage_day(&self, day: NaiveDate) -> String {
+        self.key(&format!("usage:day:{}", day.format("%Y-%m-%d")))
+    }
+
+    /// Sorted set of one UTC day's newest usage records (JSON), scored by
+    /// their time (ms) and capped, for `recent`. Expires with the day hash.
+    pub fn usage_recent(&self, day: NaiveDate) -> String {
+        self.key(&format!("usage:recent:{}", day.format("%Y-%m-%d")))
+    }
+
+    /// Marker that a client-chosen usage record id was counted; `SET NX`
+    /// in the same script as the aggregates, expiring after the retention.
+    pub fn usage_seen(&self, id: &Id) -> String {
+        self.key(&format!("usage:seen:{id}"))
+    }
+
+    // ---- feedback ---------------------------------------------------------
+
+    /// Sorted set of quality scores of one workflow stage on one tier,
+    /// scored by time (ms), members `<uuid>|<score>`; pruned to 7 days and capped.
+    pub fn feedback_samples(&self, workflow: &Id, stage: &Id, tier: &str) -> String {
+        self.key(&format!("feedback:samples:{workflow}:{stage}:{tier}"))
+    }
+
+    /// Sorted set of `<stage>:<tier>` pairs of one workflow that have
+    /// feedback, scored by their latest sample (ms): the index behind
+    /// `underperforming`.
+    pub fn feedback_stages(&self, workflow: &Id) -> String {
+        self.key(&format!("feedback:stages:{workflow}"))
+    }
+
+    /// Sorted set of workflows with feedback, scored by their latest sample (ms).
+    pub fn feedback_workflows(&self) -> String {
+        self.key("feedback:workflows")
+    }
+
+    /// Hash `good`, `bad` of one template's ratings.
+    pub fn template(&self, id: &Id) -> String {
+        self.key(&format!("template:{id}"))
+    }
+
+    /// Sorted set of rated templates scored by confidence.
+    pub fn templates_by_confidence(&self) -> String {
+        self.key("templates:by-confidence")
+    }
+
+    /// Sorted set of rated templates, all scored 0, for listing by id (`ZRANGEBYLEX`).
+    pub fn templates_by_id(&self) -> String {
+        self.key("templates:by-id")
     }
 
     /// Prefix for other domains' keys, which build theirs with [`Keys::sub`].

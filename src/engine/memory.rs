@@ -15,7 +15,9 @@ use crate::agents::memory::AgentTable;
 use crate::approvals::memory::ApprovalTable;
 use crate::engine::EngineResult;
 use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
+use crate::feedback::memory::FeedbackTable;
 use crate::signals::memory::SignalTable;
+use crate::usage::memory::UsageTable;
 
 /// Everything the memory engine stores, one table per domain.
 #[derive(Default)]
@@ -24,6 +26,8 @@ pub struct MemoryState {
     pub agents: AgentTable,
     pub signals: SignalTable,
     pub approvals: ApprovalTable,
+    pub usage: UsageTable,
+    pub feedback: FeedbackTable,
     /// Applied migration versions, in order.
     pub migrations: Vec<String>,
 }

@@ -1,0 +1,144 @@
+//! Usage on the memory engine: the same per-day aggregates and capped
+//! record sets as Redis, with expiry checked on read and purged on write.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::NaiveDate;
+
+use crate::engine::EngineResult;
+use crate::engine::memory::MemoryEngine;
+use crate::types::Id;
+use crate::usage::{RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
+
+/// One UTC day: what the Redis day hash and record set hold.
+#[derive(Debug, Default)]
+struct Day {
+    fields: HashMap<String, i64>,
+    /// `(ts ms, record JSON)`, ordered like a Redis sorted set.
+    recent: BTreeSet<(i64, String)>,
+    expire_at_ms: i64,
+}
+
+/// Usage aggregates, recent records and claimed ids.
+#[derive(Debug, Default)]
+pub struct UsageTable {
+    /// The `user_id` HMAC key: random, made on first use, lost on exit.
+    secret: Option<Vec<u8>>,
+    days: BTreeMap<NaiveDate, Day>,
+    /// Claimed client ids and when each claim expires (ms).
+    claimed: HashMap<Id, i64>,
+    /// `(expiry ms, id)` of claims, to purge them in order.
+    claim_expiry: BTreeSet<(i64, Id)>,
+}
+
+impl UsageTable {
+    fn purge(&mut self, now_ms: i64) {
+        self.days.retain(|_, day| day.expire_at_ms > now_ms);
+        while let Some((expires, id)) = self.claim_expiry.first().cloned() {
+            if expires > now_ms {
+                break;
+            }
+            self.claim_expiry.pop_first();
+            if self.claimed.get(&id) == Some(&expires) {
+                self.claimed.remove(&id);
+            }
+        }
+    }
+
+    fn live_day(&self, day: &NaiveDate, now_ms: i64) -> Option<&Day> {
+        self.days.get(day).filter(|d| d.expire_at_ms > now_ms)
+    }
+}
+
+impl MemoryEngine {
+    pub async fn usage_secret(&self) -> EngineResult<Vec<u8>> {
+        Ok(self.write(|s| {
+            s.usage
+                .secret
+                .get_or_insert_with(|| rand::random::<[u8; 32]>().to_vec())
+                .clone()
+        }))
+    }
+
+    pub async fn apply_usage(&self, write: &UsageWrite) -> EngineResult<UsageOutcome> {
+        Ok(self.write(|s| {
+            let now = write.now_ms;
+            let table = &mut s.usage;
+            table.purge(now);
+            // Check everything first: the batch is applied whole or not at all.
+            for d in &write.days {
+                let current = table.live_day(&d.day, now);
+                for (name, inc) in d.fields.iter().filter(|(name, _)| !name.contains(':')) {
+                    let cur = current
+                        .and_then(|day| day.fields.get(name))
+                        .copied()
+                        .unwrap_or(0);
+                    if cur
+                        .checked_add(*inc)
+                        .is_none_or(|total| total > TOTAL_LIMIT)
+                    {
+                        return UsageOutcome::Overflow(d.day);
+                    }
+                }
+            }
+            let duplicates: Vec<usize> = write
+                .claims
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| table.claimed.contains_key(*id))
+                .map(|(i, _)| i)
+                .collect();
+            if !duplicates.is_empty() {
+                return UsageOutcome::Duplicates(duplicates);
+            }
+            let expires = now + write.claim_ttl_ms;
+            for id in &write.claims {
+                table.claimed.insert(id.clone(), expires);
+                table.claim_expiry.insert((expires, id.clone()));
+            }
+            for d in &write.days {
+                let day = table.days.entry(d.day).or_default();
+                day.expire_at_ms = d.expire_at_ms;
+                for (name, inc) in &d.fields {
+                    *day.fields.entry(name.clone()).or_default() += inc;
+                }
+                day.recent.extend(d.recent.iter().cloned());
+                while day.recent.len() > RECENT_PER_DAY {
+                    day.recent.pop_first();
+                }
+            }
+            s.events.append(write.event.clone());
+            UsageOutcome::Applied
+        }))
+    }
+
+    pub async fn usage_days(&self, days: &[NaiveDate]) -> EngineResult<Vec<HashMap<String, i64>>> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let state = self.lock();
+        Ok(days
+            .iter()
+            .map(|d| {
+                state
+                    .usage
+                    .live_day(d, now)
+                    .map(|day| day.fields.clone())
+                    .unwrap_or_default()
+            })
+            .collect())
+    }
+
+    pub async fn usage_recent(
+        &self,
+        days: &[NaiveDate],
+        limit: usize,
+    ) -> EngineResult<Vec<String>> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let state = self.lock();
+        Ok(days
+            .iter()
+            .filter_map(|d| state.usage.live_day(d, now))
+            .flat_map(|day| day.recent.iter().rev().map(|(_, json)| json.clone()))
+            .take(limit)
+            .collect())
+    }
+}

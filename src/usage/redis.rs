@@ -1,0 +1,189 @@
+//! Usage on Redis: one aggregate hash and one capped record set per UTC
+//! day, and one `SET NX` marker per client id.
+//!
+//! A batch is one Lua script. The service has already added up the batch
+//! per day in Rust, so the script does a few hundred `HINCRBY`s, not one
+//! per record and field. It first checks that no day total would pass
+//! [`TOTAL_LIMIT`], then claims every client id with `SET NX PX`; if any id
+//! was claimed before, it releases the claims it just made and reports the
+//! repeats without writing anything (the service drops them and retries).
+//! Claiming and counting in one script is what makes "a repeat is counted
+//! once" hold across concurrent batches and replicas.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use chrono::NaiveDate;
+use redis::Script;
+
+use crate::engine::redis::{RedisEngine, args, script};
+use crate::engine::{EngineError, EngineResult};
+use crate::usage::{RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
+
+/// KEYS: 2..1+n claim markers, then per day its hash and its record set.
+/// ARGV: 2 n, 3 number of days, 4 claim ttl ms, 5 records kept per day,
+/// 6 event, 7 event agent or '', 8 total limit; then per day: expire-at ms,
+/// field count f, record count r, f `(field, increment)` pairs and r
+/// `(score, record)` pairs.
+///
+/// Returns `{0}` when applied, `{1, i…}` with the 0-based indexes of
+/// repeated claims, or `{2, j}` when day `j` (1-based) would overflow.
+static APPLY: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local n, d = tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit = tonumber(ARGV[8])
+local days, p = {}, 9
+for j = 1, d do
+  local nf, nr = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+  days[j] = { hash = KEYS[n + 2 * j], recent = KEYS[n + 2 * j + 1],
+              expire = ARGV[p], nf = nf, nr = nr, at = p + 3 }
+  p = p + 3 + 2 * nf + 2 * nr
+end
+for j, day in ipairs(days) do
+  for k = 0, day.nf - 1 do
+    local name = ARGV[day.at + 2 * k]
+    if not string.find(name, ':', 1, true) then
+      local cur = tonumber(redis.call('HGET', day.hash, name) or '0')
+      if cur + tonumber(ARGV[day.at + 2 * k + 1]) > limit then return {2, j} end
+    end
+  end
+end
+local claimed, dups = {}, {}
+for i = 1, n do
+  if redis.call('SET', KEYS[1 + i], '1', 'NX', 'PX', ARGV[4]) then
+    claimed[#claimed + 1] = KEYS[1 + i]
+  else
+    dups[#dups + 1] = i - 1
+  end
+end
+if #dups > 0 then
+  for _, key in ipairs(claimed) do redis.call('DEL', key) end
+  local out = {1}
+  for _, i in ipairs(dups) do out[#out + 1] = i end
+  return out
+end
+for _, day in ipairs(days) do
+  for k = 0, day.nf - 1 do
+    redis.call('HINCRBY', day.hash, ARGV[day.at + 2 * k], ARGV[day.at + 2 * k + 1])
+  end
+  redis.call('PEXPIREAT', day.hash, day.expire)
+  if day.nr > 0 then
+    local base, members = day.at + 2 * day.nf, {}
+    for k = 0, 2 * day.nr - 1 do members[k + 1] = ARGV[base + k] end
+    redis.call('ZADD', day.recent, unpack(members))
+    redis.call('ZREMRANGEBYRANK', day.recent, 0, -(tonumber(ARGV[5]) + 1))
+    redis.call('PEXPIREAT', day.recent, day.expire)
+  end
+end
+emit('usage.recorded', ARGV[7], '', ARGV[6])
+return {0}
+"#,
+    )
+});
+
+/// Days read per round trip by `recent`.
+const RECENT_DAYS_PER_ROUND: usize = 7;
+
+impl RedisEngine {
+    pub async fn usage_secret(&self) -> EngineResult<Vec<u8>> {
+        let mut conn = self.conn();
+        let secret: Option<String> = self
+            .run(
+                redis::cmd("GET")
+                    .arg(self.keys.user_hmac_secret())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        secret.map(String::into_bytes).ok_or_else(|| {
+            EngineError::Corrupt(
+                "the user-id HMAC secret is missing; run `attune-telemetry migrate`".into(),
+            )
+        })
+    }
+
+    pub async fn apply_usage(&self, write: &UsageWrite) -> EngineResult<UsageOutcome> {
+        let mut keys: Vec<String> = write
+            .claims
+            .iter()
+            .map(|id| self.keys.usage_seen(id))
+            .collect();
+        let mut argv: Vec<String> = args![
+            write.claims.len(),
+            write.days.len(),
+            write.claim_ttl_ms,
+            RECENT_PER_DAY,
+            write.event.json,
+            write.event.agent_id.as_deref().unwrap_or(""),
+            TOTAL_LIMIT,
+        ]
+        .into_iter()
+        .collect();
+        for day in &write.days {
+            keys.push(self.keys.usage_day(day.day));
+            keys.push(self.keys.usage_recent(day.day));
+            argv.extend(args![day.expire_at_ms, day.fields.len(), day.recent.len()]);
+            for (name, inc) in &day.fields {
+                argv.push(name.clone());
+                argv.push(inc.to_string());
+            }
+            for (score, member) in &day.recent {
+                argv.push(score.to_string());
+                argv.push(member.clone());
+            }
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let reply: Vec<i64> = self.invoke(&APPLY, &keys, &argv).await?;
+        match reply.split_first() {
+            Some((&0, _)) => Ok(UsageOutcome::Applied),
+            Some((&1, repeats)) => Ok(UsageOutcome::Duplicates(
+                repeats.iter().map(|i| *i as usize).collect(),
+            )),
+            Some((&2, [day])) => write
+                .days
+                .get((*day as usize).wrapping_sub(1))
+                .map(|d| UsageOutcome::Overflow(d.day))
+                .ok_or_else(|| EngineError::Corrupt("usage script named no day".into())),
+            _ => Err(EngineError::Corrupt(format!(
+                "unexpected usage script reply {reply:?}"
+            ))),
+        }
+    }
+
+    pub async fn usage_days(&self, days: &[NaiveDate]) -> EngineResult<Vec<HashMap<String, i64>>> {
+        if days.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for day in days {
+            pipe.cmd("HGETALL").arg(self.keys.usage_day(*day));
+        }
+        let mut conn = self.conn();
+        self.run(pipe.query_async(&mut conn)).await
+    }
+
+    pub async fn usage_recent(
+        &self,
+        days: &[NaiveDate],
+        limit: usize,
+    ) -> EngineResult<Vec<String>> {
+        let mut out = Vec::with_capacity(limit);
+        let mut conn = self.conn();
+        for chunk in days.chunks(RECENT_DAYS_PER_ROUND) {
+            let want = limit - out.len();
+            let mut pipe = redis::pipe();
+            for day in chunk {
+                pipe.cmd("ZREVRANGE")
+                    .arg(self.keys.usage_recent(*day))
+                    .arg(0)
+                    .arg(want as i64 - 1);
+            }
+            let replies: Vec<Vec<String>> = self.run(pipe.query_async(&mut conn)).await?;
+            out.extend(replies.into_iter().flatten().take(want));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
