@@ -4,7 +4,10 @@
 //! each event carrying its send time; every subscriber must receive every
 //! event, and publish → receive latency is measured per delivery. The
 //! subscribers run in this process and share the cores with the service
-//! and Redis, so their own scheduling delay is part of the figure.
+//! and Redis, so their own scheduling delay is part of the figure. One more
+//! subscriber, the probe, runs on a thread and runtime of its own: its
+//! latency is not queued behind the other 1,000 sockets' frames, which
+//! tells the service's delay from the bench's.
 //!
 //! 6 — 10,000 idle subscribers; the service's RSS before and after says
 //! what one connection costs.
@@ -98,6 +101,27 @@ async fn subscribe(
     seen
 }
 
+/// The probe: one subscriber on its own OS thread and single-threaded
+/// runtime, counting into `count`.
+fn spawn_probe(
+    url: String,
+    count: Arc<AtomicU64>,
+    stop: watch::Receiver<bool>,
+) -> std::thread::JoinHandle<Result<Seen, String>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("probe runtime: {e}"))?;
+        runtime.block_on(async move {
+            let (socket, _) = tokio_tungstenite::connect_async(&url)
+                .await
+                .map_err(|e| format!("probe WebSocket {url}: {e}"))?;
+            Ok(subscribe(socket, count, stop).await)
+        })
+    })
+}
+
 /// Scenario 5: fan-out to 1,000 WebSocket subscribers.
 pub async fn fan_out(ctx: &mut Ctx<'_>) -> Result<(), String> {
     let sockets = open(&ctx.ws_url("/v1/events/ws?types=bench.tick"), SUBSCRIBERS).await?;
@@ -110,6 +134,12 @@ pub async fn fan_out(ctx: &mut Ctx<'_>) -> Result<(), String> {
         .zip(&counts)
         .map(|(socket, count)| tokio::spawn(subscribe(socket, count.clone(), stop_rx.clone())))
         .collect();
+    let probe_count = Arc::new(AtomicU64::new(0));
+    let probe = spawn_probe(
+        ctx.ws_url("/v1/events/ws?types=bench.tick"),
+        probe_count.clone(),
+        stop_rx.clone(),
+    );
     // The server joins the live stream right after the handshake.
     tokio::time::sleep(Duration::from_millis(500)).await;
     ctx.record_redis_clients("5 (1,000 WebSockets)").await;
@@ -173,6 +203,10 @@ pub async fn fan_out(ctx: &mut Ctx<'_>) -> Result<(), String> {
         lat.merge(&seen.lat);
         closed += usize::from(seen.closed_early);
     }
+    let probe = tokio::task::spawn_blocking(move || probe.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the probe thread panicked".to_owned())??;
     let got: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let complete = got.iter().filter(|&&n| n == published).count();
     let delivered: u64 = got.iter().sum();
@@ -211,6 +245,16 @@ pub async fn fan_out(ctx: &mut Ctx<'_>) -> Result<(), String> {
         &lat,
         Some(50.0),
         "subscribers run in the bench, on the same cores",
+    );
+    ctx.add_latencies(
+        5,
+        "publish → receive, probe",
+        &probe.lat,
+        None,
+        &format!(
+            "one more subscriber on its own thread; received {} of {published}",
+            probe_count.load(Ordering::Relaxed)
+        ),
     );
     Ok(())
 }
