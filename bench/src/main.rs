@@ -174,6 +174,12 @@ async fn run(args: &Args, root: &Path, report: &mut Report) -> Result<(), String
     let log_dir = target.join("attune-bench");
     std::fs::create_dir_all(&log_dir)
         .map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
+    // Only this run's logs, so that the panic check below reads nothing old.
+    for entry in std::fs::read_dir(&log_dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let spawner = Spawner {
         log_dir: log_dir.clone(),
     };
@@ -305,7 +311,25 @@ async fn run(args: &Args, root: &Path, report: &mut Report) -> Result<(), String
         }
         record_rss(&mut ctx, &format!("after scenario {n}"));
     }
+    report_panics(&mut ctx, &log_dir);
     Ok(())
+}
+
+/// A panic in a started process is a finding in itself, and a symbolized
+/// backtrace (`RUST_BACKTRACE`) also inflates that process's RSS.
+fn report_panics(ctx: &mut Ctx<'_>, log_dir: &Path) {
+    for entry in std::fs::read_dir(log_dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let panics =
+            std::fs::read_to_string(&path).map_or(0, |text| text.matches("panicked at").count());
+        if panics > 0 {
+            ctx.report
+                .note(format!("{} holds {panics} panic(s)", path.display()));
+        }
+    }
 }
 
 /// Scenario 9: the service's resident memory now.
