@@ -9,6 +9,8 @@ COPY src ./src
 COPY migrations ./migrations
 COPY openapi ./openapi
 COPY assets ./assets
+# A workspace member: cargo needs its manifest, the image never builds it.
+COPY bench ./bench
 
 # The cache mounts keep the crate registry and compiled dependencies between
 # builds; the binary is copied out of the cached target directory.
