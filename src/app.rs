@@ -354,17 +354,35 @@ async fn track_metrics(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+        .map_or("unmatched", |p| intern(p.as_str()));
+    let method = intern(req.method().as_str());
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("attune_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    let status = intern(response.status().as_str());
+    metrics::counter!("attune_http_requests_total", "method" => method, "route" => route, "status" => status)
         .increment(1);
     metrics::histogram!("attune_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// Label values as `&'static str`, so that recording a metric allocates
+/// nothing. The set is bounded: routes, methods and status codes.
+fn intern(value: &str) -> &'static str {
+    static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut set = SET
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    match set.get(value) {
+        Some(interned) => interned,
+        None => {
+            let leaked: &'static str = Box::leak(value.to_owned().into_boxed_str());
+            set.insert(leaked);
+            leaked
+        }
+    }
 }
 
 /// A running server's background work: the event tailer and the sweepers.
@@ -375,6 +393,7 @@ fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
             .spawn_tailer(state.engine.clone(), state.shutdown.clone()),
     ];
     tasks.push(crate::agents::spawn_sweeper(state.clone()));
+    tasks.push(crate::ops::spawn_metrics_upkeep(state.shutdown.clone()));
     tasks.push(crate::approvals::spawn_sweeper(state.clone()));
     tasks
 }

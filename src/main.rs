@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+// mimalloc: the service allocates many small, short-lived buffers per
+// request across threads; it measurably beats the system allocator here.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 use attune_telemetry::config::{Cli, Command, KeysCommand, LogFormat, ServeArgs};

@@ -125,6 +125,22 @@ async fn get_metrics(
         .into_response()
 }
 
+/// Drains recorded histogram samples into their buckets every few seconds,
+/// so that memory stays flat even when nobody scrapes `/metrics`.
+pub fn spawn_metrics_upkeep(
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => metrics_handle().run_upkeep(),
+            }
+        }
+    })
+}
+
 const CACHE: HeaderValue = HeaderValue::from_static("public, max-age=3600");
 
 async fn docs_page() -> Response {

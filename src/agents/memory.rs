@@ -119,7 +119,7 @@ impl MemoryEngine {
                     // Superseded by a new run before it closed.
                     old.lost = old.outcome.is_none();
                 }
-                let key = format!("{}/{}", beat.agent_id, uuid::Uuid::now_v7());
+                let key = format!("{}/{now_ms}", beat.agent_id);
                 agents.runs.insert(
                     key.clone(),
                     RunRecord {
@@ -133,23 +133,23 @@ impl MemoryEngine {
                 );
                 agents.runs_by_start.insert((now_ms, key.clone()));
                 run_key = Some(key);
-                events.push(beat.events.started.clone());
+                events.push(beat.lifecycle_event("agent.started", record.run_id.as_deref()));
             }
             if was_down {
                 if let Some(run) = run_key.as_ref().and_then(|k| agents.runs.get_mut(k)) {
                     run.lost = false;
                 }
-                events.push(beat.events.recovered.clone());
+                events.push(beat.lifecycle_event("agent.recovered", None));
             }
             if terminal {
                 if let Some(run) = run_key.take().and_then(|k| agents.runs.get_mut(&k)) {
                     run.ended_ms = Some(now_ms);
                     run.outcome = Some(beat.status.as_str().to_owned());
                     run.lost = false;
-                    events.push(beat.events.finished.clone());
+                    events.push(beat.lifecycle_event("agent.finished", record.run_id.as_deref()));
                 }
             }
-            if let Some(hb) = &beat.events.heartbeat {
+            if let Some(hb) = &beat.heartbeat_event {
                 events.push(hb.clone());
             }
             agents.by_beat.insert((now_ms, beat.agent_id.clone()));

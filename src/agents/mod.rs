@@ -19,7 +19,7 @@
 
 pub mod http;
 pub mod memory;
-mod redis;
+pub(crate) mod redis;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -132,17 +132,23 @@ pub struct Beat {
     pub grace_seconds: u64,
     pub now: DateTime<Utc>,
     pub retention: Duration,
-    /// Events the engine appends depending on the previous state.
-    pub events: BeatEvents,
+    /// The key name, the `source` of the events this beat causes.
+    pub source: String,
+    /// The `agent.heartbeat` event, unless `--no-heartbeat-events`.
+    pub heartbeat_event: Option<EventBody>,
 }
 
-/// Pre-built event bodies; the engine picks the ones that apply.
-#[derive(Debug, Clone)]
-pub struct BeatEvents {
-    pub heartbeat: Option<EventBody>,
-    pub started: EventBody,
-    pub finished: EventBody,
-    pub recovered: EventBody,
+impl Beat {
+    /// `agent.started`, `agent.finished` or `agent.recovered`, which the
+    /// engine appends depending on the previous state. The Redis engine
+    /// builds the same envelope inside its script.
+    pub fn lifecycle_event(&self, kind: &str, run_id: Option<&str>) -> EventBody {
+        let data = match kind {
+            "agent.recovered" => serde_json::json!({ "status": self.status }),
+            _ => serde_json::json!({ "run_id": run_id, "status": self.status }),
+        };
+        EventBody::new(kind, &self.source, Some(&self.agent_id), self.now, data)
+    }
 }
 
 /// A stored agent record.
@@ -416,35 +422,21 @@ pub async fn record_heartbeat(
     let status = req.status.unwrap_or_default();
     let ttl_seconds = req.ttl_seconds.unwrap_or(DEFAULT_TTL).get();
     let grace_seconds = state.config.down_grace.map_or(ttl_seconds, |g| g.as_secs());
-    let source = caller.name.as_str();
-    let event = |kind: &str, data: serde_json::Value| {
-        EventBody::new(kind, source, Some(&agent_id), now, data)
-    };
-    let run_id = req.run_id.as_ref().map(Id::as_str);
-    let heartbeat = state.config.heartbeat_events.then(|| {
-        event(
+    let heartbeat_event = state.config.heartbeat_events.then(|| {
+        EventBody::new(
             "agent.heartbeat",
+            &caller.name,
+            Some(&agent_id),
+            now,
             serde_json::json!({
                 "status": status,
                 "progress": req.progress.map(Fraction::get),
                 "current_task": req.current_task.as_ref().map(Text::as_str),
-                "run_id": run_id,
+                "run_id": req.run_id.as_ref().map(Id::as_str),
                 "ttl_seconds": ttl_seconds,
             }),
         )
     });
-    let events = BeatEvents {
-        heartbeat,
-        started: event(
-            "agent.started",
-            serde_json::json!({ "run_id": run_id, "status": status }),
-        ),
-        finished: event(
-            "agent.finished",
-            serde_json::json!({ "run_id": run_id, "status": status }),
-        ),
-        recovered: event("agent.recovered", serde_json::json!({ "status": status })),
-    };
     let beat = Beat {
         agent_id,
         status,
@@ -457,7 +449,8 @@ pub async fn record_heartbeat(
         grace_seconds,
         now,
         retention: state.config.agent_retention,
-        events,
+        source: caller.name.clone(),
+        heartbeat_event,
     };
     let record = state.engine.record_beat(beat).await?;
     Ok(record.view(now.timestamp_millis()))

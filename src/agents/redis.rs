@@ -10,6 +10,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::Script;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::agents::{
     AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord,
@@ -19,84 +20,271 @@ use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
 use crate::types::{Id, from_millis, rfc3339};
 
-/// KEYS: 2 record, 3 by-beat, 4 active, 5 late-due, 6 down-due, 7 down,
-/// 8 finished, 9 runs, 10 runs-by-start.
-/// ARGV: 2 agent id, 3 now ms, 4 status, 5 terminal (0/1), 6 ttl s,
-/// 7 grace s, 8 retention ms, 9 progress JSON, 10 current_task JSON,
-/// 11 metadata JSON or '', 12 display_name JSON or '', 13 run_id or '',
-/// 14 new run key, 15 started event, 16 finished event, 17 recovered event,
-/// 18 heartbeat event or ''.
-static BEAT: LazyLock<Script> = LazyLock::new(|| {
+/// Applies a batch of beats, each exactly as if alone, in order.
+///
+/// KEYS: 2 by-beat, 3 active, 4 late-due, 5 down-due, 6 down, 7 finished,
+/// 8 runs, 9 runs-by-start, then one record key per beat.
+/// ARGV: 2 retention ms, then per beat [`BEAT_ARGS`] values: agent id,
+/// now ms, status, terminal (0/1), ttl s, grace s, progress JSON,
+/// current_task JSON, metadata JSON or '', display_name JSON or '', run_id
+/// or '', event timestamp, source as a JSON string, heartbeat event or ''.
+///
+/// Returns, per beat, the stored `metadata`, `display_name` and `run_id`
+/// (the rest of the record is the beat itself). A typical beat costs eight
+/// commands: one read, one write, the by-beat and three deadline indexes,
+/// the expiry and the heartbeat event; index removals run only when the
+/// state changes.
+static BEATS: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local rec = KEYS[2]
-local id, now = ARGV[2], tonumber(ARGV[3])
-local status, terminal = ARGV[4], ARGV[5] == '1'
-local ttl, grace = tonumber(ARGV[6]), tonumber(ARGV[7])
-local exists = redis.call('EXISTS', rec) == 1
-local prev = redis.call('HMGET', rec, 'down', 'run_key', 'run_id')
-local was_down, run_key, prev_run_id = prev[1] == '1', prev[2], prev[3]
-if not exists then was_down, run_key, prev_run_id = false, false, false end
-redis.call('HSET', rec, 'agent_id', id, 'status', status, 'progress', ARGV[9],
-  'current_task', ARGV[10], 'last_beat', now, 'ttl', ttl, 'grace', grace, 'down', '0')
-if ARGV[11] ~= '' then redis.call('HSET', rec, 'metadata', ARGV[11]) end
-if ARGV[12] ~= '' then redis.call('HSET', rec, 'display_name', ARGV[12]) end
-local run_id = prev_run_id
-if ARGV[13] ~= '' then run_id = ARGV[13]; redis.call('HSET', rec, 'run_id', run_id) end
+local n_args = 14
+local out = {}
+local function beat(rec, a)
+  local id, now = ARGV[a], tonumber(ARGV[a + 1])
+  local status, terminal = ARGV[a + 2], ARGV[a + 3] == '1'
+  local ttl, grace = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name')
+  local prev_status, was_down, run_key, run_id = prev[1], prev[2] == '1', prev[3], prev[4]
+  local metadata, display_name = prev[5], prev[6]
+  local was_terminal = prev_status == 'completed' or prev_status == 'failed' or prev_status == 'cancelled'
 
-local function update_run(key, fn)
-  local raw = redis.call('HGET', KEYS[9], key)
-  if raw then
-    local run = cjson.decode(raw)
-    fn(run)
-    redis.call('HSET', KEYS[9], key, cjson.encode(run))
+  local fields = { 'agent_id', id, 'status', status, 'progress', ARGV[a + 6], 'current_task', ARGV[a + 7],
+    'last_beat', ARGV[a + 1], 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5], 'down', '0' }
+  local function set(name, value) fields[#fields + 1] = name; fields[#fields + 1] = value end
+  if ARGV[a + 8] ~= '' then metadata = ARGV[a + 8]; set('metadata', metadata) end
+  if ARGV[a + 9] ~= '' then display_name = ARGV[a + 9]; set('display_name', display_name) end
+  local new_run_id = ARGV[a + 10] ~= '' and ARGV[a + 10] ~= run_id
+  if ARGV[a + 10] ~= '' then run_id = ARGV[a + 10]; set('run_id', run_id) end
+
+  local function event(kind, data)
+    return '{"type":"' .. kind .. '","ts":"' .. ARGV[a + 11] .. '","source":' .. ARGV[a + 12]
+      .. ',"agent_id":"' .. id .. '","data":' .. data .. '}'
   end
-end
-
-local opens = (not run_key and not terminal) or status == 'starting'
-  or (ARGV[13] ~= '' and ARGV[13] ~= prev_run_id)
-if opens then
-  if run_key then
-    update_run(run_key, function(r) if r.outcome == nil then r.lost = true end end)
+  local function run_data()
+    local rid = run_id and ('"' .. run_id .. '"') or 'null'
+    return '{"run_id":' .. rid .. ',"status":"' .. status .. '"}'
   end
-  run_key = ARGV[14]
-  local run = { agent_id = id, started_ms = now, lost = false }
-  if run_id then run.run_id = run_id end
-  redis.call('HSET', KEYS[9], run_key, cjson.encode(run))
-  redis.call('ZADD', KEYS[10], now, run_key)
-  redis.call('HSET', rec, 'run_key', run_key)
-  emit('agent.started', id, '', ARGV[15])
-end
-if was_down then
-  if run_key then update_run(run_key, function(r) r.lost = false end) end
-  emit('agent.recovered', id, '', ARGV[17])
-end
-if terminal and run_key then
-  update_run(run_key, function(r) r.ended_ms = now; r.outcome = status; r.lost = false end)
-  redis.call('HDEL', rec, 'run_key')
-  emit('agent.finished', id, '', ARGV[16])
-end
-if ARGV[18] ~= '' then emit('agent.heartbeat', id, '', ARGV[18]) end
+  local function update_run(key, fn)
+    local raw = redis.call('HGET', KEYS[8], key)
+    if raw then
+      local run = cjson.decode(raw)
+      fn(run)
+      redis.call('HSET', KEYS[8], key, cjson.encode(run))
+    end
+  end
 
-redis.call('ZADD', KEYS[3], now, id)
-if terminal then
-  redis.call('ZREM', KEYS[4], id)
-  redis.call('ZREM', KEYS[5], id)
-  redis.call('ZREM', KEYS[6], id)
-  redis.call('ZREM', KEYS[7], id)
-  redis.call('ZADD', KEYS[8], now, id)
-else
-  redis.call('ZADD', KEYS[4], now, id)
-  redis.call('ZADD', KEYS[5], now + ttl * 1000, id)
-  redis.call('ZADD', KEYS[6], now + (ttl + grace) * 1000, id)
-  redis.call('ZREM', KEYS[7], id)
-  redis.call('ZREM', KEYS[8], id)
+  if (not run_key and not terminal) or status == 'starting' or new_run_id then
+    if run_key then
+      update_run(run_key, function(r) if r.outcome == nil then r.lost = true end end)
+    end
+    run_key = id .. '/' .. ARGV[a + 1]
+    local run = { agent_id = id, started_ms = now, lost = false }
+    if run_id then run.run_id = run_id end
+    redis.call('HSET', KEYS[8], run_key, cjson.encode(run))
+    redis.call('ZADD', KEYS[9], now, run_key)
+    set('run_key', run_key)
+    emit('agent.started', id, '', event('agent.started', run_data()))
+  end
+  if was_down then
+    if run_key then update_run(run_key, function(r) r.lost = false end) end
+    emit('agent.recovered', id, '', event('agent.recovered', '{"status":"' .. status .. '"}'))
+  end
+  redis.call('HSET', rec, unpack(fields))
+  if terminal and run_key then
+    update_run(run_key, function(r) r.ended_ms = now; r.outcome = status; r.lost = false end)
+    redis.call('HDEL', rec, 'run_key')
+    emit('agent.finished', id, '', event('agent.finished', run_data()))
+  end
+  if ARGV[a + 13] ~= '' then emit('agent.heartbeat', id, '', ARGV[a + 13]) end
+
+  redis.call('ZADD', KEYS[2], now, id)
+  if terminal then
+    if not was_terminal then
+      for i = 3, 6 do redis.call('ZREM', KEYS[i], id) end
+    end
+    redis.call('ZADD', KEYS[7], now, id)
+  else
+    redis.call('ZADD', KEYS[3], now, id)
+    redis.call('ZADD', KEYS[4], now + ttl * 1000, id)
+    redis.call('ZADD', KEYS[5], now + (ttl + grace) * 1000, id)
+    if was_down then redis.call('ZREM', KEYS[6], id) end
+    if was_terminal then redis.call('ZREM', KEYS[7], id) end
+  end
+  redis.call('PEXPIRE', rec, ARGV[2])
+  out[#out + 1] = metadata or false
+  out[#out + 1] = display_name or false
+  out[#out + 1] = run_id or false
 end
-redis.call('PEXPIRE', rec, ARGV[8])
-return redis.call('HGETALL', rec)
+for i = 10, #KEYS do
+  beat(KEYS[i], 3 + (i - 10) * n_args)
+end
+return out
 "#,
     )
 });
+
+/// Values per beat in [`BEATS`]'s `ARGV`.
+const BEAT_ARGS: usize = 14;
+/// Most beats applied by one script call.
+const MAX_BATCH: usize = 128;
+/// Batches in flight at once.
+const IN_FLIGHT: usize = 2;
+
+type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
+
+/// Group commit for heartbeats.
+///
+/// Agents beat constantly and concurrently, and on Redis the cost of a beat
+/// is dominated by the per-call overhead of a script and its round trip, not
+/// by its few commands. Beats are queued to one task, which takes whatever
+/// is waiting (up to [`MAX_BATCH`]) and applies it in one script call, with
+/// up to [`IN_FLIGHT`] calls outstanding. Nothing waits for a batch to fill:
+/// a lone beat goes out at once, and batches form only under load.
+pub struct BeatBatcher {
+    queue: mpsc::UnboundedSender<PendingBeat>,
+}
+
+impl BeatBatcher {
+    fn start(engine: &RedisEngine) -> Self {
+        let (queue, mut rx) = mpsc::unbounded_channel::<PendingBeat>();
+        let worker = BatchWorker {
+            conn: engine.conn(),
+            index_keys: engine.index_keys(),
+            keys: engine.keys.clone(),
+            events: engine.keys.events(),
+            stream_max_len: engine.stream_max_len,
+            timeout: engine.timeout,
+        };
+        let worker = std::sync::Arc::new(worker);
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        tokio::spawn(async move {
+            // Ends when the engine (the only sender) is dropped.
+            while let Some(first) = rx.recv().await {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let worker = worker.clone();
+                tokio::spawn(async move {
+                    worker.apply(batch).await;
+                    drop(permit);
+                });
+            }
+        });
+        Self { queue }
+    }
+}
+
+struct BatchWorker {
+    conn: redis::aio::ConnectionManager,
+    /// The shared index keys (`KEYS[2..=9]` of [`BEATS`]).
+    index_keys: [String; 8],
+    keys: crate::engine::keys::Keys,
+    events: String,
+    stream_max_len: usize,
+    timeout: Duration,
+}
+
+impl BatchWorker {
+    async fn apply(&self, batch: Vec<PendingBeat>) {
+        let retention = batch[0].0.retention.as_millis();
+        let mut invocation = BEATS.prepare_invoke();
+        invocation.key(&self.events);
+        for key in &self.index_keys {
+            invocation.key(key);
+        }
+        invocation.arg(self.stream_max_len).arg(retention as u64);
+        for (beat, _) in &batch {
+            invocation.key(self.keys.agent(&beat.agent_id));
+            for value in beat_args(beat) {
+                invocation.arg(value);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let result: EngineResult<Vec<Option<String>>> =
+            crate::engine::redis::bounded(self.timeout, invocation.invoke_async(&mut conn)).await;
+        match result {
+            Ok(values) if values.len() == batch.len() * 3 => {
+                for ((beat, reply), stored) in batch.into_iter().zip(values.chunks(3)) {
+                    let _ = reply.send(record_after(beat, stored));
+                }
+            }
+            Ok(values) => {
+                let err =
+                    EngineError::Corrupt(format!("beat script returned {} values", values.len()));
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+            Err(err) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The [`BEAT_ARGS`] script arguments of one beat.
+fn beat_args(beat: &Beat) -> [String; BEAT_ARGS] {
+    let json = |v: serde_json::Value| v.to_string();
+    [
+        beat.agent_id.to_string(),
+        beat.now.timestamp_millis().to_string(),
+        beat.status.as_str().to_owned(),
+        u8::from(beat.status.is_terminal()).to_string(),
+        beat.ttl_seconds.to_string(),
+        beat.grace_seconds.to_string(),
+        json(serde_json::json!(beat.progress)),
+        json(serde_json::json!(beat.current_task)),
+        beat.metadata
+            .as_ref()
+            .map(|m| json(serde_json::Value::Object(m.as_map().clone())))
+            .unwrap_or_default(),
+        beat.display_name
+            .as_ref()
+            .map(|d| json(serde_json::json!(d)))
+            .unwrap_or_default(),
+        beat.run_id.as_ref().map(Id::to_string).unwrap_or_default(),
+        rfc3339(beat.now),
+        json(serde_json::json!(beat.source)),
+        beat.heartbeat_event
+            .as_ref()
+            .map(|e| e.json.clone())
+            .unwrap_or_default(),
+    ]
+}
+
+/// The record after `beat`, from the stored fields the script returned.
+fn record_after(beat: Beat, stored: &[Option<String>]) -> EngineResult<AgentRecord> {
+    let parse = |raw: &Option<String>| -> EngineResult<serde_json::Value> {
+        raw.as_deref().map_or(Ok(serde_json::Value::Null), |r| {
+            serde_json::from_str(r).map_err(|e| EngineError::Corrupt(format!("agent record: {e}")))
+        })
+    };
+    Ok(AgentRecord {
+        display_name: parse(&stored[1])?.as_str().map(str::to_owned),
+        metadata: match parse(&stored[0])? {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        },
+        run_id: stored[2].clone(),
+        last_beat_ms: beat.now.timestamp_millis(),
+        agent_id: beat.agent_id,
+        status: beat.status,
+        progress: beat.progress,
+        current_task: beat.current_task,
+        ttl_seconds: beat.ttl_seconds,
+        grace_seconds: beat.grace_seconds,
+        down: false,
+    })
+}
 
 /// Claims due agents: KEYS as for [`BEAT`]; ARGV: 2 now ms, 3 limit,
 /// 4 record key prefix, 5 event timestamp.
@@ -181,46 +369,31 @@ impl RedisEngine {
     }
 
     /// The same keys with a placeholder record (scripts over many agents).
-    fn index_keys(&self) -> [String; 9] {
+    fn index_and_placeholder_keys(&self) -> [String; 9] {
         self.agent_keys(&Id::new("unused").expect("valid id"))
     }
 
+    /// The indexes every beat updates, without a record key.
+    fn index_keys(&self) -> [String; 8] {
+        let [_, rest @ ..] = self.index_and_placeholder_keys();
+        rest
+    }
+
     pub async fn record_beat(&self, beat: Beat) -> EngineResult<AgentRecord> {
-        let keys = self.agent_keys(&beat.agent_id);
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let json = |v: serde_json::Value| v.to_string();
-        let fields: Vec<String> = self
-            .invoke(
-                &BEAT,
-                &keys,
-                &args![
-                    beat.agent_id,
-                    beat.now.timestamp_millis(),
-                    beat.status.as_str(),
-                    u8::from(beat.status.is_terminal()),
-                    beat.ttl_seconds,
-                    beat.grace_seconds,
-                    beat.retention.as_millis(),
-                    json(serde_json::json!(beat.progress)),
-                    json(serde_json::json!(beat.current_task)),
-                    beat.metadata
-                        .as_ref()
-                        .map(|m| json(serde_json::Value::Object(m.as_map().clone())))
-                        .unwrap_or_default(),
-                    beat.display_name
-                        .as_ref()
-                        .map(|d| json(serde_json::json!(d)))
-                        .unwrap_or_default(),
-                    beat.run_id.as_ref().map(Id::to_string).unwrap_or_default(),
-                    format!("{}/{}", beat.agent_id, uuid::Uuid::now_v7()),
-                    beat.events.started.json,
-                    beat.events.finished.json,
-                    beat.events.recovered.json,
-                    beat.events.heartbeat.map(|e| e.json).unwrap_or_default(),
-                ],
-            )
-            .await?;
-        decode_record(&fields)
+        let batcher = self.beat_batcher.get_or_init(|| BeatBatcher::start(self));
+        let (reply, answer) = oneshot::channel();
+        batcher
+            .queue
+            .send((beat, reply))
+            .map_err(|_| EngineError::Unavailable("heartbeat writer stopped".into()))?;
+        // A batch is one bounded call; allow for waiting behind one more.
+        match tokio::time::timeout(self.timeout * (IN_FLIGHT as u32 + 1), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(EngineError::Unavailable("heartbeat writer stopped".into())),
+            Err(_) => Err(EngineError::Unavailable(
+                "Redis did not answer in time".into(),
+            )),
+        }
     }
 
     pub async fn get_agent(&self, id: &Id) -> EngineResult<Option<AgentRecord>> {
@@ -404,7 +577,7 @@ impl RedisEngine {
     }
 
     pub async fn sweep_down_agents(&self, now_ms: i64, limit: usize) -> EngineResult<usize> {
-        let keys = self.index_keys();
+        let keys = self.index_and_placeholder_keys();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let record_prefix = self.keys.sub("agent:");
         let claimed: i64 = self
@@ -418,7 +591,7 @@ impl RedisEngine {
     }
 
     pub async fn prune_agents(&self, now_ms: i64, retention: Duration) -> EngineResult<()> {
-        let keys = self.index_keys();
+        let keys = self.index_and_placeholder_keys();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let agent_cutoff = now_ms - retention.as_millis() as i64;
         let run_cutoff = now_ms - crate::agents::RUN_RETENTION.as_millis() as i64;

@@ -62,6 +62,9 @@ pub struct RedisEngine {
     pub timeout: Duration,
     /// `MAXLEN ~` of the event log.
     pub stream_max_len: usize,
+    /// Group commit of heartbeats, started on the first beat (see
+    /// [`crate::agents`]'s Redis engine).
+    pub(crate) beat_batcher: std::sync::OnceLock<crate::agents::redis::BeatBatcher>,
 }
 
 impl RedisEngine {
@@ -94,6 +97,7 @@ impl RedisEngine {
             keys: Keys::new(prefix),
             timeout,
             stream_max_len,
+            beat_batcher: std::sync::OnceLock::new(),
         })
     }
 
@@ -102,13 +106,7 @@ impl RedisEngine {
         &self,
         call: impl Future<Output = Result<T, RedisError>>,
     ) -> EngineResult<T> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(classify(err)),
-            Err(_) => Err(EngineError::Unavailable(
-                "Redis did not answer in time".into(),
-            )),
-        }
+        bounded(self.timeout, call).await
     }
 
     /// A clone of the shared connection (cheap: it is a handle).
@@ -178,6 +176,20 @@ impl RedisEngine {
                 Err(EngineError::Unavailable("blocking read timed out".into()))
             }
         }
+    }
+}
+
+/// Runs one Redis call within `timeout`, classifying its failure.
+pub async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, RedisError>>,
+) -> EngineResult<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(classify(err)),
+        Err(_) => Err(EngineError::Unavailable(
+            "Redis did not answer in time".into(),
+        )),
     }
 }
 
