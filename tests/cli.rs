@@ -258,3 +258,106 @@ async fn signals_are_sent_and_read_from_the_command_line() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("payload"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_summaries_print_money_and_percentages() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let record = |id: &str, tier: &str, model: &str, input: u64, cache_read: u64| {
+        json!({
+            "id": id, "workflow": "review", "stage": "lint", "tier": tier, "model": model,
+            "provider": "anthropic", "duration_ms": 900,
+            "tokens": {"input": input, "output": 1000, "cache_read": cache_read, "cache_creation": 0}
+        })
+    };
+    let (status, body) = app
+        .post(
+            "/v1/usage",
+            json!({"records": [
+                record("c1", "cheap", "claude-haiku-4-5", 10_000, 20_000),
+                record("c2", "premium", "claude-opus-4-8", 10_000, 0),
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let out = cli(&app, None, &["show"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    // haiku: 10k × $1/M + 1k × $5/M + 20k × $0.10/M = $0.0170
+    let cheap = text
+        .lines()
+        .find(|l| l.contains("cheap"))
+        .expect("cheap row");
+    assert!(
+        cheap.contains("review") && cheap.contains("$0.0170") && cheap.contains("read 20000"),
+        "{cheap}"
+    );
+    // opus: 10k × $5/M + 1k × $25/M = $0.0750
+    assert!(
+        text.lines()
+            .any(|l| l.contains("premium") && l.contains("$0.0750")),
+        "{text}"
+    );
+    assert!(text.contains("2 calls, $0.0920 total"), "{text}");
+
+    let out = cli(&app, None, &["savings"]).await;
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Baseline: both at opus prices, cache reads at full input price:
+    // (30k × 5 + 1k × 25) / 1M + $0.0750 = $0.1750 + $0.0750 = $0.2500.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("all-premium baseline") && l.contains("$0.2500")),
+        "{text}"
+    );
+    assert!(
+        text.contains("calls by tier: capable 0.0%, cheap 50.0%, premium 50.0%"),
+        "{text}"
+    );
+
+    let out = cli(&app, None, &["cache-stats"]).await;
+    let text = stdout(&out);
+    assert!(text.contains("hit rate 50.0%, 1 of 2 requests"), "{text}");
+    // 20k reads × ($1 − $0.10)/M = $0.0180 saved.
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("review"))
+        .expect("workflow row");
+    assert!(row.contains("20000") && row.contains("$0.0180"), "{row}");
+
+    for command in ["show", "savings", "cache-stats"] {
+        let out = cli(&app, None, &[command, "--json"]).await;
+        serde_json::from_str::<Value>(&stdout(&out))
+            .unwrap_or_else(|e| panic!("{command} --json: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_prints_one_line_per_event() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    app.post(
+        "/v1/agents/tailed/heartbeats",
+        json!({"status": "starting"}),
+    )
+    .await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .args(["tail", "--since", "0", "--types", "agent.*", "--json"])
+        .env("ATTUNE_URL", &app.base)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut types = Vec::new();
+    while types.len() < 2 {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a line within 10 s")
+            .unwrap()
+            .expect("still running");
+        let event: Value = serde_json::from_str(&line).expect("one JSON event per line");
+        types.push(event["type"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(types, vec!["agent.started", "agent.heartbeat"]);
+}
