@@ -68,10 +68,6 @@ impl Hub {
         self.tx.subscribe()
     }
 
-    pub fn waiters(&self) -> &Waiters {
-        &self.waiters
-    }
-
     /// Counts a live client for as long as the returned guard lives.
     pub fn client_guard(self: &Arc<Self>) -> ClientGuard {
         let n = self.subscribers.fetch_add(1, Ordering::Relaxed) + 1;
