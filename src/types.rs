@@ -19,9 +19,17 @@ use crate::error::ApiError;
 pub const MAX_OBJECT_BYTES: usize = 64 * 1024;
 
 /// A client-chosen identifier: `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ToSchema)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ToSchema)]
 #[schema(value_type = String, pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", example = "agent-1")]
 pub struct Id(String);
+
+/// Debug-formats as the quoted id (`"agent-1"`), which is what error
+/// messages built with `{id:?}` should show a client.
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
 
 impl Id {
     /// Checks `value` against the id grammar.
@@ -350,6 +358,11 @@ impl TypeFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_debug_format_as_quoted_strings() {
+        assert_eq!(format!("{:?}", Id::new("agent-1").unwrap()), "\"agent-1\"");
+    }
 
     #[test]
     fn ids_reject_key_syntax_and_overlong_values() {

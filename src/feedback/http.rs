@@ -106,7 +106,7 @@ struct RecommendationQuery {
 ///
 /// Under 10 scores: keep (confidence 0). Average below 0.7: one tier up
 /// (premium stays, confidence 1). Above 0.9 on capable or premium: one tier
-/// down only if the lower tier has at least 10 scores averaging above 0.85.
+/// down only if the lower tier's own scores average above 0.85.
 /// Otherwise keep. Confidence is `min(scores / 20, 1)` unless a rule sets
 /// it. Any key may ask.
 #[utoipa::path(

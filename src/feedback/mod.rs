@@ -12,8 +12,9 @@
 //! [`MIN_SAMPLES`] scores keep the tier (confidence 0); an average below
 //! [`LOW_QUALITY`] moves one tier up (premium stays premium, confidence
 //! 1.0); an average above [`HIGH_QUALITY`] on capable or premium moves one
-//! tier down only if the lower tier has at least [`MIN_SAMPLES`] scores of
-//! its own averaging above [`LOWER_TIER_QUALITY`]; otherwise keep. Unless a
+//! tier down only if the lower tier's own scores average above
+//! [`LOWER_TIER_QUALITY`] (a lower tier with no scores cannot); otherwise
+//! keep. Unless a
 //! rule sets it, confidence is `min(samples / 20, 1)`.
 //!
 //! Templates collect `good`/`bad` ratings; their confidence is
@@ -209,23 +210,18 @@ pub fn recommend(
         let lower_tier = current
             .down()
             .expect("capable and premium have a lower tier");
-        match lower {
-            Some(l)
-                if (l.sample_count as usize) >= MIN_SAMPLES
-                    && l.avg_or_zero() > LOWER_TIER_QUALITY =>
-            {
-                (
-                    lower_tier,
-                    confidence,
-                    format!(
-                        "average quality {avg:.2} is above {HIGH_QUALITY} and {lower_tier} averages {:.2} \
+        match lower.filter(|l| l.sample_count > 0) {
+            Some(l) if l.avg_or_zero() > LOWER_TIER_QUALITY => (
+                lower_tier,
+                confidence,
+                format!(
+                    "average quality {avg:.2} is above {HIGH_QUALITY} and {lower_tier} averages {:.2} \
                      over {} scores: move one tier down",
-                        l.avg_or_zero(),
-                        l.sample_count
-                    ),
-                )
-            }
-            Some(l) if (l.sample_count as usize) >= MIN_SAMPLES => (
+                    l.avg_or_zero(),
+                    l.sample_count
+                ),
+            ),
+            Some(l) => (
                 current,
                 confidence,
                 format!(
@@ -234,13 +230,12 @@ pub fn recommend(
                     l.avg_or_zero()
                 ),
             ),
-            other => (
+            None => (
                 current,
                 confidence,
                 format!(
-                    "average quality {avg:.2} is above {HIGH_QUALITY} but {lower_tier} has {} scores \
-                     ({MIN_SAMPLES} needed before moving down): keep",
-                    other.map_or(0, |l| l.sample_count)
+                    "average quality {avg:.2} is above {HIGH_QUALITY} but {lower_tier} has no \
+                     scores of its own: keep"
                 ),
             ),
         }
