@@ -355,7 +355,40 @@ async fn listing_filters_by_state_and_status(kind: Kind) {
     assert_eq!(ids(&all), vec!["c1", "s1", "r1"], "most recent first");
 }
 
+async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let mut expected = Vec::new();
+    for i in 0..12 {
+        // Newest first this reads running, starting, starting, starting, …:
+        // pages of two hold one match, then two.
+        let status = if i % 4 == 3 { "running" } else { "starting" };
+        let id = format!("p{i:02}");
+        beat(&app, &id, json!({"status": status})).await;
+        if status == "starting" {
+            expected.push(id);
+        }
+    }
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..20 {
+        let (status, page) = app
+            .get(&format!(
+                "/v1/agents?status=starting&limit=2&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, expected);
+}
+
 conformance!(
+    paging_with_a_status_filter_returns_every_match_once,
     a_first_beat_creates_the_agent_with_defaults,
     stale_finds_an_agent_whose_ttl_is_shorter_than_the_threshold,
     stale_never_lists_a_completed_agent,

@@ -8,8 +8,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::agents::{
-    AgentSelection, AgentState, AgentStatus, AgentView, HeartbeatRequest, IndexCursor, RunStats,
-    record_heartbeat, run_stats,
+    AgentQuery, AgentSelection, AgentState, AgentStatus, AgentView, HeartbeatRequest, IndexCursor,
+    RunStats, record_heartbeat, run_stats,
 };
 use crate::app::AppState;
 use crate::auth::{Admin, AgentWrite, AnyRole, Caller};
@@ -148,37 +148,16 @@ async fn page(
     limit: Option<Limit>,
 ) -> ApiResult<Json<AgentList>> {
     let cursor = cursor
+        .filter(|c| !c.is_empty())
         .map(|c| IndexCursor::decode("cursor", &c))
         .transpose()?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
     let now_ms = state.clock.now_ms();
-    let (records, next) = match status {
-        None => {
-            state
-                .engine
-                .list_agents(selection, now_ms, cursor, limit)
-                .await?
-        }
-        Some(status) => {
-            // A status filter is applied to index pages; keep reading pages
-            // (a bounded number) until this one is full.
-            let mut out = Vec::new();
-            let mut position = cursor;
-            for _ in 0..10 {
-                let (records, next) = state
-                    .engine
-                    .list_agents(selection, now_ms, position, limit)
-                    .await?;
-                out.extend(records.into_iter().filter(|r| r.status == status));
-                position = next;
-                if position.is_none() || out.len() >= limit {
-                    break;
-                }
-            }
-            out.truncate(limit);
-            (out, position)
-        }
-    };
+    let query = AgentQuery { selection, status };
+    let (records, next) = state
+        .engine
+        .list_agents(query, now_ms, cursor, limit)
+        .await?;
     Ok(Json(AgentList {
         agents: records.iter().map(|r| r.view(now_ms)).collect(),
         next_cursor: next.map(|c| c.encode()),

@@ -3,7 +3,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use crate::agents::{AgentRecord, AgentSelection, AgentState, Beat, IndexCursor, RunRecord};
+use crate::agents::{
+    AgentQuery, AgentRecord, AgentSelection, AgentState, Beat, IndexCursor, RunRecord,
+};
 use crate::engine::EngineResult;
 use crate::engine::memory::{MemoryEngine, MemoryState};
 use crate::events::EventBody;
@@ -46,14 +48,6 @@ impl AgentTable {
 
 fn down_deadline(r: &AgentRecord) -> i64 {
     r.last_beat_ms + ((r.ttl_seconds + r.grace_seconds) * 1000) as i64
-}
-
-fn in_selection(r: &AgentRecord, selection: AgentSelection, now_ms: i64) -> bool {
-    match selection {
-        AgentSelection::All => true,
-        AgentSelection::State(s) => r.state_at(now_ms) == s,
-        AgentSelection::StaleBefore(cutoff) => !r.status.is_terminal() && r.last_beat_ms < cutoff,
-    }
 }
 
 fn emit(state: &mut MemoryState, event: EventBody) {
@@ -196,7 +190,7 @@ impl MemoryEngine {
 
     pub async fn list_agents(
         &self,
-        selection: AgentSelection,
+        query: AgentQuery,
         now_ms: i64,
         cursor: Option<IndexCursor>,
         limit: usize,
@@ -207,13 +201,13 @@ impl MemoryEngine {
             .by_beat
             .iter()
             .filter_map(|(_, id)| table.live(id, now_ms).map(|e| &e.record))
-            .filter(|r| in_selection(r, selection, now_ms))
+            .filter(|r| query.admits(r, now_ms))
             .collect();
         // Same orders as the Redis indexes: newest first for `All`, by
         // deadline for up/late, oldest beat first otherwise.
         let mut keyed: Vec<(i64, &AgentRecord)> = records
             .into_iter()
-            .map(|r| match selection {
+            .map(|r| match query.selection {
                 AgentSelection::All => (-r.last_beat_ms, r),
                 AgentSelection::State(AgentState::Up | AgentState::Late) => {
                     (r.last_beat_ms + (r.ttl_seconds * 1000) as i64, r)

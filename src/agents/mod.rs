@@ -235,6 +235,30 @@ pub enum AgentSelection {
     StaleBefore(i64),
 }
 
+/// A listing: which index to read, and an optional status every returned
+/// record must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentQuery {
+    pub selection: AgentSelection,
+    pub status: Option<AgentStatus>,
+}
+
+impl AgentQuery {
+    /// Whether `record` belongs in this listing at `now_ms`. Both engines
+    /// apply it while filling a page, so a page is full whenever more
+    /// matches exist, and its cursor never skips one.
+    pub fn admits(&self, record: &AgentRecord, now_ms: i64) -> bool {
+        let selected = match self.selection {
+            AgentSelection::All => true,
+            AgentSelection::State(s) => record.state_at(now_ms) == s,
+            AgentSelection::StaleBefore(cutoff) => {
+                !record.status.is_terminal() && record.last_beat_ms < cutoff
+            }
+        };
+        selected && self.status.is_none_or(|s| record.status == s)
+    }
+}
+
 /// One page of agent records.
 #[derive(Debug, Clone, Default)]
 pub struct AgentPage {
@@ -368,15 +392,15 @@ impl Engine {
         dispatch!(self, delete_agent(id, event))
     }
 
-    /// One page of agents in `selection`, from `cursor`.
+    /// One page of the agents `query` admits, from `cursor`.
     pub async fn list_agents(
         &self,
-        selection: AgentSelection,
+        query: AgentQuery,
         now_ms: i64,
         cursor: Option<IndexCursor>,
         limit: usize,
     ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
-        dispatch!(self, list_agents(selection, now_ms, cursor, limit))
+        dispatch!(self, list_agents(query, now_ms, cursor, limit))
     }
 
     /// Claims agents whose `ttl + grace` passed before `now_ms`, marks them

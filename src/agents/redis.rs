@@ -13,7 +13,7 @@ use redis::Script;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agents::{
-    AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord,
+    AgentQuery, AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord,
 };
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
@@ -420,14 +420,14 @@ impl RedisEngine {
 
     pub async fn list_agents(
         &self,
-        selection: AgentSelection,
+        query: AgentQuery,
         now_ms: i64,
         cursor: Option<IndexCursor>,
         limit: usize,
     ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
         let k = &self.keys;
         // (index, ascending, min, max) — every selection is one index range.
-        let (index, ascending, min, max) = match selection {
+        let (index, ascending, min, max) = match query.selection {
             AgentSelection::All => (k.agents_by_beat(), false, i64::MIN, i64::MAX),
             AgentSelection::StaleBefore(cutoff) => (k.agents_active(), true, i64::MIN, cutoff - 1),
             AgentSelection::State(AgentState::Up) => (k.agents_late_due(), true, now_ms, i64::MAX),
@@ -441,8 +441,9 @@ impl RedisEngine {
         };
         let mut out = Vec::with_capacity(limit);
         let mut position = cursor;
-        // Index entries whose records expired (or that changed state since
-        // they were read) are skipped; a few extra rounds fill the page.
+        // Index entries whose records expired, changed state since they were
+        // read, or have another status are skipped; a few more rounds fill
+        // the page, and the cursor marks the last entry examined.
         for _ in 0..4 {
             let want = limit - out.len() + 1;
             let entries = self
@@ -457,15 +458,8 @@ impl RedisEngine {
                     score: *score,
                     member: member.clone(),
                 });
-                if let Some(r) = record {
-                    let keep = match selection {
-                        AgentSelection::State(s) => r.state_at(now_ms) == s,
-                        AgentSelection::StaleBefore(_) => !r.status.is_terminal(),
-                        AgentSelection::All => true,
-                    };
-                    if keep {
-                        out.push(r);
-                    }
+                if let Some(r) = record.filter(|r| query.admits(r, now_ms)) {
+                    out.push(r);
                 }
             }
             if !more {
