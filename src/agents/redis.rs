@@ -413,7 +413,6 @@ impl RedisEngine {
 
     pub async fn delete_agent(&self, id: &Id, event: EventBody) -> EngineResult<bool> {
         let keys = self.agent_keys(id);
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let existed: i64 = self.invoke(&DELETE, &keys, &args![id, event.json]).await?;
         Ok(existed == 1)
     }
@@ -572,7 +571,6 @@ impl RedisEngine {
 
     pub async fn sweep_down_agents(&self, now_ms: i64, limit: usize) -> EngineResult<usize> {
         let keys = self.index_and_placeholder_keys();
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let record_prefix = self.keys.sub("agent:");
         let claimed: i64 = self
             .invoke(
@@ -586,7 +584,6 @@ impl RedisEngine {
 
     pub async fn prune_agents(&self, now_ms: i64, retention: Duration) -> EngineResult<()> {
         let keys = self.index_and_placeholder_keys();
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let agent_cutoff = now_ms - retention.as_millis() as i64;
         let run_cutoff = now_ms - crate::agents::RUN_RETENTION.as_millis() as i64;
         let _: i64 = self

@@ -193,7 +193,6 @@ impl RedisEngine {
         args: &[String],
     ) -> EngineResult<T> {
         let keys = self.approval_keys(id, idempotency);
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.invoke(script, &keys, args).await
     }
 

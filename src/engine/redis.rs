@@ -119,13 +119,13 @@ impl RedisEngine {
     pub async fn invoke<T: redis::FromRedisValue>(
         &self,
         script: &Script,
-        keys: &[&str],
+        keys: &[impl AsRef<str>],
         args: &[String],
     ) -> EngineResult<T> {
         let mut invocation = script.prepare_invoke();
         invocation.key(self.keys.events()).arg(self.stream_max_len);
         for key in keys {
-            invocation.key(*key);
+            invocation.key(key.as_ref());
         }
         for arg in args {
             invocation.arg(arg.as_str());

@@ -73,7 +73,6 @@ impl RedisEngine {
             self.keys.feedback_stages(&g.workflow),
             self.keys.feedback_workflows(),
         ];
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let _: i64 = self
             .invoke(
                 &RECORD,
@@ -181,7 +180,6 @@ impl RedisEngine {
             self.keys.templates_by_confidence(),
             self.keys.templates_by_id(),
         ];
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.invoke(&RATE, &keys, &args![id, rating.as_str(), event.json])
             .await
     }

@@ -295,7 +295,6 @@ impl RedisEngine {
         rest: &[String],
     ) -> EngineResult<T> {
         let keys = self.signal_keys(inbox);
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.invoke(script, &keys, &self.signal_args(now_ms, rest))
             .await
     }

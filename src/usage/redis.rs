@@ -132,7 +132,6 @@ impl RedisEngine {
                 argv.push(member.clone());
             }
         }
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let reply: Vec<i64> = self.invoke(&APPLY, &keys, &argv).await?;
         match reply.split_first() {
             Some((&0, _)) => Ok(UsageOutcome::Applied),
