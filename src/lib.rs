@@ -29,7 +29,7 @@
 //! - [`usage`] — LLM usage records, cost savings, cache statistics.
 //! - [`feedback`] — quality feedback, tier recommendations, templates.
 //! - [`app`], [`auth`], [`clock`], [`config`], [`error`], [`extract`], [`types`],
-//!   [`engine`], [`migrate`], [`ops`] — the cross-cutting pieces.
+//!   [`engine`], [`migrate`], [`ops`], [`sweeper`] — the cross-cutting pieces.
 //! - [`cli`] — the client commands of the same binary.
 
 pub mod agents;
@@ -47,5 +47,6 @@ pub mod feedback;
 pub mod migrate;
 pub mod ops;
 pub mod signals;
+pub mod sweeper;
 pub mod types;
 pub mod usage;

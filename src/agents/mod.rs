@@ -482,41 +482,15 @@ pub async fn record_heartbeat(
 
 /// Starts the sweeper that moves silent agents to `down` and prunes indexes.
 pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(state.config.sweep_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_prune = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = state.shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let now_ms = state.clock.now_ms();
-            // Drain everything due, in batches.
-            loop {
-                match state.engine.sweep_down_agents(now_ms, 500).await {
-                    Ok(500) => continue,
-                    Ok(_) => break,
-                    Err(err) => {
-                        metrics::counter!("attune_engine_errors_total", "op" => "sweep_agents")
-                            .increment(1);
-                        tracing::debug!(error = %err, "agent sweep failed; will retry");
-                        break;
-                    }
-                }
-            }
-            if last_prune.elapsed() >= Duration::from_secs(60) {
-                last_prune = tokio::time::Instant::now();
-                if let Err(err) = state
-                    .engine
-                    .prune_agents(now_ms, state.config.agent_retention)
-                    .await
-                {
-                    tracing::debug!(error = %err, "agent index pruning failed; will retry");
-                }
-            }
-        }
-    })
+    crate::sweeper::spawn(
+        state,
+        "sweep_agents",
+        |state, now_ms, limit| async move { state.engine.sweep_down_agents(now_ms, limit).await },
+        |state, now_ms| async move {
+            let retention = state.config.agent_retention;
+            state.engine.prune_agents(now_ms, retention).await
+        },
+    )
 }
 
 /// The `agent.down` event, emitted by the sweeper.

@@ -703,42 +703,18 @@ pub async fn list(
 
 /// Starts the sweeper that times out due requests and prunes old ones.
 pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(state.config.sweep_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_prune = tokio::time::Instant::now();
-        let retention = state.config.approval_retention;
-        loop {
-            tokio::select! {
-                _ = state.shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let now_ms = Utc::now().timestamp_millis();
-            // Drain everything due, in batches.
-            loop {
-                match state
-                    .engine
-                    .sweep_expired_approvals(now_ms, 500, retention)
-                    .await
-                {
-                    Ok(500) => continue,
-                    Ok(_) => break,
-                    Err(err) => {
-                        metrics::counter!("attune_engine_errors_total", "op" => "sweep_approvals")
-                            .increment(1);
-                        tracing::debug!(error = %err, "approval sweep failed; will retry");
-                        break;
-                    }
-                }
-            }
-            if last_prune.elapsed() >= Duration::from_secs(60) {
-                last_prune = tokio::time::Instant::now();
-                if let Err(err) = state.engine.prune_approvals(now_ms).await {
-                    tracing::debug!(error = %err, "approval pruning failed; will retry");
-                }
-            }
-        }
-    })
+    crate::sweeper::spawn(
+        state,
+        "sweep_approvals",
+        |state, now_ms, limit| async move {
+            let retention = state.config.approval_retention;
+            state
+                .engine
+                .sweep_expired_approvals(now_ms, limit, retention)
+                .await
+        },
+        |state, now_ms| async move { state.engine.prune_approvals(now_ms).await },
+    )
 }
 
 #[cfg(test)]
