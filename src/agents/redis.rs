@@ -397,18 +397,10 @@ impl RedisEngine {
     }
 
     pub async fn get_agent(&self, id: &Id) -> EngineResult<Option<AgentRecord>> {
-        let mut conn = self.conn();
-        let fields: Vec<String> = self
-            .run(
-                redis::cmd("HGETALL")
-                    .arg(self.keys.agent(id))
-                    .query_async(&mut conn),
-            )
+        let mut records = self
+            .get_agents(std::slice::from_ref(&id.to_string()))
             .await?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        decode_record(&fields).map(Some)
+        Ok(records.pop().flatten())
     }
 
     pub async fn delete_agent(&self, id: &Id, event: EventBody) -> EngineResult<bool> {
@@ -650,12 +642,7 @@ impl RedisEngine {
 /// Decodes an `HGETALL` reply into a record.
 fn decode_record(fields: &[String]) -> EngineResult<AgentRecord> {
     let corrupt = |what: &str| EngineError::Corrupt(format!("agent record: {what}"));
-    let mut get = std::collections::HashMap::new();
-    for pair in fields.chunks(2) {
-        if let [k, v] = pair {
-            get.insert(k.as_str(), v.as_str());
-        }
-    }
+    let get = crate::engine::redis::hash_fields(fields);
     let json = |name: &str| -> EngineResult<serde_json::Value> {
         match get.get(name) {
             Some(raw) => serde_json::from_str(raw).map_err(|_| corrupt(name)),

@@ -17,7 +17,6 @@
 //! `ZRANGEBYLEX` — no ties, no offsets. The deadline index is scored by
 //! `expires_at` and the purge index by the end of retention.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -371,13 +370,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> EngineResult<String> {
 /// Decodes an `HGETALL` reply into a request and its response.
 fn decode(fields: &[String]) -> EngineResult<Approval> {
     let corrupt = |what: &str| EngineError::Corrupt(format!("approval record: {what}"));
-    let map: HashMap<&str, &str> = fields
-        .chunks(2)
-        .filter_map(|pair| match pair {
-            [k, v] => Some((k.as_str(), v.as_str())),
-            _ => None,
-        })
-        .collect();
+    let map = crate::engine::redis::hash_fields(fields);
     let mut request: ApprovalRequest = map
         .get("request")
         .and_then(|raw| serde_json::from_str(raw).ok())

@@ -179,6 +179,14 @@ impl RedisEngine {
     }
 }
 
+/// An `HGETALL` reply (`field, value, field, value, …`) as a map.
+pub fn hash_fields(reply: &[String]) -> std::collections::HashMap<&str, &str> {
+    reply
+        .chunks_exact(2)
+        .map(|pair| (pair[0].as_str(), pair[1].as_str()))
+        .collect()
+}
+
 /// Runs one Redis call within `timeout`, classifying its failure.
 pub async fn bounded<T>(
     timeout: Duration,
