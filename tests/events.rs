@@ -444,3 +444,28 @@ async fn a_subscriber_that_falls_too_far_behind_is_closed_with_a_resume_point() 
     assert_eq!(u16::from(close.code), 4008);
     assert!(close.reason.contains("since="), "{}", close.reason);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_is_pinged_every_15_seconds_and_stays_open() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let mut socket = connect(&app, "?types=test.after-ping").await;
+    let started = std::time::Instant::now();
+    let ping = tokio::time::timeout(Duration::from_secs(20), socket.next())
+        .await
+        .expect("a frame within 20 s");
+    assert!(
+        matches!(ping, Some(Ok(Message::Ping(_)))),
+        "expected a ping, got {ping:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(14) && waited <= Duration::from_secs(17),
+        "pinged after {waited:?}"
+    );
+    // The client answered with a pong while reading; the socket still works.
+    publish(&app, "test.after-ping", 1).await;
+    let frame = next_json(&mut socket)
+        .await
+        .expect("an event after the ping");
+    assert_eq!(frame["type"], "test.after-ping");
+}

@@ -24,9 +24,11 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{self, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::broadcast;
+use tokio_util::task::AbortOnDropHandle;
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -43,6 +45,11 @@ const PING_EVERY: Duration = Duration::from_secs(15);
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// Entries read per replay round trip.
 const REPLAY_BATCH: usize = 500;
+/// Most frames written to one socket with one flush.
+const WRITE_BATCH: usize = 64;
+/// Frames are buffered up to this size before being written (the flush
+/// after each batch writes the rest), so a batch is a few large writes.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Close code sent to a subscriber that fell too far behind.
 pub const CLOSE_LAGGED: u16 = 4008;
@@ -143,8 +150,8 @@ impl Subscription {
     /// The next frame. Cancel-safe: state changes only after an await completes.
     pub async fn next(&mut self) -> Result<Frame, Ended> {
         loop {
-            if let Some(frame) = self.pending.pop_front() {
-                return Ok(frame);
+            if let Some(ready) = self.ready() {
+                return ready;
             }
             if self.replaying {
                 let after = self.last.unwrap_or(StreamId::ZERO);
@@ -164,21 +171,63 @@ impl Subscription {
                 }
                 continue;
             }
-            match self.live.recv().await {
-                Ok(event) => {
-                    if self.last.is_some_and(|last| event.id <= last) {
-                        continue;
-                    }
-                    self.last = Some(event.id);
-                    if self.filter.matches(&event) {
-                        return Ok(Frame::Event(event));
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    return Err(Ended::Lagged { last: self.last });
-                }
-                Err(broadcast::error::RecvError::Closed) => return Err(Ended::Shutdown),
+            let received = self.live.recv().await;
+            if let Some(outcome) = self.admit(received) {
+                return outcome;
             }
+        }
+    }
+
+    /// A frame that is ready now, without waiting and without reading the
+    /// log: lets a writer put everything already queued into one write.
+    pub fn try_next(&mut self) -> Option<Result<Frame, Ended>> {
+        loop {
+            if let Some(ready) = self.ready() {
+                return Some(ready);
+            }
+            if self.replaying {
+                return None;
+            }
+            let received = match self.live.try_recv() {
+                Ok(event) => Ok(event),
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+            };
+            if let Some(outcome) = self.admit(received) {
+                return Some(outcome);
+            }
+        }
+    }
+
+    fn ready(&mut self) -> Option<Result<Frame, Ended>> {
+        self.pending.pop_front().map(Ok)
+    }
+
+    /// What a live receive yields: a frame, the end, or `None` for an event
+    /// already sent during replay or not matching the filter.
+    fn admit(
+        &mut self,
+        received: Result<Arc<Event>, broadcast::error::RecvError>,
+    ) -> Option<Result<Frame, Ended>> {
+        match received {
+            Ok(event) => {
+                if self.last.is_some_and(|last| event.id <= last) {
+                    return None;
+                }
+                self.last = Some(event.id);
+                self.filter
+                    .matches(&event)
+                    .then_some(Ok(Frame::Event(event)))
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                Some(Err(Ended::Lagged { last: self.last }))
+            }
+            Err(broadcast::error::RecvError::Closed) => Some(Err(Ended::Shutdown)),
         }
     }
 }
@@ -237,7 +286,7 @@ async fn get_events_ws(
     let shutdown = state.shutdown.clone();
     Ok(ws
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .on_upgrade(move |socket| async move {
@@ -247,63 +296,118 @@ async fn get_events_ws(
 }
 
 async fn run_socket(
-    mut socket: WebSocket,
+    socket: WebSocket,
     mut subscription: Subscription,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    // The client side is read by a task of its own, so that the writer's
+    // wake-ups (one per event) never poll the socket for input.
+    let (mut sink, stream) = socket.split();
+    let mut client = AbortOnDropHandle::new(tokio::spawn(read_client(stream)));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
-    let close = |code: u16, reason: String| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
-    };
-    loop {
+    // Registered once, not on every wake-up: all sockets share the token.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let ended = loop {
         tokio::select! {
             frame = subscription.next() => match frame {
-                Ok(frame) => {
-                    if socket.send(Message::Text(frame.json())).await.is_err() {
-                        return;
-                    }
-                }
-                Err(Ended::Lagged { last }) => {
-                    let resume = last.map(|id| id.to_string()).unwrap_or_default();
-                    let _ = socket.send(close(CLOSE_LAGGED, format!("lagged; resume with since={resume}"))).await;
-                    return;
-                }
-                Err(Ended::Shutdown) => {
-                    let _ = socket.send(close(1001, "server shutting down".into())).await;
-                    return;
-                }
-                Err(Ended::Engine(err)) => {
-                    tracing::warn!(error = %err, "event replay failed");
-                    let _ = socket.send(close(1011, "storage unavailable; reconnect with since".into())).await;
-                    return;
-                }
+                Ok(frame) => match send_ready(&mut sink, &mut subscription, frame).await {
+                    Ok(None) => {}
+                    Ok(Some(ended)) => break ended,
+                    Err(_) => return,
+                },
+                Err(ended) => break ended,
             },
-            incoming = socket.recv() => match incoming {
-                None | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-                Some(Err(err)) => {
-                    // Frames over the limit surface as capacity errors.
-                    let text = err.to_string();
-                    if text.contains("too long") || text.contains("Space limit") || text.contains("capacity") {
-                        let _ = socket.send(close(1009, "frame too large (limit 64 KiB)".into())).await;
-                    }
-                    return;
+            end = &mut client => {
+                if let Ok(ClientEnd::TooLarge) = end {
+                    let _ = sink.send(close(1009, "frame too large (limit 64 KiB)".into())).await;
                 }
-            },
+                return;
+            }
             _ = ping.tick() => {
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
                     return;
                 }
             }
-            _ = shutdown.cancelled() => {
-                let _ = socket.send(close(1001, "server shutting down".into())).await;
-                return;
+            _ = &mut cancelled => break Ended::Shutdown,
+        }
+    };
+    let message = match ended {
+        Ended::Lagged { last } => {
+            let resume = last.map(|id| id.to_string()).unwrap_or_default();
+            close(CLOSE_LAGGED, format!("lagged; resume with since={resume}"))
+        }
+        Ended::Shutdown => close(1001, "server shutting down".into()),
+        Ended::Engine(err) => {
+            tracing::warn!(error = %err, "event replay failed");
+            close(1011, "storage unavailable; reconnect with since".into())
+        }
+    };
+    let _ = sink.send(message).await;
+}
+
+/// How the client side of a socket ended.
+enum ClientEnd {
+    /// A close frame, an error, or the connection went away.
+    Gone,
+    /// A frame over [`MAX_CLIENT_FRAME`].
+    TooLarge,
+}
+
+/// Reads (and discards) client frames until the client goes; answering
+/// pings is done by the protocol layer while reading.
+async fn read_client(mut stream: SplitStream<WebSocket>) -> ClientEnd {
+    while let Some(incoming) = stream.next().await {
+        match incoming {
+            Ok(Message::Close(_)) => return ClientEnd::Gone,
+            Ok(_) => {}
+            Err(err) => {
+                // Frames over the limit surface as capacity errors.
+                let text = err.to_string();
+                let too_large = text.contains("too long")
+                    || text.contains("Space limit")
+                    || text.contains("capacity");
+                return if too_large {
+                    ClientEnd::TooLarge
+                } else {
+                    ClientEnd::Gone
+                };
             }
         }
     }
+    ClientEnd::Gone
+}
+
+fn close(code: u16, reason: String) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// Writes `first` and every frame already waiting behind it, up to
+/// [`WRITE_BATCH`], with one flush: a subscriber that fell behind catches up
+/// in a few large writes instead of one system call per event. Returns how
+/// the subscription ended if it did while draining.
+async fn send_ready(
+    socket: &mut SplitSink<WebSocket, Message>,
+    subscription: &mut Subscription,
+    first: Frame,
+) -> Result<Option<Ended>, axum::Error> {
+    socket.feed(Message::Text(first.json())).await?;
+    let mut ended = None;
+    for _ in 1..WRITE_BATCH {
+        match subscription.try_next() {
+            None => break,
+            Some(Ok(frame)) => socket.feed(Message::Text(frame.json())).await?,
+            Some(Err(end)) => {
+                ended = Some(end);
+                break;
+            }
+        }
+    }
+    socket.flush().await?;
+    Ok(ended)
 }
 
 /// Live events as Server-Sent Events.

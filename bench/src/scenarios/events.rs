@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::report::Target;
@@ -36,16 +37,26 @@ const DRAIN: Duration = Duration::from_secs(5);
 const IDLE_SOCKETS: usize = 10_000;
 /// Handshakes in flight while opening many sockets.
 const CONNECTING: usize = 200;
+/// Client read buffer: several frames per read.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Opens one WebSocket to `url`.
+///
+/// The frames are small, and the protocol layer zero-fills its whole read
+/// buffer before every read: with the default 128 KiB buffer, 1,000
+/// subscribers would spend more CPU clearing memory than reading frames.
+async fn connect(url: &str) -> Result<Socket, String> {
+    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
+    tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .map(|(socket, _)| socket)
+        .map_err(|e| format!("WebSocket {url}: {e}"))
+}
 
 /// Opens `n` WebSockets to `url`, `CONNECTING` at a time.
 async fn open(url: &str, n: usize) -> Result<Vec<Socket>, String> {
     let sockets: Vec<Result<Socket, String>> = futures_util::stream::iter(0..n)
-        .map(|_| async {
-            tokio_tungstenite::connect_async(url)
-                .await
-                .map(|(socket, _)| socket)
-                .map_err(|e| format!("WebSocket {url}: {e}"))
-        })
+        .map(|_| connect(url))
         .buffer_unordered(CONNECTING)
         .collect()
         .await;
@@ -71,10 +82,13 @@ struct Seen {
 }
 
 /// Reads ticks until told to stop; counts into `count`.
+///
+/// Each subscriber has its own stop signal: a channel shared by 1,000
+/// subscribers would put one shared lock on every frame's path.
 async fn subscribe(
     mut socket: Socket,
     count: Arc<AtomicU64>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: oneshot::Receiver<()>,
 ) -> Seen {
     let mut seen = Seen {
         lat: Latencies::new(),
@@ -82,7 +96,7 @@ async fn subscribe(
     };
     loop {
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = &mut stop => break,
             msg = socket.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
                     if let Some(sent) = sent_at_us(text.as_str()) {
@@ -106,7 +120,7 @@ async fn subscribe(
 fn spawn_probe(
     url: String,
     count: Arc<AtomicU64>,
-    stop: watch::Receiver<bool>,
+    stop: oneshot::Receiver<()>,
 ) -> std::thread::JoinHandle<Result<Seen, String>> {
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -114,9 +128,7 @@ fn spawn_probe(
             .build()
             .map_err(|e| format!("probe runtime: {e}"))?;
         runtime.block_on(async move {
-            let (socket, _) = tokio_tungstenite::connect_async(&url)
-                .await
-                .map_err(|e| format!("probe WebSocket {url}: {e}"))?;
+            let socket = connect(&url).await?;
             Ok(subscribe(socket, count, stop).await)
         })
     })
@@ -125,20 +137,26 @@ fn spawn_probe(
 /// Scenario 5: fan-out to 1,000 WebSocket subscribers.
 pub async fn fan_out(ctx: &mut Ctx<'_>) -> Result<(), String> {
     let sockets = open(&ctx.ws_url("/v1/events/ws?types=bench.tick"), SUBSCRIBERS).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
     let counts: Vec<Arc<AtomicU64>> = (0..SUBSCRIBERS)
         .map(|_| Arc::new(AtomicU64::new(0)))
         .collect();
+    let mut stops = Vec::with_capacity(SUBSCRIBERS + 1);
     let subscribers: Vec<_> = sockets
         .into_iter()
         .zip(&counts)
-        .map(|(socket, count)| tokio::spawn(subscribe(socket, count.clone(), stop_rx.clone())))
+        .map(|(socket, count)| {
+            let (stop_tx, stop_rx) = oneshot::channel();
+            stops.push(stop_tx);
+            tokio::spawn(subscribe(socket, count.clone(), stop_rx))
+        })
         .collect();
     let probe_count = Arc::new(AtomicU64::new(0));
+    let (probe_stop, probe_stop_rx) = oneshot::channel();
+    stops.push(probe_stop);
     let probe = spawn_probe(
         ctx.ws_url("/v1/events/ws?types=bench.tick"),
         probe_count.clone(),
-        stop_rx.clone(),
+        probe_stop_rx,
     );
     // The server joins the live stream right after the handshake.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -183,7 +201,9 @@ pub async fn fan_out(ctx: &mut Ctx<'_>) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let _ = stop_tx.send(true);
+    for stop in stops {
+        let _ = stop.send(());
+    }
     let cpu1 = pids.map(|(_, pid)| pid.and_then(crate::procs::cpu_seconds));
     let cores: Vec<String> = pids
         .iter()
