@@ -10,7 +10,8 @@
 //! 2. trace span — every log line of the request carries method, route, id;
 //! 3. propagate request id — echoes `x-request-id` on every response,
 //!    including the ones produced by the layers below;
-//! 4. CORS — answers preflights before auth or limits see them;
+//! 4. CORS (only with `--allowed-origins`) — answers preflights before auth
+//!    or limits see them;
 //! 5. compression — skips `text/event-stream`, so SSE is never buffered;
 //! 6. catch-panic — a panic becomes a logged 500 problem, not a dropped
 //!    connection; it sits inside the span so the log names the request;
@@ -262,7 +263,7 @@ pub fn router(state: AppState) -> Router {
     .layer(DefaultBodyLimit::max(config.body_limit_bytes))
     .layer(CatchPanicLayer::custom(panic_response))
     .layer(CompressionLayer::new())
-    .layer(cors(&config.allowed_origins))
+    .layer(tower::util::option_layer(cors(&config.allowed_origins)))
     .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
     .layer(
         TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -290,13 +291,18 @@ impl MakeRequestId for MakeRequestUuidV7 {
     }
 }
 
-fn cors(origins: &[String]) -> CorsLayer {
+/// CORS for the configured origins; none configured, no CORS layer at all
+/// (browsers on other origins are refused by their own same-origin rule).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
-    CorsLayer::new()
+    let layer = CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers([
@@ -307,7 +313,8 @@ fn cors(origins: &[String]) -> CorsLayer {
             HeaderName::from_static("x-request-id"),
         ])
         .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
-        .max_age(Duration::from_secs(600))
+        .max_age(Duration::from_secs(600));
+    Some(layer)
 }
 
 async fn fallback(uri: axum::http::Uri) -> ApiError {

@@ -364,3 +364,61 @@ async fn in_flight_requests_finish_during_a_graceful_shutdown() {
         .await
         .expect("no hang");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_configured_origins_only() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory)
+            .configure(|c| c.allowed_origins = vec!["https://dash.example".into()]),
+    )
+    .await;
+    let preflight = |origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/v1/agents"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let allowed = preflight("https://dash.example").await.unwrap();
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    let headers = allowed.headers();
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://dash.example"
+    );
+    assert!(
+        headers["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .contains("authorization")
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // A simple request from an allowed origin is answered with the header too.
+    let resp = app
+        .client
+        .get(app.url("/v1/agents"))
+        .header("origin", "https://dash.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://dash.example"
+    );
+
+    // Without --allowed-origins no origin is granted.
+    let plain = TestApp::spawn(Kind::Memory).await;
+    let resp = plain
+        .client
+        .get(plain.url("/v1/agents"))
+        .header("origin", "https://dash.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+}

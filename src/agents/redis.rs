@@ -233,7 +233,10 @@ impl BatchWorker {
 
 /// The [`BEAT_ARGS`] script arguments of one beat.
 fn beat_args(beat: &Beat) -> [String; BEAT_ARGS] {
-    let json = |v: serde_json::Value| v.to_string();
+    // Plain data (numbers, strings, a JSON object): serializing cannot fail.
+    fn json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+        serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+    }
     [
         beat.agent_id.to_string(),
         beat.now.timestamp_millis().to_string(),
@@ -241,19 +244,16 @@ fn beat_args(beat: &Beat) -> [String; BEAT_ARGS] {
         u8::from(beat.status.is_terminal()).to_string(),
         beat.ttl_seconds.to_string(),
         beat.grace_seconds.to_string(),
-        json(serde_json::json!(beat.progress)),
-        json(serde_json::json!(beat.current_task)),
+        json(&beat.progress),
+        json(&beat.current_task),
         beat.metadata
             .as_ref()
-            .map(|m| json(serde_json::Value::Object(m.as_map().clone())))
+            .map(|m| json(m.as_map()))
             .unwrap_or_default(),
-        beat.display_name
-            .as_ref()
-            .map(|d| json(serde_json::json!(d)))
-            .unwrap_or_default(),
+        beat.display_name.as_ref().map(json).unwrap_or_default(),
         beat.run_id.as_ref().map(Id::to_string).unwrap_or_default(),
         rfc3339(beat.now),
-        json(serde_json::json!(beat.source)),
+        json(&beat.source),
         beat.heartbeat_event
             .as_ref()
             .map(|e| e.json.clone())
