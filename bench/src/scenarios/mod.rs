@@ -205,9 +205,10 @@ impl Latencies {
         self.0.saturating_record(us.max(1));
     }
 
-    pub fn merge(&mut self, other: &Latencies) {
-        // Same bounds on both sides, so adding cannot fail.
-        let _ = self.0.add(&other.0);
+    pub fn record_all_us(&mut self, samples: &[u32]) {
+        for &us in samples {
+            self.record_us(u64::from(us));
+        }
     }
 
     pub fn count(&self) -> u64 {
