@@ -27,7 +27,8 @@ use crate::types::{Id, from_millis, rfc3339};
 /// ARGV: 2 retention ms, then per beat [`BEAT_ARGS`] values: agent id,
 /// now ms, status, terminal (0/1), ttl s, grace s, progress JSON,
 /// current_task JSON, metadata JSON or '', display_name JSON or '', run_id
-/// or '', event timestamp, source as a JSON string, heartbeat event or ''.
+/// or '', event timestamp, source as a JSON string, heartbeat event or '',
+/// the moment it stops being alive (ms) and the moment it is due down (ms).
 ///
 /// Returns, per beat, the stored `metadata`, `display_name` and `run_id`
 /// (the rest of the record is the beat itself). A typical beat costs eight
@@ -37,12 +38,11 @@ use crate::types::{Id, from_millis, rfc3339};
 static BEATS: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local n_args = 14
+local n_args = 16
 local out = {}
 local function beat(rec, a)
   local id, now = ARGV[a], tonumber(ARGV[a + 1])
   local status, terminal = ARGV[a + 2], ARGV[a + 3] == '1'
-  local ttl, grace = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name')
   local prev_status, was_down, run_key, run_id = prev[1], prev[2] == '1', prev[3], prev[4]
   local metadata, display_name = prev[5], prev[6]
@@ -97,16 +97,19 @@ local function beat(rec, a)
   end
   if ARGV[a + 13] ~= '' then emit('agent.heartbeat', id, '', ARGV[a + 13]) end
 
-  redis.call('ZADD', KEYS[2], now, id)
+  -- Scores are passed as strings: a Lua number would be formatted anew
+  -- for every call.
+  local now_s = ARGV[a + 1]
+  redis.call('ZADD', KEYS[2], now_s, id)
   if terminal then
     if not was_terminal then
       for i = 3, 6 do redis.call('ZREM', KEYS[i], id) end
     end
-    redis.call('ZADD', KEYS[7], now, id)
+    redis.call('ZADD', KEYS[7], now_s, id)
   else
-    redis.call('ZADD', KEYS[3], now, id)
-    redis.call('ZADD', KEYS[4], now + ttl * 1000, id)
-    redis.call('ZADD', KEYS[5], now + (ttl + grace) * 1000, id)
+    redis.call('ZADD', KEYS[3], now_s, id)
+    redis.call('ZADD', KEYS[4], ARGV[a + 14], id)
+    redis.call('ZADD', KEYS[5], ARGV[a + 15], id)
     if was_down then redis.call('ZREM', KEYS[6], id) end
     if was_terminal then redis.call('ZREM', KEYS[7], id) end
   end
@@ -124,7 +127,7 @@ return out
 });
 
 /// Values per beat in [`BEATS`]'s `ARGV`.
-const BEAT_ARGS: usize = 14;
+const BEAT_ARGS: usize = 16;
 /// Most beats applied by one script call.
 const MAX_BATCH: usize = 128;
 /// Batches in flight at once.
@@ -237,9 +240,13 @@ fn beat_args(beat: &Beat) -> [String; BEAT_ARGS] {
     fn json<T: serde::Serialize + ?Sized>(value: &T) -> String {
         serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
     }
+    let now_ms = beat.now.timestamp_millis();
+    let ms = |seconds: u64| i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let alive_until = now_ms.saturating_add(ms(beat.ttl_seconds));
+    let down_at = alive_until.saturating_add(ms(beat.grace_seconds));
     [
         beat.agent_id.to_string(),
-        beat.now.timestamp_millis().to_string(),
+        now_ms.to_string(),
         beat.status.as_str().to_owned(),
         u8::from(beat.status.is_terminal()).to_string(),
         beat.ttl_seconds.to_string(),
@@ -258,6 +265,8 @@ fn beat_args(beat: &Beat) -> [String; BEAT_ARGS] {
             .as_ref()
             .map(|e| e.json.clone())
             .unwrap_or_default(),
+        alive_until.to_string(),
+        down_at.to_string(),
     ]
 }
 

@@ -61,6 +61,7 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::{Identity, Role};
+use crate::clock::Clock;
 use crate::engine::{Engine, EngineError, EngineResult, dispatch};
 use crate::error::{ApiError, ApiResult};
 use crate::events::EventBody;
@@ -340,8 +341,8 @@ pub fn wake_key(id: Uuid) -> String {
 }
 
 /// Now, at the millisecond precision every stored time has.
-fn now_millis() -> DateTime<Utc> {
-    from_millis(Utc::now().timestamp_millis())
+fn now_millis(clock: &Clock) -> DateTime<Utc> {
+    from_millis(clock.now_ms())
 }
 
 fn not_found(id: Uuid) -> ApiError {
@@ -441,7 +442,7 @@ pub async fn create(
             fingerprint: sha256_hex(canonical_json(&body).as_bytes()),
         }
     });
-    let now = now_millis();
+    let now = now_millis(&state.clock);
     let request_id = Uuid::now_v7();
     let expires_at = now + chrono::Duration::seconds(timeout_seconds as i64);
     let request = ApprovalRequest {
@@ -553,7 +554,7 @@ pub async fn decide(
             caller.name
         )));
     }
-    let now = now_millis();
+    let now = now_millis(&state.clock);
     let status = if req.approved {
         ApprovalStatus::Approved
     } else {
@@ -591,7 +592,7 @@ pub async fn cancel(
             caller.name
         )));
     }
-    let now = now_millis();
+    let now = now_millis(&state.clock);
     let response = ApprovalResponse {
         request_id: id,
         approved: false,
@@ -745,7 +746,7 @@ mod tests {
 
     #[test]
     fn a_conflict_names_the_status_and_the_responder() {
-        let now = now_millis();
+        let now = now_millis(&Clock::default());
         let id = Uuid::now_v7();
         let approval = Approval {
             request: ApprovalRequest {

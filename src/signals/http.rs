@@ -5,7 +5,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -244,7 +243,7 @@ async fn list_signals(
         target: q.target,
     };
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
-    let now_ms = Utc::now().timestamp_millis();
+    let now_ms = state.clock.now_ms();
     let (signals, next) = state
         .engine
         .list_signals(&filter, now_ms, cursor, limit)

@@ -217,7 +217,7 @@ pub async fn send_signal(
         ));
     }
     caller.ensure_may_act_as(&req.source_agent, "source_agent")?;
-    let now = Utc::now();
+    let now = state.clock.now();
     let ttl_seconds = req.ttl_seconds.unwrap_or(DEFAULT_TTL).get();
     let created_ms = now.timestamp_millis();
     let record = SignalRecord {
@@ -266,7 +266,7 @@ pub async fn read_inbox(
     let engine = &state.engine;
     let read = || async {
         let signals = engine
-            .read_inbox(&agent, &query, Utc::now().timestamp_millis())
+            .read_inbox(&agent, &query, state.clock.now_ms())
             .await?;
         let found = !signals.is_empty();
         Ok::<_, ApiError>((signals, found))
@@ -288,7 +288,7 @@ pub async fn clear_inbox(
     if !caller.may_act_as(&agent) {
         return Err(ApiError::not_found(format!("no inbox for agent {agent:?}")));
     }
-    let now = Utc::now();
+    let now = state.clock.now();
     let event = EventBody::new(
         "signal.cleared",
         &caller.name,
