@@ -12,6 +12,12 @@
 //! live stream is disconnected (WebSocket close code 4008, or a final SSE
 //! `error` event) with the id to resume from, so one slow client can never
 //! hold memory or stall the others.
+//!
+//! A WebSocket's writer is woken once per event; it writes every frame
+//! already queued for it before flushing, so under load a socket catches up
+//! with a few large writes instead of one system call per event. The
+//! client's side of the socket is read by a separate task, so the writer's
+//! wake-ups never touch the read path.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
