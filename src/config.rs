@@ -147,6 +147,11 @@ pub struct ServeArgs {
     /// (it can resume with `since`).
     #[arg(long, env = "ATTUNE_SUBSCRIBER_BUFFER", default_value_t = 8192)]
     pub subscriber_buffer: usize,
+    /// Under sustained traffic a WebSocket is written at most once per this
+    /// many milliseconds; frames arriving sooner go out together. The first
+    /// frame after a quiet spell is written at once. 0: every frame at once.
+    #[arg(long, env = "ATTUNE_WS_WRITE_INTERVAL_MS", default_value_t = 20)]
+    pub ws_write_interval_ms: u64,
     /// Do not write an `agent.heartbeat` event for every beat.
     #[arg(long, env = "ATTUNE_NO_HEARTBEAT_EVENTS")]
     pub no_heartbeat_events: bool,
@@ -189,6 +194,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub stream_max_len: usize,
     pub subscriber_buffer: usize,
+    pub ws_write_interval: Duration,
     pub heartbeat_events: bool,
     pub agent_retention: Duration,
     pub down_grace: Option<Duration>,
@@ -277,6 +283,7 @@ impl ServeArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             stream_max_len: self.stream_max_len,
             subscriber_buffer: self.subscriber_buffer,
+            ws_write_interval: Duration::from_millis(self.ws_write_interval_ms),
             heartbeat_events: !self.no_heartbeat_events,
             agent_retention: Duration::from_secs(self.agent_retention_seconds),
             down_grace: self.down_grace_seconds.map(Duration::from_secs),

@@ -469,3 +469,39 @@ async fn an_idle_websocket_is_pinged_every_15_seconds_and_stays_open() {
         .expect("an event after the ping");
     assert_eq!(frame["type"], "test.after-ping");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_sustained_traffic_a_websocket_is_written_once_per_interval() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory).configure(|c| c.ws_write_interval = Duration::from_millis(600)),
+    )
+    .await;
+    let mut socket = connect(&app, "?types=test.paced").await;
+    // After a quiet spell the first frame goes out at once.
+    let started = std::time::Instant::now();
+    publish(&app, "test.paced", 1).await;
+    let first = next_json(&mut socket).await.expect("first frame");
+    assert_eq!(first["data"]["n"], 1);
+    let first_after = started.elapsed();
+    assert!(first_after < Duration::from_millis(400), "{first_after:?}");
+    // The next two come within the interval: they wait for its end and
+    // arrive together, in order.
+    publish(&app, "test.paced", 2).await;
+    publish(&app, "test.paced", 3).await;
+    let second = next_json(&mut socket).await.expect("second frame");
+    let second_after = started.elapsed();
+    let third = next_json(&mut socket).await.expect("third frame");
+    let third_after = started.elapsed();
+    assert_eq!(
+        (second["data"]["n"].clone(), third["data"]["n"].clone()),
+        (json!(2), json!(3))
+    );
+    assert!(
+        second_after >= Duration::from_millis(550),
+        "second frame after {second_after:?}, before the interval ended"
+    );
+    assert!(
+        third_after - second_after < Duration::from_millis(100),
+        "the held frames were written together ({second_after:?}, {third_after:?})"
+    );
+}
