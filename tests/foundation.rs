@@ -397,13 +397,7 @@ async fn cors_answers_configured_origins_only() {
     assert!(other.headers().get("access-control-allow-origin").is_none());
 
     // A simple request from an allowed origin is answered with the header too.
-    let resp = app
-        .client
-        .get(app.url("/v1/agents"))
-        .header("origin", "https://dash.example")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_from_dash(&app).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["access-control-allow-origin"],
@@ -412,13 +406,17 @@ async fn cors_answers_configured_origins_only() {
 
     // Without --allowed-origins no origin is granted.
     let plain = TestApp::spawn(Kind::Memory).await;
-    let resp = plain
-        .client
-        .get(plain.url("/v1/agents"))
+    let resp = get_from_dash(&plain).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+}
+
+/// `GET /v1/agents` as a browser page on `https://dash.example` sends it.
+async fn get_from_dash(app: &TestApp) -> reqwest::Response {
+    app.client
+        .get(app.url("/v1/agents"))
         .header("origin", "https://dash.example")
         .send()
         .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(resp.headers().get("access-control-allow-origin").is_none());
+        .unwrap()
 }
