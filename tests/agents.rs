@@ -387,7 +387,82 @@ async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
     assert_eq!(seen, expected);
 }
 
+/// Beats queued together (one script call on Redis) apply exactly as if
+/// each were alone, in order: an agent that finishes and starts again
+/// within one batch ends up active, one that finishes last ends up finished.
+async fn beats_queued_together_apply_in_order(kind: Kind) {
+    use attune_telemetry::agents::{AgentStatus, Beat};
+    use attune_telemetry::types::Id;
+    let app = TestApp::spawn(kind).await;
+    let start = app.state.clock.now();
+    // Each beat a millisecond after the previous one (runs are keyed by
+    // agent and start time).
+    let beat_of = |id: &str, status: AgentStatus, k: i64| Beat {
+        agent_id: Id::new(id).unwrap(),
+        status,
+        progress: None,
+        current_task: None,
+        metadata: None,
+        display_name: None,
+        run_id: None,
+        ttl_seconds: 30,
+        grace_seconds: 30,
+        now: start + chrono::Duration::milliseconds(k),
+        retention: Duration::from_secs(86_400),
+        source: "test".into(),
+        heartbeat_event: None,
+    };
+    use AgentStatus::{Completed, Running};
+    let mut beats = Vec::new();
+    for i in 0..20 {
+        // "again-i": finishes, then runs again; "done-i": runs, then finishes.
+        for (prefix, statuses) in [
+            ("again", [Running, Completed, Running]),
+            ("done", [Running, Running, Completed]),
+        ] {
+            for status in statuses {
+                let k = beats.len() as i64;
+                beats.push(beat_of(&format!("{prefix}-{i}"), status, k));
+            }
+        }
+    }
+    // `join_all` polls in order, so the beats are queued in this order.
+    let engine = &app.state.engine;
+    let results =
+        futures_util::future::join_all(beats.into_iter().map(|b| engine.record_beat(b))).await;
+    assert!(results.iter().all(Result::is_ok));
+
+    let state_ids = |state: &'static str| {
+        let app = &app;
+        async move {
+            let (status, page) = app
+                .get(&format!("/v1/agents?state={state}&limit=100"))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            let mut ids = ids(&page);
+            ids.sort();
+            ids
+        }
+    };
+    let mut again: Vec<String> = (0..20).map(|i| format!("again-{i}")).collect();
+    let mut done: Vec<String> = (0..20).map(|i| format!("done-{i}")).collect();
+    again.sort();
+    done.sort();
+    assert_eq!(state_ids("up").await, again);
+    assert_eq!(state_ids("finished").await, done);
+    let (_, all) = app.get("/v1/agents?limit=100").await;
+    assert_eq!(ids(&all).len(), 40);
+    let (_, perf) = app.get("/v1/agents/performance?hours=1").await;
+    let total = &perf["total"];
+    assert_eq!(
+        (total["runs"].clone(), total["completed"].clone()),
+        (json!(60), json!(40)),
+        "{perf}"
+    );
+}
+
 conformance!(
+    beats_queued_together_apply_in_order,
     paging_with_a_status_filter_returns_every_match_once,
     a_first_beat_creates_the_agent_with_defaults,
     stale_finds_an_agent_whose_ttl_is_shorter_than_the_threshold,
@@ -404,3 +479,39 @@ conformance!(
     only_admins_delete_agents,
     listing_filters_by_state_and_status,
 );
+
+/// Milliseconds until the agent's record expires in Redis.
+fn record_pttl(app: &TestApp, id: &str) -> i64 {
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    ::redis::cmd("PTTL")
+        .arg(format!("{{{}}}:agent:{id}", app.prefix))
+        .query(&mut conn)
+        .expect("PTTL")
+}
+
+#[tokio::test]
+async fn redis_the_record_expires_after_the_retention_period_renewed_by_beats() {
+    // Retention 200 s: the expiry is set 1 % (2 s) beyond it and renewed
+    // once a beat finds it closer than 200 s.
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.agent_retention = Duration::from_secs(200)),
+    )
+    .await;
+    beat(&app, "keeper", json!({})).await;
+    let first = record_pttl(&app, "keeper");
+    assert!((198_000..=202_000).contains(&first), "PTTL {first}");
+
+    // 50 s later (by the service's clock) the next beat pushes it out.
+    app.state.clock.advance(Duration::from_secs(50));
+    beat(&app, "keeper", json!({"progress": 0.5})).await;
+    let renewed = record_pttl(&app, "keeper");
+    assert!((248_000..=252_000).contains(&renewed), "PTTL {renewed}");
+
+    // A beat within the slack leaves it, still at least the retention away.
+    app.state.clock.advance(Duration::from_secs(1));
+    beat(&app, "keeper", json!({"progress": 0.6})).await;
+    let kept = record_pttl(&app, "keeper");
+    assert!(kept <= renewed && kept >= 248_000, "PTTL {kept}");
+    let (_, view) = app.get("/v1/agents/keeper").await;
+    assert_eq!(view["progress"], 0.6);
+}

@@ -24,103 +24,156 @@ use crate::types::{Id, from_millis, rfc3339};
 ///
 /// KEYS: 2 by-beat, 3 active, 4 late-due, 5 down-due, 6 down, 7 finished,
 /// 8 runs, 9 runs-by-start, then one record key per beat.
-/// ARGV: 2 retention ms, then per beat [`BEAT_ARGS`] values: agent id,
-/// now ms, status, terminal (0/1), ttl s, grace s, progress JSON,
-/// current_task JSON, metadata JSON or '', display_name JSON or '', run_id
-/// or '', event timestamp, source as a JSON string, heartbeat event or '',
-/// the moment it stops being alive (ms) and the moment it is due down (ms).
+/// ARGV: 2 retention ms, 3 expiry slack ms, then per beat [`BEAT_ARGS`]
+/// values: agent id, now ms, status, terminal (0/1), ttl s, grace s,
+/// progress JSON, current_task JSON, metadata JSON or '', display_name JSON
+/// or '', run_id or '', event timestamp, source as a JSON string, heartbeat
+/// event or '', the moment it stops being alive (ms) and the moment it is
+/// due down (ms).
 ///
 /// Returns, per beat, the stored `metadata`, `display_name` and `run_id`
-/// (the rest of the record is the beat itself). A typical beat costs eight
-/// commands: one read, one write, the by-beat and three deadline indexes,
-/// the expiry and the heartbeat event; index removals run only when the
-/// state changes.
+/// (the rest of the record is the beat itself).
+///
+/// Inside a script every `redis.call` and every line of Lua costs more
+/// than the work of a typical command, so a typical beat — one that changes
+/// no state — takes a short path of three calls: read, write the moving
+/// fields, append the event. The index scores of the whole batch go out as
+/// one `ZADD` per index at the end (flushed early before any removal, so
+/// adds and removals apply in beat order), and the record's expiry is
+/// pushed out only when it falls short of `retention` from now: it is set
+/// `slack` beyond that, so an agent beating often renews it once per slack
+/// rather than on every beat.
 static BEATS: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local n_args = 16
-local out = {}
-local function beat(rec, a)
-  local id, now = ARGV[a], tonumber(ARGV[a + 1])
-  local status, terminal = ARGV[a + 2], ARGV[a + 3] == '1'
-  local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name')
-  local prev_status, was_down, run_key, run_id = prev[1], prev[2] == '1', prev[3], prev[4]
-  local metadata, display_name = prev[5], prev[6]
-  local was_terminal = prev_status == 'completed' or prev_status == 'failed' or prev_status == 'cancelled'
+local retention, slack = tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, n_out = {}, 0
+-- ZADD arguments of the batch, per index; flushed at the end, and before
+-- any removal so that adds and removals apply in beat order.
+local adds = { [2] = {}, [3] = {}, [4] = {}, [5] = {}, [7] = {} }
+local function flush()
+  for k, list in pairs(adds) do
+    if #list > 0 then
+      redis.call('ZADD', KEYS[k], unpack(list))
+      adds[k] = {}
+    end
+  end
+end
+local function zadd(k, score, id)
+  local list = adds[k]
+  list[#list + 1] = score
+  list[#list + 1] = id
+end
+local function zrem(k, id) flush(); redis.call('ZREM', KEYS[k], id) end
+local function is_terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
+local function event(a, kind, data)
+  return '{"type":"' .. kind .. '","ts":"' .. ARGV[a + 11] .. '","source":' .. ARGV[a + 12]
+    .. ',"agent_id":"' .. ARGV[a] .. '","data":' .. data .. '}'
+end
+local function run_data(run_id, status)
+  local rid = run_id and ('"' .. run_id .. '"') or 'null'
+  return '{"run_id":' .. rid .. ',"status":"' .. status .. '"}'
+end
+local function update_run(key, fn)
+  local raw = redis.call('HGET', KEYS[8], key)
+  if raw then
+    local run = cjson.decode(raw)
+    fn(run)
+    redis.call('HSET', KEYS[8], key, cjson.encode(run))
+  end
+end
 
+-- Any beat that may change state: runs, recovery, finishing, new metadata,
+-- a first beat, an expiry to renew. Returns the stored metadata,
+-- display_name and run_id.
+local function full_beat(rec, a, prev, renew)
+  local id, now_s, status, terminal = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
+  local now = tonumber(now_s)
+  local was_terminal, was_down, run_key, run_id = is_terminal(prev[1]), prev[2] == '1', prev[3], prev[4]
+  local metadata, display_name = prev[5], prev[6]
   local fields = { 'agent_id', id, 'status', status, 'progress', ARGV[a + 6], 'current_task', ARGV[a + 7],
-    'last_beat', ARGV[a + 1], 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5], 'down', '0' }
+    'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5], 'down', '0' }
   local function set(name, value) fields[#fields + 1] = name; fields[#fields + 1] = value end
   if ARGV[a + 8] ~= '' then metadata = ARGV[a + 8]; set('metadata', metadata) end
   if ARGV[a + 9] ~= '' then display_name = ARGV[a + 9]; set('display_name', display_name) end
   local new_run_id = ARGV[a + 10] ~= '' and ARGV[a + 10] ~= run_id
   if ARGV[a + 10] ~= '' then run_id = ARGV[a + 10]; set('run_id', run_id) end
-
-  local function event(kind, data)
-    return '{"type":"' .. kind .. '","ts":"' .. ARGV[a + 11] .. '","source":' .. ARGV[a + 12]
-      .. ',"agent_id":"' .. id .. '","data":' .. data .. '}'
-  end
-  local function run_data()
-    local rid = run_id and ('"' .. run_id .. '"') or 'null'
-    return '{"run_id":' .. rid .. ',"status":"' .. status .. '"}'
-  end
-  local function update_run(key, fn)
-    local raw = redis.call('HGET', KEYS[8], key)
-    if raw then
-      local run = cjson.decode(raw)
-      fn(run)
-      redis.call('HSET', KEYS[8], key, cjson.encode(run))
-    end
+  local expires
+  if renew then
+    expires = string.format('%d', now + retention + slack)
+    set('expires', expires)
   end
 
   if (not run_key and not terminal) or status == 'starting' or new_run_id then
     if run_key then
       update_run(run_key, function(r) if r.outcome == nil then r.lost = true end end)
     end
-    run_key = id .. '/' .. ARGV[a + 1]
+    run_key = id .. '/' .. now_s
     local run = { agent_id = id, started_ms = now, lost = false }
     if run_id then run.run_id = run_id end
     redis.call('HSET', KEYS[8], run_key, cjson.encode(run))
     redis.call('ZADD', KEYS[9], now, run_key)
     set('run_key', run_key)
-    emit('agent.started', id, '', event('agent.started', run_data()))
+    emit('agent.started', id, '', event(a, 'agent.started', run_data(run_id, status)))
   end
   if was_down then
     if run_key then update_run(run_key, function(r) r.lost = false end) end
-    emit('agent.recovered', id, '', event('agent.recovered', '{"status":"' .. status .. '"}'))
+    emit('agent.recovered', id, '', event(a, 'agent.recovered', '{"status":"' .. status .. '"}'))
   end
   redis.call('HSET', rec, unpack(fields))
+  if renew then redis.call('PEXPIREAT', rec, expires) end
   if terminal and run_key then
     update_run(run_key, function(r) r.ended_ms = now; r.outcome = status; r.lost = false end)
     redis.call('HDEL', rec, 'run_key')
-    emit('agent.finished', id, '', event('agent.finished', run_data()))
+    emit('agent.finished', id, '', event(a, 'agent.finished', run_data(run_id, status)))
+  end
+  if terminal then
+    if not was_terminal then
+      for k = 3, 6 do zrem(k, id) end
+    end
+  else
+    if was_down then zrem(6, id) end
+    if was_terminal then zrem(7, id) end
+  end
+  return metadata, display_name, run_id
+end
+
+for i = 10, #KEYS do
+  local rec, a = KEYS[i], 4 + (i - 10) * n_args
+  local id, now_s, status = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local now, terminal = tonumber(now_s), ARGV[a + 3] == '1'
+  local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name',
+    'expires')
+  local expires = tonumber(prev[7])
+  local renew = not expires or expires < now + retention or expires > now + retention + slack
+  local metadata, display_name, run_id = prev[5], prev[6], prev[4]
+  if not terminal and prev[3] and prev[2] == '0' and not is_terminal(prev[1]) and status ~= 'starting'
+      and not renew and ARGV[a + 8] == '' and ARGV[a + 9] == ''
+      and (ARGV[a + 10] == '' or ARGV[a + 10] == run_id) then
+    -- The typical beat changes no state: only the moving fields are written.
+    redis.call('HSET', rec, 'status', status, 'progress', ARGV[a + 6], 'current_task', ARGV[a + 7],
+      'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5])
+  else
+    metadata, display_name, run_id = full_beat(rec, a, prev, renew)
   end
   if ARGV[a + 13] ~= '' then emit('agent.heartbeat', id, '', ARGV[a + 13]) end
 
-  -- Scores are passed as strings: a Lua number would be formatted anew
-  -- for every call.
-  local now_s = ARGV[a + 1]
-  redis.call('ZADD', KEYS[2], now_s, id)
+  -- Scores are passed as strings: a Lua number would be formatted anew.
+  zadd(2, now_s, id)
   if terminal then
-    if not was_terminal then
-      for i = 3, 6 do redis.call('ZREM', KEYS[i], id) end
-    end
-    redis.call('ZADD', KEYS[7], now_s, id)
+    zadd(7, now_s, id)
   else
-    redis.call('ZADD', KEYS[3], now_s, id)
-    redis.call('ZADD', KEYS[4], ARGV[a + 14], id)
-    redis.call('ZADD', KEYS[5], ARGV[a + 15], id)
-    if was_down then redis.call('ZREM', KEYS[6], id) end
-    if was_terminal then redis.call('ZREM', KEYS[7], id) end
+    zadd(3, now_s, id)
+    zadd(4, ARGV[a + 14], id)
+    zadd(5, ARGV[a + 15], id)
   end
-  redis.call('PEXPIRE', rec, ARGV[2])
-  out[#out + 1] = metadata or false
-  out[#out + 1] = display_name or false
-  out[#out + 1] = run_id or false
+  out[n_out + 1] = metadata or false
+  out[n_out + 2] = display_name or false
+  out[n_out + 3] = run_id or false
+  n_out = n_out + 3
 end
-for i = 10, #KEYS do
-  beat(KEYS[i], 3 + (i - 10) * n_args)
-end
+flush()
 return out
 "#,
     )
@@ -130,8 +183,6 @@ return out
 const BEAT_ARGS: usize = 16;
 /// Most beats applied by one script call.
 const MAX_BATCH: usize = 128;
-/// Batches in flight at once.
-const IN_FLIGHT: usize = 2;
 
 type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
 
@@ -140,9 +191,12 @@ type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
 /// Agents beat constantly and concurrently, and on Redis the cost of a beat
 /// is dominated by the per-call overhead of a script and its round trip, not
 /// by its few commands. Beats are queued to one task, which takes whatever
-/// is waiting (up to [`MAX_BATCH`]) and applies it in one script call, with
-/// up to [`IN_FLIGHT`] calls outstanding. Nothing waits for a batch to fill:
-/// a lone beat goes out at once, and batches form only under load.
+/// is waiting (up to [`MAX_BATCH`]) and applies it in one script call, then
+/// the next. Nothing waits for a batch to fill: a lone beat goes out at once,
+/// and batches form only under load — while one is applied, the next
+/// gathers. One call at a time keeps beats in queue order: two calls in
+/// flight could reach Redis in either order, and a `completed` beat applied
+/// before the `running` one queued ahead of it would leave the agent running.
 pub struct BeatBatcher {
     queue: mpsc::UnboundedSender<PendingBeat>,
 }
@@ -158,14 +212,9 @@ impl BeatBatcher {
             stream_max_len: engine.stream_max_len,
             timeout: engine.timeout,
         };
-        let worker = std::sync::Arc::new(worker);
-        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         tokio::spawn(async move {
             // Ends when the engine (the only sender) is dropped.
             while let Some(first) = rx.recv().await {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
-                };
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -173,11 +222,7 @@ impl BeatBatcher {
                         Err(_) => break,
                     }
                 }
-                let worker = worker.clone();
-                tokio::spawn(async move {
-                    worker.apply(batch).await;
-                    drop(permit);
-                });
+                worker.apply(batch).await;
             }
         });
         Self { queue }
@@ -202,7 +247,10 @@ impl BatchWorker {
         for key in &self.index_keys {
             invocation.key(key);
         }
-        invocation.arg(self.stream_max_len).arg(retention as u64);
+        invocation
+            .arg(self.stream_max_len)
+            .arg(retention as u64)
+            .arg(expiry_slack(retention) as u64);
         for (beat, _) in &batch {
             invocation.key(self.keys.agent(&beat.agent_id));
             for value in beat_args(beat) {
@@ -232,6 +280,13 @@ impl BatchWorker {
             }
         }
     }
+}
+
+/// How far beyond the retention period a record's expiry is set, so that
+/// an agent beating often renews it once per slack instead of on every beat:
+/// 1 % of the retention, at most a minute.
+fn expiry_slack(retention_ms: u128) -> u128 {
+    (retention_ms / 100).min(60_000)
 }
 
 /// The [`BEAT_ARGS`] script arguments of one beat.
@@ -396,7 +451,7 @@ impl RedisEngine {
             .send((beat, reply))
             .map_err(|_| EngineError::Unavailable("heartbeat writer stopped".into()))?;
         // A batch is one bounded call; allow for waiting behind one more.
-        match tokio::time::timeout(self.timeout * (IN_FLIGHT as u32 + 1), answer).await {
+        match tokio::time::timeout(self.timeout * 2, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(EngineError::Unavailable("heartbeat writer stopped".into())),
             Err(_) => Err(EngineError::Unavailable(
