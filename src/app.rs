@@ -15,7 +15,7 @@
 //! 5. compression — skips `text/event-stream`, so SSE is never buffered;
 //! 6. catch-panic — a panic becomes a logged 500 problem, not a dropped
 //!    connection; it sits inside the span so the log names the request;
-//! 7. per-route metrics and the timeout (route layers).
+//! 7. per-route metrics and the time limit (one route layer).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -258,8 +258,10 @@ pub fn router(state: AppState) -> Router {
     .merge(crate::ops::docs_router())
     .fallback(fallback)
     .method_not_allowed_fallback(method_not_allowed)
-    .route_layer(middleware::from_fn_with_state(state.clone(), time_limit))
-    .route_layer(middleware::from_fn(track_metrics))
+    .route_layer(middleware::from_fn_with_state(
+        config.request_timeout,
+        per_route,
+    ))
     .layer(DefaultBodyLimit::max(config.body_limit_bytes))
     .layer(CatchPanicLayer::custom(panic_response))
     .layer(CompressionLayer::new())
@@ -285,7 +287,8 @@ struct MakeRequestUuidV7;
 
 impl MakeRequestId for MakeRequestUuidV7 {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        HeaderValue::from_str(uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text))
             .ok()
             .map(RequestId::new)
     }
@@ -335,11 +338,15 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal(format!("handler panicked: {detail}")).into_response()
 }
 
-/// The time limit of a request: `--request-timeout-seconds`, plus the
-/// `wait_seconds` it asked for (long polls may wait up to 60 s by design).
-/// WebSocket and SSE responses return at once, so their streams are not
-/// limited by it.
-async fn time_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Per-route work, in one layer: the time limit, then the request counter
+/// and latency histogram by matched route (timeouts included).
+///
+/// The time limit is `--request-timeout-seconds` plus the `wait_seconds` a
+/// request asked for (long polls may wait up to 60 s by design). WebSocket
+/// and SSE responses return at once, so their streams are not limited by it.
+async fn per_route(State(timeout): State<Duration>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let method = req.method().clone();
     let wait = req
         .uri()
         .query()
@@ -350,47 +357,51 @@ async fn time_limit(State(state): State<AppState>, req: Request, next: Next) -> 
         })
         .unwrap_or(0)
         .min(60);
-    let limit = state.config.request_timeout + Duration::from_secs(wait);
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Timeout.into_response(),
-    }
-}
-
-/// Counts requests and records latency by matched route.
-async fn track_metrics(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| intern(p.as_str()));
-    let method = intern(req.method().as_str());
     let started = Instant::now();
-    let response = next.run(req).await;
-    let status = intern(response.status().as_str());
-    metrics::counter!("attune_http_requests_total", "method" => method, "route" => route, "status" => status)
-        .increment(1);
-    metrics::histogram!("attune_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let response =
+        match tokio::time::timeout(timeout + Duration::from_secs(wait), next.run(req)).await {
+            Ok(response) => response,
+            Err(_) => ApiError::Timeout.into_response(),
+        };
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let (count, duration) = request_metrics(method, route, response.status());
+    count.increment(1);
+    duration.record(started.elapsed().as_secs_f64());
     response
 }
 
-/// Label values as `&'static str`, so that recording a metric allocates
-/// nothing. The set is bounded: routes, methods and status codes.
-fn intern(value: &str) -> &'static str {
-    static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
-        std::sync::OnceLock::new();
-    let mut set = SET
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    match set.get(value) {
-        Some(interned) => interned,
-        None => {
-            let leaked: &'static str = Box::leak(value.to_owned().into_boxed_str());
-            set.insert(leaked);
-            leaked
-        }
+/// The request counter and latency histogram of one method, route and
+/// status, registered on first use: a request then costs one map lookup
+/// instead of building label sets and searching the registry twice. The set
+/// is bounded: routes, methods and status codes.
+fn request_metrics(
+    method: Method,
+    route: &str,
+    status: axum::http::StatusCode,
+) -> (metrics::Counter, metrics::Histogram) {
+    type Handles =
+        std::collections::HashMap<(Method, String, u16), (metrics::Counter, metrics::Histogram)>;
+    static HANDLES: std::sync::OnceLock<std::sync::RwLock<Handles>> = std::sync::OnceLock::new();
+    let handles = HANDLES.get_or_init(Default::default);
+    let key = (method, route.to_owned(), status.as_u16());
+    if let Some(found) = handles
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+    {
+        return found.clone();
     }
+    let (method, route) = (key.0.to_string(), key.1.clone());
+    let made = (
+        metrics::counter!("attune_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.as_str().to_owned()),
+        metrics::histogram!("attune_http_request_duration_seconds", "method" => method, "route" => route),
+    );
+    handles
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(key)
+        .or_insert(made)
+        .clone()
 }
 
 /// A running server's background work: the event tailer and the sweepers.

@@ -434,6 +434,16 @@ pub async fn state_counts(state: &AppState) -> EngineResult<Vec<(&'static str, u
     Ok(counts.iter().map(|(s, n)| (s.as_str(), *n)).collect())
 }
 
+/// `data` of `agent.heartbeat`.
+#[derive(Serialize)]
+struct HeartbeatData<'a> {
+    status: AgentStatus,
+    progress: Option<f64>,
+    current_task: Option<&'a str>,
+    run_id: Option<&'a str>,
+    ttl_seconds: u64,
+}
+
 /// Validates scope and applies a heartbeat.
 pub async fn record_heartbeat(
     state: &AppState,
@@ -452,13 +462,13 @@ pub async fn record_heartbeat(
             &caller.name,
             Some(&agent_id),
             now,
-            serde_json::json!({
-                "status": status,
-                "progress": req.progress.map(Fraction::get),
-                "current_task": req.current_task.as_ref().map(Text::as_str),
-                "run_id": req.run_id.as_ref().map(Id::as_str),
-                "ttl_seconds": ttl_seconds,
-            }),
+            HeartbeatData {
+                status,
+                progress: req.progress.map(Fraction::get),
+                current_task: req.current_task.as_ref().map(Text::as_str),
+                run_id: req.run_id.as_ref().map(Id::as_str),
+                ttl_seconds,
+            },
         )
     });
     let beat = Beat {

@@ -108,23 +108,24 @@ pub struct EventBody {
 }
 
 #[derive(Serialize)]
-struct Envelope<'a> {
+struct Envelope<'a, D> {
     #[serde(rename = "type")]
     kind: &'a str,
     ts: String,
     source: &'a str,
     agent_id: Option<&'a str>,
-    data: &'a serde_json::Value,
+    data: &'a D,
 }
 
 impl EventBody {
-    /// Builds an event of `kind` from `source` (a key name or `system`).
+    /// Builds an event of `kind` from `source` (a key name or `system`);
+    /// `data` is anything that serializes to a JSON object.
     pub fn new(
         kind: &str,
         source: &str,
         agent_id: Option<&Id>,
         ts: DateTime<Utc>,
-        data: serde_json::Value,
+        data: impl Serialize,
     ) -> Self {
         let json = serde_json::to_string(&Envelope {
             kind,
