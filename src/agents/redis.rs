@@ -222,7 +222,12 @@ impl BeatBatcher {
                         Err(_) => break,
                     }
                 }
-                worker.apply(batch).await;
+                // A beat whose request already gave up (it answered 503
+                // while Redis was slow) is dropped rather than sent late.
+                batch.retain(|(_, reply)| !reply.is_closed());
+                if !batch.is_empty() {
+                    worker.apply(batch).await;
+                }
             }
         });
         Self { queue }
