@@ -48,6 +48,9 @@ static BEATS: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local n_args = 16
 local retention, slack = tonumber(ARGV[2]), tonumber(ARGV[3])
+-- Relative, so that the lifetime does not depend on how the clocks of
+-- Redis and the replicas agree.
+local lifetime = string.format('%d', retention + slack)
 local out, n_out = {}, 0
 -- ZADD arguments of the batch, per index; flushed at the end, and before
 -- any removal so that adds and removals apply in beat order.
@@ -99,11 +102,8 @@ local function full_beat(rec, a, prev, renew)
   if ARGV[a + 9] ~= '' then display_name = ARGV[a + 9]; set('display_name', display_name) end
   local new_run_id = ARGV[a + 10] ~= '' and ARGV[a + 10] ~= run_id
   if ARGV[a + 10] ~= '' then run_id = ARGV[a + 10]; set('run_id', run_id) end
-  local expires
-  if renew then
-    expires = string.format('%d', now + retention + slack)
-    set('expires', expires)
-  end
+  -- When the record expires, by the service's clock: decides renewals.
+  if renew then set('expires', string.format('%d', now + retention + slack)) end
 
   if (not run_key and not terminal) or status == 'starting' or new_run_id then
     if run_key then
@@ -122,7 +122,7 @@ local function full_beat(rec, a, prev, renew)
     emit('agent.recovered', id, '', event(a, 'agent.recovered', '{"status":"' .. status .. '"}'))
   end
   redis.call('HSET', rec, unpack(fields))
-  if renew then redis.call('PEXPIREAT', rec, expires) end
+  if renew then redis.call('PEXPIRE', rec, lifetime) end
   if terminal and run_key then
     update_run(run_key, function(r) r.ended_ms = now; r.outcome = status; r.lost = false end)
     redis.call('HDEL', rec, 'run_key')
