@@ -300,7 +300,67 @@ async fn websockets_close_with_going_away_on_shutdown(kind: Kind) {
     }
 }
 
+/// A long-poll for a signal to `agent`, answered within `bound` of the send.
+async fn waiter_is_woken_within(app: &TestApp, agent: &str, bound: Duration) {
+    let url = app.url(&format!("/v1/agents/{agent}/signals?wait_seconds=10"));
+    let client = app.client.clone();
+    let waiter = tokio::spawn(async move {
+        let body: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        (
+            body["signals"].as_array().map_or(0, Vec::len),
+            std::time::Instant::now(),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent_at = std::time::Instant::now();
+    let (status, body) = app
+        .post(
+            "/v1/signals",
+            json!({"signal_type": "go", "source_agent": "boss", "target_agent": agent}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (n, answered_at) = waiter.await.unwrap();
+    assert_eq!(n, 1);
+    let took = answered_at.duration_since(sent_at);
+    assert!(took < bound, "waiter answered {took:?} after the send");
+}
+
+/// While nobody subscribes the Redis tailer reads only wake-ups; a client
+/// that joins gets exactly what follows, and waiters wake promptly before,
+/// while and after anyone watches.
+async fn a_subscriber_joining_a_busy_log_gets_only_what_follows(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    waiter_is_woken_within(&app, "w1", Duration::from_secs(1)).await;
+    // Events after the last wake-up, read by nobody.
+    for n in 0..30 {
+        publish(&app, "test.before", n).await;
+    }
+
+    let mut socket = connect(&app, "").await;
+    let after = publish(&app, "test.after", 0).await;
+    let first = next_json(&mut socket).await.expect("an event");
+    assert_eq!(
+        (first["type"].as_str(), first["id"].as_str()),
+        (Some("test.after"), Some(after.as_str()))
+    );
+    waiter_is_woken_within(&app, "w2", Duration::from_secs(1)).await;
+    let woken = next_json(&mut socket).await.expect("the signal event");
+    assert_eq!(woken["type"], "signal.sent");
+
+    drop(socket);
+    // The tailer notices at its next read.
+    publish(&app, "test.alone", 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    waiter_is_woken_within(&app, "w3", Duration::from_secs(1)).await;
+    let mut again = connect(&app, "").await;
+    let last = publish(&app, "test.again", 0).await;
+    let first = next_json(&mut again).await.expect("an event");
+    assert_eq!(first["id"].as_str(), Some(last.as_str()));
+}
+
 conformance!(
+    a_subscriber_joining_a_busy_log_gets_only_what_follows,
     a_subscriber_that_reconnects_with_since_gets_every_event_exactly_once,
     a_stream_filters_by_type_prefix_and_agent,
     a_trimmed_cursor_starts_with_a_stream_reset,

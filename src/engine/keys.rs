@@ -45,6 +45,12 @@ impl Keys {
         self.key("events")
     }
 
+    /// Stream of the wake-up keys of the log's events, under the same ids
+    /// (written by the scripts' `emit`, which derives the name).
+    pub fn event_wakes(&self) -> String {
+        self.key("events:wakes")
+    }
+
     /// Hash `version → applied-at` of applied keyspace migrations.
     pub fn migrations(&self) -> String {
         self.key("migrations")

@@ -29,10 +29,19 @@ use crate::engine::{EngineError, EngineResult};
 ///
 /// Convention: `KEYS[1]` is the event stream and `ARGV[1]` its maximum
 /// length; a script's own keys and arguments start at index 2.
+///
+/// An event with a wake-up key is also appended, under the same id and with
+/// only that key, to the wake-up stream (`KEYS[1]` + `:wakes`, the same hash
+/// tag), which the hub's tailer reads instead of the whole log while no
+/// client subscribes (see [`crate::events::hub`]).
 pub const EMIT_PRELUDE: &str = r#"
 local function emit(kind, agent, wake, body)
-  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
     't', kind, 'a', agent or '', 'w', wake or '', 'b', body)
+  if wake and wake ~= '' then
+    redis.call('XADD', KEYS[1] .. ':wakes', 'MAXLEN', '~', ARGV[1], id, 'w', wake)
+  end
+  return id
 end
 "#;
 

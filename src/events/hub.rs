@@ -13,22 +13,42 @@
 //! the number of Redis connections is one per process whatever the number of
 //! clients. The tailer remembers the last id it delivered and continues from
 //! it after an outage, so subscribers see no gap and no duplicate.
+//!
+//! On Redis, while no client subscribes, the tailer reads only the wake-up
+//! stream (the wake-up keys of the log's events, under the same ids) instead
+//! of every event, so a busy log — a heartbeat event per beat — costs
+//! nothing to read back when nobody watches it. A client that subscribes
+//! then waits until the tailer has switched: it wakes the waiters of every
+//! wake-up up to the log's current end, and reads the log from there, so
+//! waiters miss nothing and subscribers get every event after they joined.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError};
 use crate::events::{Event, StreamId};
 
 /// How long one blocking read of the log waits before it is re-issued.
 const BLOCK: Duration = Duration::from_secs(5);
 /// Most entries taken per read.
 const BATCH: usize = 1000;
+/// How long one blocking read of the wake-up stream waits: also how soon
+/// the tailer notices a client that subscribed.
+const WAKE_BLOCK: Duration = Duration::from_millis(100);
+
+/// What the tailer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tailing {
+    /// Every event: for subscribers and waiters.
+    Log,
+    /// Only wake-ups (Redis, while no client subscribes): for waiters.
+    Wakes,
+}
 
 /// The process's fan-out point.
 pub struct Hub {
@@ -41,6 +61,11 @@ pub struct Hub {
     subscribers: AtomicUsize,
     /// Cancelled at shutdown: waits answer at once, streams close.
     shutdown: CancellationToken,
+    /// What the tailer reads. Joining the broadcast and reading this, and
+    /// the tailer's switch to wake-ups when nobody has joined, happen under
+    /// `gate`, so a client never joins while the tailer stops reading the log.
+    tailing: watch::Sender<Tailing>,
+    gate: Mutex<()>,
 }
 
 impl Hub {
@@ -52,6 +77,8 @@ impl Hub {
             waiters: Waiters::default(),
             subscribers: AtomicUsize::new(0),
             shutdown,
+            tailing: watch::Sender::new(Tailing::Log),
+            gate: Mutex::new(()),
         })
     }
 
@@ -64,8 +91,24 @@ impl Hub {
         self.subscribers.load(Ordering::Relaxed)
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.tx.subscribe()
+    /// Joins the live stream: every event the tailer reads from now on.
+    /// If the tailer reads only wake-ups, waits (at most `within`) until it
+    /// reads the log.
+    pub async fn subscribe(
+        &self,
+        within: Duration,
+    ) -> Result<broadcast::Receiver<Arc<Event>>, EngineError> {
+        let (live, mut tailing) = {
+            let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+            (self.tx.subscribe(), self.tailing.subscribe())
+        };
+        let switch = tailing.wait_for(|t| *t == Tailing::Log);
+        match tokio::time::timeout(within + WAKE_BLOCK, switch).await {
+            Ok(Ok(_)) => Ok(live),
+            _ => Err(EngineError::Unavailable(
+                "the event log cannot be read right now".into(),
+            )),
+        }
     }
 
     /// Counts a live client for as long as the returned guard lives.
@@ -112,22 +155,42 @@ impl Hub {
             }
         };
         backoff.reset();
+        // Only Redis keeps a wake-up stream.
+        let wakes = match &engine {
+            Engine::Redis(redis) => Some(redis.clone()),
+            Engine::Memory(_) => None,
+        };
         tracing::debug!(from = %last, "event tailer started");
         loop {
-            let read = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                read = engine.wait_events(last, BATCH, BLOCK) => read,
+            let tailing = match &wakes {
+                Some(_) => self.choose_tailing(),
+                None => Tailing::Log,
+            };
+            let read = match (tailing, &wakes) {
+                (Tailing::Wakes, Some(redis)) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        read = self.follow_wakes(redis, &mut last) => read,
+                    }
+                }
+                _ => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        read = engine.wait_events(last, BATCH, BLOCK) => read.map(|events| {
+                            for event in events {
+                                last = event.id;
+                                self.deliver(event);
+                            }
+                        }),
+                    }
+                }
             };
             match read {
-                Ok(events) => {
+                Ok(()) => {
                     if backoff.failures > 0 {
                         tracing::info!(from = %last, "event tailer reconnected");
                     }
                     backoff.reset();
-                    for event in events {
-                        last = event.id;
-                        self.deliver(event);
-                    }
                 }
                 Err(err) => {
                     metrics::counter!("attune_engine_errors_total", "op" => "tail").increment(1);
@@ -142,6 +205,46 @@ impl Hub {
             }
         }
         tracing::debug!("event tailer stopped");
+    }
+
+    /// Switches to wake-ups when no client has joined the live stream.
+    fn choose_tailing(&self) -> Tailing {
+        let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        if self.tx.receiver_count() == 0 {
+            self.tailing.send_if_modified(|t| {
+                let changed = *t != Tailing::Wakes;
+                *t = Tailing::Wakes;
+                changed
+            });
+        }
+        *self.tailing.borrow()
+    }
+
+    /// One step of tailing wake-ups: wakes the waiters of the next ones; or,
+    /// when a client has joined, wakes those of every wake-up up to the
+    /// log's end and switches to reading the log from there.
+    async fn follow_wakes(
+        &self,
+        redis: &crate::engine::redis::RedisEngine,
+        last: &mut StreamId,
+    ) -> Result<(), EngineError> {
+        if self.tx.receiver_count() == 0 {
+            for (id, key) in redis.wait_wakes(*last, BATCH, WAKE_BLOCK).await? {
+                *last = id;
+                self.waiters.wake(&key);
+            }
+            return Ok(());
+        }
+        // The end first: a wake-up appended after it is in the log after it.
+        let end = redis.log_bounds().await?.newest.unwrap_or(*last);
+        for (id, key) in redis.read_wakes(*last, end).await? {
+            *last = id;
+            self.waiters.wake(&key);
+        }
+        *last = (*last).max(end);
+        self.tailing.send_replace(Tailing::Log);
+        tracing::debug!(from = %last, "event tailer reads the log for subscribers");
+        Ok(())
     }
 }
 

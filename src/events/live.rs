@@ -134,7 +134,7 @@ impl Subscription {
         since: Option<StreamId>,
         filter: EventFilter,
     ) -> Result<Self, EngineError> {
-        let live = state.hub.subscribe();
+        let live = state.hub.subscribe(state.config.redis_timeout * 2).await?;
         let mut pending = VecDeque::new();
         if let Some(since) = since {
             let bounds = state.engine.log_bounds().await?;

@@ -236,6 +236,10 @@ impl LogBounds {
     }
 }
 
+/// A wake-up read from the Redis engine's wake-up stream: the id of the
+/// event that carries it, and the key.
+pub type Wake = (StreamId, String);
+
 impl Engine {
     /// Entries with ids strictly after `after`, oldest first, at most `count`.
     pub async fn read_events(&self, after: StreamId, count: usize) -> EngineResult<Vec<Event>> {

@@ -6,15 +6,36 @@
 //! [`RedisEngine::publish`].
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Value;
+use redis::{Script, Value};
 
-use crate::engine::redis::RedisEngine;
+use crate::engine::redis::{RedisEngine, script};
 use crate::engine::{EngineError, EngineResult};
-use crate::events::{Event, EventBody, LogBounds, StreamId};
+use crate::events::{Event, EventBody, LogBounds, StreamId, Wake};
 
 type Entry = (String, Vec<(String, String)>);
+
+/// Appends one event through `emit`, so that a wake-up key also reaches the
+/// wake-up stream. ARGV: 2 type, 3 agent id or '', 4 wake-up key or '',
+/// 5 body.
+static PUBLISH: LazyLock<Script> =
+    LazyLock::new(|| script("return emit(ARGV[2], ARGV[3], ARGV[4], ARGV[5])"));
+
+fn decode_wakes(entries: Vec<Entry>) -> EngineResult<Vec<Wake>> {
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let id: StreamId = id.parse().map_err(EngineError::Corrupt)?;
+            let key = fields
+                .into_iter()
+                .find_map(|(name, value)| (name == "w").then_some(value))
+                .ok_or_else(|| EngineError::Corrupt(format!("wake-up {id} lacks its key")))?;
+            Ok((id, key))
+        })
+        .collect()
+}
 
 fn decode(entry: Entry) -> EngineResult<Event> {
     let (id, fields) = entry;
@@ -42,22 +63,18 @@ fn decode(entry: Entry) -> EngineResult<Event> {
 
 impl RedisEngine {
     pub async fn publish(&self, event: EventBody) -> EngineResult<StreamId> {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.keys.events())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.stream_max_len)
-            .arg("*")
-            .arg("t")
-            .arg(&event.kind)
-            .arg("a")
-            .arg(event.agent_id.as_deref().unwrap_or(""))
-            .arg("w")
-            .arg(event.wake.as_deref().unwrap_or(""))
-            .arg("b")
-            .arg(&event.json);
-        let mut conn = self.conn();
-        let id: String = self.run(cmd.query_async(&mut conn)).await?;
+        let id: String = self
+            .invoke(
+                &PUBLISH,
+                &[] as &[&str],
+                &[
+                    event.kind,
+                    event.agent_id.unwrap_or_default(),
+                    event.wake.unwrap_or_default(),
+                    event.json,
+                ],
+            )
+            .await?;
         id.parse().map_err(EngineError::Corrupt)
     }
 
@@ -150,5 +167,39 @@ impl RedisEngine {
             .flat_map(|(_, entries)| entries)
             .map(decode)
             .collect()
+    }
+
+    /// Wake-ups after `after` up to and including `through`, oldest first.
+    pub async fn read_wakes(&self, after: StreamId, through: StreamId) -> EngineResult<Vec<Wake>> {
+        let mut conn = self.conn();
+        let entries: Vec<Entry> = self
+            .run(
+                redis::cmd("XRANGE")
+                    .arg(self.keys.event_wakes())
+                    .arg(format!("({after}"))
+                    .arg(through.to_string())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        decode_wakes(entries)
+    }
+
+    /// `XREAD BLOCK` of the wake-up stream on the dedicated connection.
+    pub async fn wait_wakes(
+        &self,
+        after: StreamId,
+        count: usize,
+        block: Duration,
+    ) -> EngineResult<Vec<Wake>> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(self.keys.event_wakes())
+            .arg(after.to_string());
+        let reply: Option<Vec<(String, Vec<Entry>)>> = self.blocking_query(&cmd, block).await?;
+        decode_wakes(reply.into_iter().flatten().flat_map(|(_, e)| e).collect())
     }
 }
