@@ -565,3 +565,29 @@ async fn under_sustained_traffic_a_websocket_is_written_once_per_interval() {
         "the held frames were written together ({second_after:?}, {third_after:?})"
     );
 }
+
+#[tokio::test]
+async fn the_redis_tailer_switches_streams_without_errors_while_idle() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    // Nobody subscribes: the tailer reads wake-ups with short blocking reads.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut socket = connect(&app, "").await;
+    // Now it blocks on the log for seconds, on the same connection, and the
+    // log stays quiet for longer than a short read's bound.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let id = publish(&app, "test.late", 0).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["id"], id.as_str());
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("op=\"tail\""),
+        "the tailer failed a read: {metrics}"
+    );
+}

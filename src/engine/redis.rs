@@ -8,7 +8,7 @@
 //!
 //! Blocking reads of the event log (`XREAD BLOCK`) would stall every other
 //! command multiplexed on the same connection, so they get a connection of
-//! their own whose response timeout is above the block time. Only the
+//! their own, each call bounded by its block time plus the ordinary bound. Only the
 //! process's single tailer makes them (see [`crate::events::hub`]).
 //!
 //! Atomic multi-key steps are Lua scripts. Each one starts with the shared
@@ -150,8 +150,11 @@ impl RedisEngine {
             .map(drop)
     }
 
-    /// Runs a blocking command on the dedicated connection, whose response
-    /// timeout is `block` plus the ordinary bound.
+    /// Runs a blocking command on the dedicated connection, bounded by
+    /// `block` plus the ordinary bound. The connection itself has no
+    /// response timeout: calls block for different times (the tailer reads
+    /// the log and the wake-up stream with different blocks), so each call
+    /// carries its own bound.
     pub async fn blocking_query<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
@@ -161,7 +164,7 @@ impl RedisEngine {
         if slot.is_none() {
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.timeout))
-                .set_response_timeout(Some(block + self.timeout));
+                .set_response_timeout(None);
             let conn = tokio::time::timeout(
                 self.timeout,
                 self.client
