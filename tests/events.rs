@@ -577,15 +577,7 @@ async fn the_redis_tailer_switches_streams_without_errors_while_idle() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let id = publish(&app, "test.late", 0).await;
     assert_eq!(next_json(&mut socket).await.unwrap()["id"], id.as_str());
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         !metrics.contains("op=\"tail\""),
         "the tailer failed a read: {metrics}"

@@ -171,15 +171,7 @@ async fn anonymous_access_is_refused_off_loopback_unless_explicitly_allowed() {
 async fn metrics_count_requests_by_route() {
     let app = TestApp::spawn(Kind::Memory).await;
     app.post("/v1/agents/m-1/heartbeats", json!({})).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("attune_http_requests_total")

@@ -145,28 +145,42 @@ impl RedisEngine {
         })
     }
 
-    /// `XREAD BLOCK` on the dedicated connection.
-    pub async fn wait_events(
+    /// `XREAD BLOCK` of one stream on the dedicated connection: its entries
+    /// after `after`, at most `count`.
+    async fn blocking_read(
         &self,
+        stream: String,
         after: StreamId,
         count: usize,
         block: Duration,
-    ) -> EngineResult<Vec<Event>> {
+    ) -> EngineResult<Vec<Entry>> {
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(count)
             .arg("BLOCK")
             .arg(block.as_millis() as u64)
             .arg("STREAMS")
-            .arg(self.keys.events())
+            .arg(stream)
             .arg(after.to_string());
         let reply: Option<Vec<(String, Vec<Entry>)>> = self.blocking_query(&cmd, block).await?;
-        reply
+        Ok(reply
             .into_iter()
             .flatten()
             .flat_map(|(_, entries)| entries)
-            .map(decode)
-            .collect()
+            .collect())
+    }
+
+    /// `XREAD BLOCK` of the log on the dedicated connection.
+    pub async fn wait_events(
+        &self,
+        after: StreamId,
+        count: usize,
+        block: Duration,
+    ) -> EngineResult<Vec<Event>> {
+        let entries = self
+            .blocking_read(self.keys.events(), after, count, block)
+            .await?;
+        entries.into_iter().map(decode).collect()
     }
 
     /// Wake-ups after `after` up to and including `through`, oldest first.
@@ -191,15 +205,9 @@ impl RedisEngine {
         count: usize,
         block: Duration,
     ) -> EngineResult<Vec<Wake>> {
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(self.keys.event_wakes())
-            .arg(after.to_string());
-        let reply: Option<Vec<(String, Vec<Entry>)>> = self.blocking_query(&cmd, block).await?;
-        decode_wakes(reply.into_iter().flatten().flat_map(|(_, e)| e).collect())
+        let entries = self
+            .blocking_read(self.keys.event_wakes(), after, count, block)
+            .await?;
+        decode_wakes(entries)
     }
 }

@@ -319,6 +319,18 @@ impl TestApp {
     }
 
     /// Every event in the log, oldest first (via the history endpoint).
+    /// The text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn all_events(&self) -> Vec<Value> {
         let mut out = Vec::new();
         let mut since = String::new();
