@@ -45,10 +45,11 @@ impl Keys {
         self.key("events")
     }
 
-    /// Stream of the wake-up keys of the log's events, under the same ids
-    /// (written by the scripts' `emit`, which derives the name).
+    /// Stream of the wake-up keys of the log's events, under the same ids:
+    /// the log's name plus `:wakes`, which is how the scripts' `emit`
+    /// derives it from the log's key.
     pub fn event_wakes(&self) -> String {
-        self.key("events:wakes")
+        format!("{}:wakes", self.events())
     }
 
     /// Hash `version → applied-at` of applied keyspace migrations.

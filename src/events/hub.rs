@@ -162,18 +162,17 @@ impl Hub {
         };
         tracing::debug!(from = %last, "event tailer started");
         loop {
-            let tailing = match &wakes {
-                Some(_) => self.choose_tailing(),
-                None => Tailing::Log,
-            };
-            let read = match (tailing, &wakes) {
-                (Tailing::Wakes, Some(redis)) => {
+            let reading_wakes = wakes
+                .as_ref()
+                .filter(|_| self.choose_tailing() == Tailing::Wakes);
+            let read = match reading_wakes {
+                Some(redis) => {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         read = self.follow_wakes(redis, &mut last) => read,
                     }
                 }
-                _ => {
+                None => {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         read = engine.wait_events(last, BATCH, BLOCK) => read.map(|events| {
