@@ -387,7 +387,7 @@ async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
     assert_eq!(seen, expected);
 }
 
-/// Beats queued together (one script call on Redis) apply exactly as if
+/// Beats queued together (batched into script calls on Redis) apply as if
 /// each were alone, in order: an agent that finishes and starts again
 /// within one batch ends up active, one that finishes last ends up finished.
 async fn beats_queued_together_apply_in_order(kind: Kind) {

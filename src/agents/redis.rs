@@ -9,7 +9,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Script;
+use redis::{Cmd, ErrorKind, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agents::{
@@ -183,6 +183,8 @@ return out
 const BEAT_ARGS: usize = 16;
 /// Most beats applied by one script call.
 const MAX_BATCH: usize = 128;
+/// Writers, each with one batch in flight (see [`BeatBatcher`]).
+const WRITERS: usize = 2;
 
 type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
 
@@ -190,21 +192,56 @@ type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
 ///
 /// Agents beat constantly and concurrently, and on Redis the cost of a beat
 /// is dominated by the per-call overhead of a script and its round trip, not
-/// by its few commands. Beats are queued to one task, which takes whatever
-/// is waiting (up to [`MAX_BATCH`]) and applies it in one script call, then
-/// the next. Nothing waits for a batch to fill: a lone beat goes out at once,
-/// and batches form only under load — while one is applied, the next
-/// gathers. One call at a time keeps beats in queue order: two calls in
-/// flight could reach Redis in either order, and a `completed` beat applied
-/// before the `running` one queued ahead of it would leave the agent running.
+/// by its few commands. Beats are queued to a writer task, which takes
+/// whatever is waiting (up to [`MAX_BATCH`]) and applies it in one script
+/// call, then the next. Nothing waits for a batch to fill: a lone beat goes
+/// out at once, and batches form only under load — while one is applied, the
+/// next gathers.
+///
+/// A writer has one call in flight, which keeps its beats in queue order:
+/// two calls in flight could reach Redis in either order, and a `completed`
+/// beat applied before the `running` one queued ahead of it would leave the
+/// agent running. Order matters only between beats of the same agent, so
+/// there are [`WRITERS`] writers and each agent always goes to the same one:
+/// while Redis applies one writer's batch, the other's is already on its way
+/// and Redis does not sit idle between batches.
 pub struct BeatBatcher {
-    queue: mpsc::UnboundedSender<PendingBeat>,
+    queues: Vec<mpsc::UnboundedSender<PendingBeat>>,
+    /// Picks an agent's writer; one per process, so stable for its life.
+    hasher: std::hash::RandomState,
 }
 
 impl BeatBatcher {
     fn start(engine: &RedisEngine) -> Self {
+        Self {
+            queues: (0..WRITERS).map(|_| BatchWriter::start(engine)).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// The queue of `agent`'s writer.
+    fn queue(&self, agent: &Id) -> &mpsc::UnboundedSender<PendingBeat> {
+        use std::hash::BuildHasher;
+        let n = self.hasher.hash_one(agent.as_str()) as usize % self.queues.len();
+        &self.queues[n]
+    }
+}
+
+struct BatchWriter {
+    conn: redis::aio::ConnectionManager,
+    /// The shared index keys (`KEYS[2..=9]` of [`BEATS`]).
+    index_keys: [String; 8],
+    keys: crate::engine::keys::Keys,
+    events: String,
+    stream_max_len: usize,
+    timeout: Duration,
+}
+
+impl BatchWriter {
+    /// Starts a writer task; it ends when the returned queue is dropped.
+    fn start(engine: &RedisEngine) -> mpsc::UnboundedSender<PendingBeat> {
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingBeat>();
-        let worker = BatchWorker {
+        let writer = Self {
             conn: engine.conn(),
             index_keys: engine.index_keys(),
             keys: engine.keys.clone(),
@@ -213,7 +250,6 @@ impl BeatBatcher {
             timeout: engine.timeout,
         };
         tokio::spawn(async move {
-            // Ends when the engine (the only sender) is dropped.
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
@@ -226,45 +262,29 @@ impl BeatBatcher {
                 // while Redis was slow) is dropped rather than sent late.
                 batch.retain(|(_, reply)| !reply.is_closed());
                 if !batch.is_empty() {
-                    worker.apply(batch).await;
+                    writer.apply(batch).await;
                 }
             }
         });
-        Self { queue }
+        queue
     }
-}
 
-struct BatchWorker {
-    conn: redis::aio::ConnectionManager,
-    /// The shared index keys (`KEYS[2..=9]` of [`BEATS`]).
-    index_keys: [String; 8],
-    keys: crate::engine::keys::Keys,
-    events: String,
-    stream_max_len: usize,
-    timeout: Duration,
-}
-
-impl BatchWorker {
     async fn apply(&self, batch: Vec<PendingBeat>) {
-        let retention = batch[0].0.retention.as_millis();
-        let mut invocation = BEATS.prepare_invoke();
-        invocation.key(&self.events);
-        for key in &self.index_keys {
-            invocation.key(key);
-        }
-        invocation
-            .arg(self.stream_max_len)
-            .arg(retention as u64)
-            .arg(expiry_slack(retention) as u64);
-        for (beat, _) in &batch {
-            invocation.key(self.keys.agent(&beat.agent_id));
-            for value in beat_args(beat) {
-                invocation.arg(value);
-            }
-        }
+        let cmd = self.command(&batch);
         let mut conn = self.conn.clone();
+        let call = async {
+            match cmd.query_async(&mut conn).await {
+                // Redis lost its script cache (a restart, `SCRIPT FLUSH`):
+                // load the script and send the same call again.
+                Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    BEATS.load_async(&mut conn).await?;
+                    cmd.query_async(&mut conn).await
+                }
+                result => result,
+            }
+        };
         let result: EngineResult<Vec<Option<String>>> =
-            crate::engine::redis::bounded(self.timeout, invocation.invoke_async(&mut conn)).await;
+            crate::engine::redis::bounded(self.timeout, call).await;
         match result {
             Ok(values) if values.len() == batch.len() * 3 => {
                 for ((beat, reply), stored) in batch.into_iter().zip(values.chunks(3)) {
@@ -285,6 +305,28 @@ impl BatchWorker {
             }
         }
     }
+
+    /// The `EVALSHA` of [`BEATS`] for `batch`, its values written straight
+    /// into the command (no string per value).
+    fn command(&self, batch: &[PendingBeat]) -> Cmd {
+        let retention = batch[0].0.retention.as_millis();
+        let n_keys = 1 + self.index_keys.len() + batch.len();
+        let mut cmd =
+            Cmd::with_capacity(3 + n_keys + 3 + batch.len() * BEAT_ARGS, 512 * batch.len());
+        cmd.arg("EVALSHA").arg(BEATS.get_hash()).arg(n_keys);
+        cmd.arg(&self.events).arg(&self.index_keys[..]);
+        for (beat, _) in batch {
+            cmd.arg(self.keys.agent(&beat.agent_id));
+        }
+        cmd.arg(self.stream_max_len)
+            .arg(u64::try_from(retention).unwrap_or(u64::MAX))
+            .arg(u64::try_from(expiry_slack(retention)).unwrap_or(u64::MAX));
+        let mut json = Vec::with_capacity(256);
+        for (beat, _) in batch {
+            write_beat_args(&mut cmd, &mut json, beat);
+        }
+        cmd
+    }
 }
 
 /// How far beyond the retention period a record's expiry is set, so that
@@ -294,40 +336,53 @@ fn expiry_slack(retention_ms: u128) -> u128 {
     (retention_ms / 100).min(60_000)
 }
 
-/// The [`BEAT_ARGS`] script arguments of one beat.
-fn beat_args(beat: &Beat) -> [String; BEAT_ARGS] {
-    // Plain data (numbers, strings, a JSON object): serializing cannot fail.
-    fn json<T: serde::Serialize + ?Sized>(value: &T) -> String {
-        serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+/// Appends the [`BEAT_ARGS`] script arguments of one beat; `json` is a
+/// scratch buffer.
+fn write_beat_args(cmd: &mut Cmd, json: &mut Vec<u8>, beat: &Beat) {
+    // Plain data (numbers, strings, a JSON object): serializing cannot fail,
+    // and should it, the script gets `null`.
+    fn arg_json<T: serde::Serialize + ?Sized>(cmd: &mut Cmd, json: &mut Vec<u8>, value: &T) {
+        json.clear();
+        if serde_json::to_writer(&mut *json, value).is_err() {
+            json.clear();
+            json.extend_from_slice(b"null");
+        }
+        cmd.arg(&json[..]);
     }
     let now_ms = beat.now.timestamp_millis();
     let ms = |seconds: u64| i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
     let alive_until = now_ms.saturating_add(ms(beat.ttl_seconds));
     let down_at = alive_until.saturating_add(ms(beat.grace_seconds));
-    [
-        beat.agent_id.to_string(),
-        now_ms.to_string(),
-        beat.status.as_str().to_owned(),
-        u8::from(beat.status.is_terminal()).to_string(),
-        beat.ttl_seconds.to_string(),
-        beat.grace_seconds.to_string(),
-        json(&beat.progress),
-        json(&beat.current_task),
-        beat.metadata
-            .as_ref()
-            .map(|m| json(m.as_map()))
-            .unwrap_or_default(),
-        beat.display_name.as_ref().map(json).unwrap_or_default(),
-        beat.run_id.as_ref().map(Id::to_string).unwrap_or_default(),
-        rfc3339(beat.now),
-        json(&beat.source),
+    cmd.arg(beat.agent_id.as_str())
+        .arg(now_ms)
+        .arg(beat.status.as_str())
+        .arg(u8::from(beat.status.is_terminal()))
+        .arg(beat.ttl_seconds)
+        .arg(beat.grace_seconds);
+    arg_json(cmd, json, &beat.progress);
+    arg_json(cmd, json, &beat.current_task);
+    match &beat.metadata {
+        Some(metadata) => arg_json(cmd, json, metadata.as_map()),
+        None => {
+            cmd.arg("");
+        }
+    }
+    match &beat.display_name {
+        Some(name) => arg_json(cmd, json, name),
+        None => {
+            cmd.arg("");
+        }
+    }
+    cmd.arg(beat.run_id.as_ref().map_or("", Id::as_str))
+        .arg(rfc3339(beat.now));
+    arg_json(cmd, json, &beat.source);
+    cmd.arg(
         beat.heartbeat_event
             .as_ref()
-            .map(|e| e.json.clone())
-            .unwrap_or_default(),
-        alive_until.to_string(),
-        down_at.to_string(),
-    ]
+            .map_or("", |e| e.json.as_str()),
+    )
+    .arg(alive_until)
+    .arg(down_at);
 }
 
 /// The record after `beat`, from the stored fields the script returned.
@@ -452,7 +507,7 @@ impl RedisEngine {
         let batcher = self.beat_batcher.get_or_init(|| BeatBatcher::start(self));
         let (reply, answer) = oneshot::channel();
         batcher
-            .queue
+            .queue(&beat.agent_id)
             .send((beat, reply))
             .map_err(|_| EngineError::Unavailable("heartbeat writer stopped".into()))?;
         // A batch is one bounded call; allow for waiting behind one more.
