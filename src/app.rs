@@ -372,36 +372,45 @@ async fn per_route(State(timeout): State<Duration>, req: Request, next: Next) ->
 
 /// The request counter and latency histogram of one method, route and
 /// status, registered on first use: a request then costs one map lookup
-/// instead of building label sets and searching the registry twice. The set
-/// is bounded: routes, methods and status codes.
+/// (by the borrowed route, no allocation) instead of building label sets
+/// and searching the registry twice. The set is bounded: routes, methods
+/// and status codes.
 fn request_metrics(
     method: Method,
     route: &str,
     status: axum::http::StatusCode,
 ) -> (metrics::Counter, metrics::Histogram) {
-    type Handles =
-        std::collections::HashMap<(Method, String, u16), (metrics::Counter, metrics::Histogram)>;
-    static HANDLES: std::sync::OnceLock<std::sync::RwLock<Handles>> = std::sync::OnceLock::new();
-    let handles = HANDLES.get_or_init(Default::default);
-    let key = (method, route.to_owned(), status.as_u16());
-    if let Some(found) = handles
+    type Handles = (Method, u16, metrics::Counter, metrics::Histogram);
+    type ByRoute = std::collections::HashMap<String, Vec<Handles>>;
+    static HANDLES: std::sync::OnceLock<std::sync::RwLock<ByRoute>> = std::sync::OnceLock::new();
+    let status = status.as_u16();
+    let find = |handles: &[Handles]| {
+        handles
+            .iter()
+            .find(|(m, s, ..)| *m == method && *s == status)
+            .map(|(.., count, duration)| (count.clone(), duration.clone()))
+    };
+    let by_route = HANDLES.get_or_init(Default::default);
+    if let Some(found) = by_route
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
+        .get(route)
+        .and_then(|handles| find(handles))
     {
-        return found.clone();
+        return found;
     }
-    let (method, route) = (key.0.to_string(), key.1.clone());
-    let made = (
-        metrics::counter!("attune_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.as_str().to_owned()),
-        metrics::histogram!("attune_http_request_duration_seconds", "method" => method, "route" => route),
-    );
-    handles
+    let mut by_route = by_route
         .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry(key)
-        .or_insert(made)
-        .clone()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let handles = by_route.entry(route.to_owned()).or_default();
+    if let Some(found) = find(handles) {
+        return found;
+    }
+    let (name, route) = (method.to_string(), route.to_owned());
+    let count = metrics::counter!("attune_http_requests_total", "method" => name.clone(), "route" => route.clone(), "status" => status.to_string());
+    let duration = metrics::histogram!("attune_http_request_duration_seconds", "method" => name, "route" => route);
+    handles.push((method, status, count.clone(), duration.clone()));
+    (count, duration)
 }
 
 /// A running server's background work: the event tailer and the sweepers.

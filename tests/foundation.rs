@@ -170,14 +170,28 @@ async fn anonymous_access_is_refused_off_loopback_unless_explicitly_allowed() {
 #[tokio::test]
 async fn metrics_count_requests_by_route() {
     let app = TestApp::spawn(Kind::Memory).await;
-    app.post("/v1/agents/m-1/heartbeats", json!({})).await;
+    for _ in 0..2 {
+        app.post("/v1/agents/m-1/heartbeats", json!({})).await;
+    }
+    let (status, _) = app
+        .post("/v1/agents/m-1/heartbeats", json!({"progress": 1.5}))
+        .await;
+    assert_eq!(status, 422);
     let text = app.metrics_text().await;
-    assert!(
+    // One series per method, route and status, each with its own count.
+    let count = |status: &str| {
         text.lines()
-            .any(|l| l.starts_with("attune_http_requests_total")
-                && l.contains("route=\"/v1/agents/{agent_id}/heartbeats\"")),
-        "{text}"
-    );
+            .find(|l| {
+                l.starts_with("attune_http_requests_total{")
+                    && l.contains("method=\"POST\"")
+                    && l.contains("route=\"/v1/agents/{agent_id}/heartbeats\"")
+                    && l.contains(&format!("status=\"{status}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(count("200").as_deref(), Some("2"), "{text}");
+    assert_eq!(count("422").as_deref(), Some("1"), "{text}");
     assert!(text.contains("attune_http_request_duration_seconds_bucket"));
     assert!(text.contains("attune_agents{state=\"up\"}"));
 }
