@@ -387,18 +387,14 @@ async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
     assert_eq!(seen, expected);
 }
 
-/// Beats queued together (batched into script calls on Redis) apply as if
-/// each were alone, in order: an agent that finishes and starts again
-/// within one batch ends up active, one that finishes last ends up finished.
-async fn beats_queued_together_apply_in_order(kind: Kind) {
-    use attune_telemetry::agents::{AgentStatus, Beat};
-    use attune_telemetry::types::Id;
-    let app = TestApp::spawn(kind).await;
-    let start = app.state.clock.now();
-    // Each beat a millisecond after the previous one (runs are keyed by
-    // agent and start time).
-    let beat_of = |id: &str, status: AgentStatus, k: i64| Beat {
-        agent_id: Id::new(id).unwrap(),
+/// A beat as the engine takes it, at an exact time (no HTTP, no clock).
+fn engine_beat(
+    id: &str,
+    status: attune_telemetry::agents::AgentStatus,
+    now: chrono::DateTime<chrono::Utc>,
+) -> attune_telemetry::agents::Beat {
+    attune_telemetry::agents::Beat {
+        agent_id: attune_telemetry::types::Id::new(id).unwrap(),
         status,
         progress: None,
         current_task: None,
@@ -407,10 +403,46 @@ async fn beats_queued_together_apply_in_order(kind: Kind) {
         run_id: None,
         ttl_seconds: 30,
         grace_seconds: 30,
-        now: start + chrono::Duration::milliseconds(k),
+        now,
         retention: Duration::from_secs(86_400),
         source: "test".into(),
         heartbeat_event: None,
+    }
+}
+
+/// Runs are keyed by agent and start time: two runs started in the same
+/// millisecond are still two runs.
+async fn runs_started_in_the_same_millisecond_are_counted_apart(kind: Kind) {
+    use attune_telemetry::agents::AgentStatus::{Completed, Failed, Starting};
+    let app = TestApp::spawn(kind).await;
+    let now = app.state.clock.now();
+    for status in [Starting, Completed, Starting, Failed, Starting] {
+        app.state
+            .engine
+            .record_beat(engine_beat("quick", status, now))
+            .await
+            .unwrap();
+    }
+    let (status, perf) = app.get("/v1/agents/performance?hours=24").await;
+    assert_eq!(status, 200, "{perf}");
+    let quick = &perf["agents"][0];
+    assert_eq!(quick["agent_id"], "quick", "{perf}");
+    assert_eq!(quick["runs"], 3, "{perf}");
+    assert_eq!(quick["completed"], 1, "{perf}");
+    assert_eq!(quick["failed"], 1, "{perf}");
+    assert_eq!(perf["total"]["running"], 1, "{perf}");
+}
+
+/// Beats queued together (batched into script calls on Redis) apply as if
+/// each were alone, in order: an agent that finishes and starts again
+/// within one batch ends up active, one that finishes last ends up finished.
+async fn beats_queued_together_apply_in_order(kind: Kind) {
+    use attune_telemetry::agents::AgentStatus;
+    let app = TestApp::spawn(kind).await;
+    let start = app.state.clock.now();
+    // Each beat a millisecond after the previous one.
+    let beat_of = |id: &str, status: AgentStatus, k: i64| {
+        engine_beat(id, status, start + chrono::Duration::milliseconds(k))
     };
     use AgentStatus::{Completed, Running};
     let mut beats = Vec::new();
@@ -463,6 +495,7 @@ async fn beats_queued_together_apply_in_order(kind: Kind) {
 
 conformance!(
     beats_queued_together_apply_in_order,
+    runs_started_in_the_same_millisecond_are_counted_apart,
     paging_with_a_status_filter_returns_every_match_once,
     a_first_beat_creates_the_agent_with_defaults,
     stale_finds_an_agent_whose_ttl_is_shorter_than_the_threshold,

@@ -113,7 +113,14 @@ impl MemoryEngine {
                     // Superseded by a new run before it closed.
                     old.lost = old.outcome.is_none();
                 }
-                let key = format!("{}/{now_ms}", beat.agent_id);
+                // Keyed by agent and start; a second run started in the
+                // same millisecond gets a suffix instead of replacing the first.
+                let base = format!("{}/{now_ms}", beat.agent_id);
+                let (mut key, mut n) = (base.clone(), 1);
+                while agents.runs.contains_key(&key) {
+                    n += 1;
+                    key = format!("{base}/{n}");
+                }
                 agents.runs.insert(
                     key.clone(),
                     RunRecord {

@@ -109,7 +109,14 @@ local function full_beat(rec, a, prev, renew)
     if run_key then
       update_run(run_key, function(r) if r.outcome == nil then r.lost = true end end)
     end
-    run_key = id .. '/' .. now_s
+    -- Keyed by agent and start; a second run started in the same
+    -- millisecond gets a suffix instead of overwriting the first.
+    local base, n = id .. '/' .. now_s, 1
+    run_key = base
+    while redis.call('HEXISTS', KEYS[8], run_key) == 1 do
+      n = n + 1
+      run_key = base .. '/' .. n
+    end
     local run = { agent_id = id, started_ms = now, lost = false }
     if run_id then run.run_id = run_id end
     redis.call('HSET', KEYS[8], run_key, cjson.encode(run))

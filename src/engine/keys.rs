@@ -115,7 +115,9 @@ impl Keys {
         self.key("agents:finished")
     }
 
-    /// Hash `run key → run JSON` of agent runs (for `performance`).
+    /// Hash `run key → run JSON` of agent runs (for `performance`); a run
+    /// key is `{agent}/{start ms}`, with `/2`, `/3`, … for further runs
+    /// started in the same millisecond.
     pub fn runs(&self) -> String {
         self.key("runs")
     }
