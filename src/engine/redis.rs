@@ -8,8 +8,8 @@
 //!
 //! Blocking reads of the event log (`XREAD BLOCK`) would stall every other
 //! command multiplexed on the same connection, so they get a connection of
-//! their own, each call bounded by its block time plus the ordinary bound. Only the
-//! process's single tailer makes them (see [`crate::events::hub`]).
+//! their own, each call bounded by its block time plus the ordinary bound.
+//! Only the process's single tailer makes them (see [`crate::events::hub`]).
 //!
 //! Atomic multi-key steps are Lua scripts. Each one starts with the shared
 //! [`EMIT_PRELUDE`] so that it can append events to the log in the same

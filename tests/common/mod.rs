@@ -318,7 +318,6 @@ impl TestApp {
         decode(resp).await
     }
 
-    /// Every event in the log, oldest first (via the history endpoint).
     /// The text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
         self.client
@@ -331,6 +330,7 @@ impl TestApp {
             .expect("metrics text")
     }
 
+    /// Every event in the log, oldest first (via the history endpoint).
     pub async fn all_events(&self) -> Vec<Value> {
         let mut out = Vec::new();
         let mut since = String::new();
