@@ -559,3 +559,84 @@ async fn redis_the_record_expires_after_the_retention_period_renewed_by_beats() 
     let (_, view) = app.get("/v1/agents/keeper").await;
     assert_eq!(view["progress"], 0.6);
 }
+
+/// A replica answers a typical beat from what it learned of the agent's
+/// last beat; whatever another replica, the sweeper or a delete changed in
+/// between must show in its answer and in the agent's state.
+#[tokio::test]
+async fn redis_a_replica_sees_what_others_changed_between_its_beats() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let other = app.replica().await;
+    let beat_on = |app, body| beat(app, "shared", body);
+    beat_on(&app, json!({"metadata": {"v": 1}})).await;
+    beat_on(&app, json!({})).await;
+
+    // New metadata and name from the other replica.
+    beat_on(&other, json!({"metadata": {"v": 2}, "display_name": "two"})).await;
+    let view = beat_on(&app, json!({})).await;
+    assert_eq!(view["metadata"], json!({"v": 2}));
+    assert_eq!(view["display_name"], "two");
+
+    // The other replica finishes the run: the next beat here opens a new one.
+    beat_on(&other, json!({"status": "completed"})).await;
+    let view = beat_on(&app, json!({})).await;
+    assert_eq!(view["state"], "up");
+    assert_eq!(app.events_of("agent.started").await.len(), 2);
+    let (_, finished) = app.get("/v1/agents?state=finished").await;
+    assert!(ids(&finished).is_empty(), "{finished}");
+
+    // The sweeper marks it down: the next beat here recovers it.
+    beat_on(&app, json!({"ttl_seconds": 1})).await;
+    eventually(Duration::from_secs(4), || async {
+        (!app.events_of("agent.down").await.is_empty()).then_some(())
+    })
+    .await;
+    let view = beat_on(&app, json!({})).await;
+    assert_eq!(view["state"], "up");
+    assert_eq!(app.events_of("agent.recovered").await.len(), 1);
+
+    // Deleted elsewhere: the next beat here creates it anew, without the
+    // old metadata.
+    let (status, _) = other.delete("/v1/agents/shared").await;
+    assert_eq!(status, 204);
+    let view = beat_on(&app, json!({})).await;
+    assert_eq!(view["metadata"], json!({}));
+    assert_eq!(view["display_name"], Value::Null);
+    assert_eq!(app.events_of("agent.started").await.len(), 3);
+}
+
+/// Beats queued behind one that finds the record changed by another
+/// replica wait for it and still apply in order.
+#[tokio::test]
+async fn redis_beats_behind_a_changed_record_still_apply_in_order() {
+    use attune_telemetry::agents::AgentStatus::{Completed, Running};
+    let app = TestApp::spawn(Kind::Redis).await;
+    let other = app.replica().await;
+    let start = app.state.clock.now();
+    let at = |status, k: i64| engine_beat("worker", status, start + chrono::Duration::milliseconds(k));
+    let engine = &app.state.engine;
+    engine.record_beat(at(Running, 0)).await.unwrap();
+    engine.record_beat(at(Running, 1)).await.unwrap();
+    // Finished by the other replica: the first run is closed.
+    other.state.engine.record_beat(at(Completed, 2)).await.unwrap();
+    // Queued together here: runs again (a second run), finishes it, and
+    // runs again (a third).
+    let queued = [(Running, 3), (Running, 4), (Completed, 5), (Running, 6)];
+    let results = futures_util::future::join_all(
+        queued.map(|(status, k)| engine.record_beat(at(status, k))),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+
+    let (_, view) = app.get("/v1/agents/worker").await;
+    assert_eq!(view["state"], "up", "{view}");
+    let (_, perf) = app.get("/v1/agents/performance?hours=1").await;
+    let total = &perf["total"];
+    assert_eq!(
+        (total["runs"].clone(), total["completed"].clone()),
+        (json!(3), json!(2)),
+        "{perf}"
+    );
+    assert_eq!(app.events_of("agent.started").await.len(), 3);
+    assert_eq!(app.events_of("agent.finished").await.len(), 2);
+}

@@ -6,6 +6,7 @@
 //! sweepers of several replicas never see half an update. Record fields
 //! hold JSON produced by Rust; the scripts move them without decoding.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -24,34 +25,56 @@ use crate::types::{Id, from_millis, rfc3339};
 ///
 /// KEYS: 2 by-beat, 3 active, 4 late-due, 5 down-due, 6 down, 7 finished,
 /// 8 runs, 9 runs-by-start, then one record key per beat.
-/// ARGV: 2 retention ms, 3 expiry slack ms, then per beat [`BEAT_ARGS`]
-/// values: agent id, now ms, status, terminal (0/1), ttl s, grace s,
-/// progress JSON, current_task JSON, metadata JSON or '', display_name JSON
-/// or '', run_id or '', event timestamp, source as a JSON string, heartbeat
-/// event or '', the moment it stops being alive (ms) and the moment it is
-/// due down (ms).
+/// ARGV: 2 retention ms, 3 expiry slack ms, 4 a nonce for the tokens this
+/// call issues, then per beat one of two forms, told apart by the first
+/// value:
 ///
-/// Returns, per beat, the stored `metadata`, `display_name` and `run_id`
-/// (the rest of the record is the beat itself).
+/// - a quick beat ([`QUICK_ARGS`] values): the record's token as the
+///   writer last saw it, agent id, now ms, status, ttl s, grace s, progress
+///   JSON, current_task JSON, heartbeat event or '', the moment it stops
+///   being alive (ms) and the moment it is due down (ms);
+/// - a full beat ([`FULL_ARGS`] values): '', agent id, now ms, status,
+///   terminal (0/1), ttl s, grace s, progress JSON, current_task JSON,
+///   metadata JSON or '', display_name JSON or '', run_id or '', event
+///   timestamp, source as a JSON string, heartbeat event or '', and the two
+///   moments as above.
 ///
-/// Inside a script every `redis.call` and every line of Lua costs more
-/// than the work of a typical command, so a typical beat — one that changes
-/// no state — takes a short path of three calls: read, write the moving
-/// fields, append the event. The index scores of the whole batch go out as
-/// one `ZADD` per index at the end (flushed early before any removal, so
-/// adds and removals apply in beat order), and the record's expiry is
-/// pushed out only when it falls short of `retention` from now: it is set
-/// `slack` beyond that, so an agent beating often renews it once per slack
-/// rather than on every beat.
+/// Returns, per beat, `q` (a quick beat applied), `d` (deferred: not
+/// applied, see below) or `f` followed by the stored `metadata`,
+/// `display_name` and `run_id`, the record's token (false when the agent is
+/// not in the typical state: finished) and its expiry (ms).
+///
+/// Inside a script every `redis.call` and every argument costs more than
+/// the work of a typical command, so a typical beat — one that changes no
+/// state — is sent in the quick form: the writer keeps, per agent, what the
+/// last beat returned (the token, the expiry and the three stored fields),
+/// decides from it that the beat changes nothing but the moving fields, and
+/// sends only those. The token is a random value the script writes into the
+/// record whenever anything the writer keeps changes (and clears when the
+/// sweeper marks the agent down), so the script only checks that the token
+/// still matches — and, so that a quick beat can never be applied to a
+/// finished or down agent whatever wrote it last, the status and down flag.
+/// If anything differs (another replica applied a beat, the agent went
+/// down, was deleted), the beat and every later beat of that agent in the
+/// batch are deferred: the writer sends them again in the full form at once.
+///
+/// The index scores of the whole batch go out as one `ZADD` per index at
+/// the end (flushed early before any removal, so adds and removals apply in
+/// beat order), the event log is trimmed once per call, and the record's
+/// expiry is pushed out only when it falls short of `retention` from now:
+/// it is set `slack` beyond that, so an agent beating often renews it once
+/// per slack rather than on every beat.
 static BEATS: LazyLock<Script> = LazyLock::new(|| {
     script(
-        r#"
-local n_args = 16
-local retention, slack = tonumber(ARGV[2]), tonumber(ARGV[3])
+        &r#"
+local retention, slack, nonce = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 -- Relative, so that the lifetime does not depend on how the clocks of
 -- Redis and the replicas agree.
 local lifetime = string.format('%d', retention + slack)
 local out, n_out = {}, 0
+local function put(v) n_out = n_out + 1; out[n_out] = v end
+-- Agents with a deferred beat in this call: their later beats wait too.
+local deferred = {}
 -- ZADD arguments of the batch, per index; flushed at the end, and before
 -- any removal so that adds and removals apply in beat order.
 local adds = { [2] = {}, [3] = {}, [4] = {}, [5] = {}, [7] = {} }
@@ -70,6 +93,16 @@ local function zadd(k, score, id)
 end
 local function zrem(k, id) flush(); redis.call('ZREM', KEYS[k], id) end
 local function is_terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
+-- `agent.heartbeat`: no wake-up key, and the log is trimmed once per call.
+local function heartbeat(id, body)
+  redis.call('XADD', KEYS[1], '*', 't', 'agent.heartbeat', 'a', id, 'b', body)
+end
+local function live_indexes(id, now_s, alive_until, down_at)
+  zadd(2, now_s, id)
+  zadd(3, now_s, id)
+  zadd(4, alive_until, id)
+  zadd(5, down_at, id)
+end
 local function event(a, kind, data)
   return '{"type":"' .. kind .. '","ts":"' .. ARGV[a + 11] .. '","source":' .. ARGV[a + 12]
     .. ',"agent_id":"' .. ARGV[a] .. '","data":' .. data .. '}'
@@ -89,21 +122,26 @@ end
 
 -- Any beat that may change state: runs, recovery, finishing, new metadata,
 -- a first beat, an expiry to renew. Returns the stored metadata,
--- display_name and run_id.
-local function full_beat(rec, a, prev, renew)
+-- display_name and run_id, and the expiry.
+local function full_beat(rec, a, prev, renew, token)
   local id, now_s, status, terminal = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
   local now = tonumber(now_s)
   local was_terminal, was_down, run_key, run_id = is_terminal(prev[1]), prev[2] == '1', prev[3], prev[4]
-  local metadata, display_name = prev[5], prev[6]
-  local fields = { 'agent_id', id, 'status', status, 'progress', ARGV[a + 6], 'current_task', ARGV[a + 7],
-    'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5], 'down', '0' }
+  local metadata, display_name, expires = prev[5], prev[6], prev[7]
+  -- The token first: a new record keeps it at the front of its listpack,
+  -- where the quick beat's lookup finds it at once.
+  local fields = { 'v', token, 'agent_id', id, 'status', status, 'down', '0', 'progress', ARGV[a + 6],
+    'current_task', ARGV[a + 7], 'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5] }
   local function set(name, value) fields[#fields + 1] = name; fields[#fields + 1] = value end
   if ARGV[a + 8] ~= '' then metadata = ARGV[a + 8]; set('metadata', metadata) end
   if ARGV[a + 9] ~= '' then display_name = ARGV[a + 9]; set('display_name', display_name) end
   local new_run_id = ARGV[a + 10] ~= '' and ARGV[a + 10] ~= run_id
   if ARGV[a + 10] ~= '' then run_id = ARGV[a + 10]; set('run_id', run_id) end
   -- When the record expires, by the service's clock: decides renewals.
-  if renew then set('expires', string.format('%d', now + retention + slack)) end
+  if renew then
+    expires = string.format('%d', now + retention + slack)
+    set('expires', expires)
+  end
 
   if (not run_key and not terminal) or status == 'starting' or new_run_id then
     if run_key then
@@ -143,55 +181,96 @@ local function full_beat(rec, a, prev, renew)
     if was_down then zrem(6, id) end
     if was_terminal then zrem(7, id) end
   end
-  return metadata, display_name, run_id
+  return metadata, display_name, run_id, expires
 end
 
+local a = 5
 for i = 10, #KEYS do
-  local rec, a = KEYS[i], 4 + (i - 10) * n_args
-  local id, now_s, status = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local now, terminal = tonumber(now_s), ARGV[a + 3] == '1'
-  local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name',
-    'expires')
-  local expires = tonumber(prev[7])
-  local renew = not expires or expires < now + retention or expires > now + retention + slack
-  local metadata, display_name, run_id = prev[5], prev[6], prev[4]
-  if not terminal and prev[3] and prev[2] == '0' and not is_terminal(prev[1]) and status ~= 'starting'
-      and not renew and ARGV[a + 8] == '' and ARGV[a + 9] == ''
-      and (ARGV[a + 10] == '' or ARGV[a + 10] == run_id) then
-    -- The typical beat changes no state: only the moving fields are written.
-    redis.call('HSET', rec, 'status', status, 'progress', ARGV[a + 6], 'current_task', ARGV[a + 7],
-      'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5])
+  local rec = KEYS[i]
+  if ARGV[a] ~= '' then
+    -- Quick form.
+    local id, now_s, status = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+    local cur = deferred[id] == nil and redis.call('HMGET', rec, 'v', 'status', 'down')
+    if cur and cur[1] == ARGV[a] and cur[3] == '0' and not is_terminal(cur[2]) then
+      redis.call('HSET', rec, 'status', status, 'progress', ARGV[a + 6], 'current_task', ARGV[a + 7],
+        'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5])
+      if ARGV[a + 8] ~= '' then heartbeat(id, ARGV[a + 8]) end
+      live_indexes(id, now_s, ARGV[a + 9], ARGV[a + 10])
+      put('q')
+    else
+      deferred[id] = true
+      put('d')
+    end
+    a = a + QUICK_ARGS
   else
-    metadata, display_name, run_id = full_beat(rec, a, prev, renew)
+    -- Full form; from here on `b` is where its values start.
+    local b = a + 1
+    local id, now_s, status = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+    if deferred[id] then
+      put('d')
+    else
+      local now, terminal = tonumber(now_s), ARGV[b + 3] == '1'
+      local token = nonce .. '.' .. (i - 9)
+      local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name',
+        'expires', 'v')
+      local expires = tonumber(prev[7])
+      local renew = not expires or expires < now + retention or expires > now + retention + slack
+      local metadata, display_name, run_id, stored_expires = prev[5], prev[6], prev[4], prev[7]
+      if not terminal and prev[3] and prev[2] == '0' and not is_terminal(prev[1]) and status ~= 'starting'
+          and not renew and ARGV[b + 8] == '' and ARGV[b + 9] == ''
+          and (ARGV[b + 10] == '' or ARGV[b + 10] == run_id) then
+        -- A typical beat the writer had no token for: only the moving
+        -- fields are written, and the record's token is kept (or given one).
+        if prev[8] and prev[8] ~= '' then
+          token = prev[8]
+          redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
+            'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5])
+        else
+          redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
+            'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5], 'v', token)
+        end
+      else
+        metadata, display_name, run_id, stored_expires = full_beat(rec, b, prev, renew, token)
+      end
+      if ARGV[b + 13] ~= '' then heartbeat(id, ARGV[b + 13]) end
+      -- Scores are passed as strings: a Lua number would be formatted anew.
+      if terminal then
+        zadd(2, now_s, id)
+        zadd(7, now_s, id)
+      else
+        live_indexes(id, now_s, ARGV[b + 14], ARGV[b + 15])
+      end
+      put('f')
+      put(metadata or false)
+      put(display_name or false)
+      put(run_id or false)
+      put(not terminal and token)
+      put(stored_expires or false)
+    end
+    a = a + FULL_ARGS
   end
-  if ARGV[a + 13] ~= '' then emit('agent.heartbeat', id, '', ARGV[a + 13]) end
-
-  -- Scores are passed as strings: a Lua number would be formatted anew.
-  zadd(2, now_s, id)
-  if terminal then
-    zadd(7, now_s, id)
-  else
-    zadd(3, now_s, id)
-    zadd(4, ARGV[a + 14], id)
-    zadd(5, ARGV[a + 15], id)
-  end
-  out[n_out + 1] = metadata or false
-  out[n_out + 2] = display_name or false
-  out[n_out + 3] = run_id or false
-  n_out = n_out + 3
 end
 flush()
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[1])
 return out
-"#,
+"#
+        .replace("QUICK_ARGS", &QUICK_ARGS.to_string())
+        .replace("FULL_ARGS", &FULL_ARGS.to_string()),
     )
 });
 
-/// Values per beat in [`BEATS`]'s `ARGV`.
-const BEAT_ARGS: usize = 16;
+/// Values of a quick beat in [`BEATS`]'s `ARGV`.
+const QUICK_ARGS: usize = 11;
+/// Values of a full beat in [`BEATS`]'s `ARGV`.
+const FULL_ARGS: usize = 17;
 /// Most beats applied by one script call.
 const MAX_BATCH: usize = 128;
 /// Writers, each with one batch in flight (see [`BeatBatcher`]).
 const WRITERS: usize = 2;
+/// Agents whose last beat a writer remembers (see [`BEATS`]); when a new
+/// one would exceed this, the writer forgets them all and relearns them
+/// from their next beats, which then go in the full form once.
+const KNOWN_AGENTS: usize = 50_000;
 
 type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
 
@@ -234,6 +313,42 @@ impl BeatBatcher {
     }
 }
 
+/// The stored fields a beat does not send but its answer shows.
+#[derive(Debug, Clone, Default)]
+struct Stored {
+    metadata: serde_json::Map<String, serde_json::Value>,
+    display_name: Option<String>,
+    run_id: Option<String>,
+}
+
+/// What a writer remembers of an agent in the typical state after its last
+/// beat: enough to tell whether the next beat may go in the quick form of
+/// [`BEATS`], and to answer it.
+struct Known {
+    /// The record's token when the last beat was applied.
+    token: String,
+    /// The record's expiry (ms).
+    expires_ms: i64,
+    stored: Stored,
+}
+
+impl Known {
+    /// Whether `beat` changes nothing this writer remembers, so that it can
+    /// go in the quick form: the same checks as the script's typical beat.
+    fn admits(&self, beat: &Beat, retention_ms: i64, slack_ms: i64) -> bool {
+        let now = beat.now.timestamp_millis();
+        !beat.status.is_terminal()
+            && beat.status != AgentStatus::Starting
+            && beat.metadata.is_none()
+            && beat.display_name.is_none()
+            && beat
+                .run_id
+                .as_ref()
+                .is_none_or(|id| Some(id.as_str()) == self.stored.run_id.as_deref())
+            && (now + retention_ms..=now + retention_ms + slack_ms).contains(&self.expires_ms)
+    }
+}
+
 struct BatchWriter {
     conn: redis::aio::ConnectionManager,
     /// The shared index keys (`KEYS[2..=9]` of [`BEATS`]).
@@ -242,19 +357,31 @@ struct BatchWriter {
     events: String,
     stream_max_len: usize,
     timeout: Duration,
+    /// Agents of this writer in the typical state, by id (at most
+    /// [`KNOWN_AGENTS`]).
+    known: HashMap<Id, Known>,
+}
+
+/// How one beat of a call went.
+enum Outcome {
+    /// With the stored fields its answer shows.
+    Applied(EngineResult<Stored>),
+    /// To be sent again in the full form.
+    Deferred,
 }
 
 impl BatchWriter {
     /// Starts a writer task; it ends when the returned queue is dropped.
     fn start(engine: &RedisEngine) -> mpsc::UnboundedSender<PendingBeat> {
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingBeat>();
-        let writer = Self {
+        let mut writer = Self {
             conn: engine.conn(),
             index_keys: engine.index_keys(),
             keys: engine.keys.clone(),
             events: engine.keys.events(),
             stream_max_len: engine.stream_max_len,
             timeout: engine.timeout,
+            known: HashMap::new(),
         };
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -265,74 +392,169 @@ impl BatchWriter {
                         Err(_) => break,
                     }
                 }
-                // A beat whose request already gave up (it answered 503
-                // while Redis was slow) is dropped rather than sent late.
-                batch.retain(|(_, reply)| !reply.is_closed());
-                if !batch.is_empty() {
-                    writer.apply(batch).await;
-                }
+                writer.apply(batch).await;
             }
         });
         queue
     }
 
-    async fn apply(&self, batch: Vec<PendingBeat>) {
-        let cmd = self.command(&batch);
-        let mut conn = self.conn.clone();
-        let call = async {
-            match cmd.query_async(&mut conn).await {
-                // Redis lost its script cache (a restart, `SCRIPT FLUSH`):
-                // load the script and send the same call again.
-                Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    BEATS.load_async(&mut conn).await?;
-                    cmd.query_async(&mut conn).await
-                }
-                result => result,
+    /// Applies `batch`, and then at once, in the full form, whatever the
+    /// script deferred, so that an agent's beats still apply in order.
+    async fn apply(&mut self, mut batch: Vec<PendingBeat>) {
+        loop {
+            // A beat whose request already gave up (it answered 503 while
+            // Redis was slow) is dropped rather than sent late.
+            batch.retain(|(_, reply)| !reply.is_closed());
+            if batch.is_empty() {
+                return;
             }
-        };
-        let result: EngineResult<Vec<Option<String>>> =
-            crate::engine::redis::bounded(self.timeout, call).await;
-        match result {
-            Ok(values) if values.len() == batch.len() * 3 => {
-                for ((beat, reply), stored) in batch.into_iter().zip(values.chunks(3)) {
-                    let _ = reply.send(record_after(beat, stored));
+            let (cmd, quick) = self.command(&batch);
+            let mut conn = self.conn.clone();
+            let call = async {
+                match cmd.query_async(&mut conn).await {
+                    // Redis lost its script cache (a restart, `SCRIPT
+                    // FLUSH`): load the script and send the same call again.
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        BEATS.load_async(&mut conn).await?;
+                        cmd.query_async(&mut conn).await
+                    }
+                    result => result,
+                }
+            };
+            let result: EngineResult<Vec<Option<String>>> =
+                crate::engine::redis::bounded(self.timeout, call).await;
+            let outcomes = match result {
+                Ok(values) => self.outcomes(&batch, quick, values),
+                Err(err) => Err(err),
+            };
+            let outcomes = match outcomes {
+                Ok(outcomes) => outcomes,
+                Err(err) => {
+                    // The call may or may not have been applied: forget what
+                    // it would have taught.
+                    for (beat, reply) in batch {
+                        self.known.remove(&beat.agent_id);
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                    return;
+                }
+            };
+            let mut again = Vec::new();
+            for ((beat, reply), outcome) in batch.into_iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Applied(stored) => {
+                        let _ = reply.send(stored.map(|stored| record_after(beat, stored)));
+                    }
+                    Outcome::Deferred => again.push((beat, reply)),
                 }
             }
-            Ok(values) => {
-                let err =
-                    EngineError::Corrupt(format!("beat script returned {} values", values.len()));
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
-            Err(err) => {
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
+            batch = again;
         }
     }
 
     /// The `EVALSHA` of [`BEATS`] for `batch`, its values written straight
-    /// into the command (no string per value).
-    fn command(&self, batch: &[PendingBeat]) -> Cmd {
+    /// into the command (no string per value), and for each beat sent in
+    /// the quick form what its answer shows besides the beat itself.
+    fn command(&mut self, batch: &[PendingBeat]) -> (Cmd, Vec<Option<Stored>>) {
         let retention = batch[0].0.retention.as_millis();
+        let slack = expiry_slack(retention);
+        let (retention_ms, slack_ms) = (
+            i64::try_from(retention).unwrap_or(i64::MAX / 4),
+            i64::try_from(slack).unwrap_or(0),
+        );
         let n_keys = 1 + self.index_keys.len() + batch.len();
         let mut cmd =
-            Cmd::with_capacity(3 + n_keys + 3 + batch.len() * BEAT_ARGS, 512 * batch.len());
+            Cmd::with_capacity(3 + n_keys + 4 + batch.len() * FULL_ARGS, 512 * batch.len());
         cmd.arg("EVALSHA").arg(BEATS.get_hash()).arg(n_keys);
         cmd.arg(&self.events).arg(&self.index_keys[..]);
         for (beat, _) in batch {
             cmd.arg(self.keys.agent(&beat.agent_id));
         }
         cmd.arg(self.stream_max_len)
-            .arg(u64::try_from(retention).unwrap_or(u64::MAX))
-            .arg(u64::try_from(expiry_slack(retention)).unwrap_or(u64::MAX));
+            .arg(retention_ms)
+            .arg(slack_ms)
+            .arg(format!("{:016x}", rand::random::<u64>()));
         let mut json = Vec::with_capacity(256);
+        let mut quick = Vec::with_capacity(batch.len());
         for (beat, _) in batch {
-            write_beat_args(&mut cmd, &mut json, beat);
+            match self.known.get(&beat.agent_id) {
+                Some(known) if known.admits(beat, retention_ms, slack_ms) => {
+                    write_quick_args(&mut cmd, &mut json, &known.token, beat);
+                    quick.push(Some(known.stored.clone()));
+                }
+                _ => {
+                    // Its later beats in this batch follow it in the full form.
+                    self.known.remove(&beat.agent_id);
+                    write_full_args(&mut cmd, &mut json, beat);
+                    quick.push(None);
+                }
+            }
         }
-        cmd
+        (cmd, quick)
+    }
+
+    /// Reads the script's answer for `batch` (sent as `command` built it),
+    /// learning each agent's token and stored fields from its full beats.
+    fn outcomes(
+        &mut self,
+        batch: &[PendingBeat],
+        quick: Vec<Option<Stored>>,
+        values: Vec<Option<String>>,
+    ) -> EngineResult<Vec<Outcome>> {
+        let corrupt = || EngineError::Corrupt("unexpected answer from the beat script".into());
+        let mut values = values.into_iter();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for ((beat, _), quick) in batch.iter().zip(quick) {
+            let kind = values.next().flatten().ok_or_else(corrupt)?;
+            let outcome = match (kind.as_str(), quick) {
+                ("q", Some(stored)) => Outcome::Applied(Ok(stored)),
+                ("d", _) => {
+                    self.known.remove(&beat.agent_id);
+                    Outcome::Deferred
+                }
+                ("f", None) => {
+                    let mut next = || values.next().ok_or_else(corrupt);
+                    let (metadata, display_name, run_id, token, expires) =
+                        (next()?, next()?, next()?, next()?, next()?);
+                    let stored = decode_stored(metadata, display_name, run_id);
+                    if let Ok(stored) = &stored {
+                        self.learn(beat, token, expires, stored);
+                    }
+                    Outcome::Applied(stored)
+                }
+                _ => return Err(corrupt()),
+            };
+            outcomes.push(outcome);
+        }
+        if values.next().is_some() {
+            return Err(corrupt());
+        }
+        Ok(outcomes)
+    }
+
+    /// Remembers `beat`'s agent after a full beat, if it is in the typical
+    /// state (the script returned a token).
+    fn learn(
+        &mut self,
+        beat: &Beat,
+        token: Option<String>,
+        expires: Option<String>,
+        stored: &Stored,
+    ) {
+        let expires_ms = expires.and_then(|e| e.parse().ok());
+        let (Some(token), Some(expires_ms)) = (token, expires_ms) else {
+            self.known.remove(&beat.agent_id);
+            return;
+        };
+        if self.known.len() >= KNOWN_AGENTS && !self.known.contains_key(&beat.agent_id) {
+            self.known.clear();
+        }
+        let known = Known {
+            token,
+            expires_ms,
+            stored: stored.clone(),
+        };
+        self.known.insert(beat.agent_id.clone(), known);
     }
 }
 
@@ -343,25 +565,53 @@ fn expiry_slack(retention_ms: u128) -> u128 {
     (retention_ms / 100).min(60_000)
 }
 
-/// Appends the [`BEAT_ARGS`] script arguments of one beat; `json` is a
-/// scratch buffer.
-fn write_beat_args(cmd: &mut Cmd, json: &mut Vec<u8>, beat: &Beat) {
-    // Plain data (numbers, strings, a JSON object): serializing cannot fail,
-    // and should it, the script gets `null`.
-    fn arg_json<T: serde::Serialize + ?Sized>(cmd: &mut Cmd, json: &mut Vec<u8>, value: &T) {
+/// Serializes plain data (numbers, strings, a JSON object) into the
+/// scratch buffer `json` and appends it as one argument. Serializing cannot
+/// fail; should it, the script gets `null`.
+fn arg_json<T: serde::Serialize + ?Sized>(cmd: &mut Cmd, json: &mut Vec<u8>, value: &T) {
+    json.clear();
+    if serde_json::to_writer(&mut *json, value).is_err() {
         json.clear();
-        if serde_json::to_writer(&mut *json, value).is_err() {
-            json.clear();
-            json.extend_from_slice(b"null");
-        }
-        cmd.arg(&json[..]);
+        json.extend_from_slice(b"null");
     }
-    let now_ms = beat.now.timestamp_millis();
+    cmd.arg(&json[..]);
+}
+
+/// The moments `beat`'s agent stops being alive and is due down (ms).
+fn deadlines(beat: &Beat) -> (i64, i64) {
     let ms = |seconds: u64| i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let alive_until = now_ms.saturating_add(ms(beat.ttl_seconds));
-    let down_at = alive_until.saturating_add(ms(beat.grace_seconds));
-    cmd.arg(beat.agent_id.as_str())
-        .arg(now_ms)
+    let alive_until = beat
+        .now
+        .timestamp_millis()
+        .saturating_add(ms(beat.ttl_seconds));
+    (
+        alive_until,
+        alive_until.saturating_add(ms(beat.grace_seconds)),
+    )
+}
+
+/// Appends the [`QUICK_ARGS`] script arguments of one beat.
+fn write_quick_args(cmd: &mut Cmd, json: &mut Vec<u8>, token: &str, beat: &Beat) {
+    let (alive_until, down_at) = deadlines(beat);
+    cmd.arg(token)
+        .arg(beat.agent_id.as_str())
+        .arg(beat.now.timestamp_millis())
+        .arg(beat.status.as_str())
+        .arg(beat.ttl_seconds)
+        .arg(beat.grace_seconds);
+    arg_json(cmd, json, &beat.progress);
+    arg_json(cmd, json, &beat.current_task);
+    cmd.arg(heartbeat_event(beat))
+        .arg(alive_until)
+        .arg(down_at);
+}
+
+/// Appends the [`FULL_ARGS`] script arguments of one beat.
+fn write_full_args(cmd: &mut Cmd, json: &mut Vec<u8>, beat: &Beat) {
+    let (alive_until, down_at) = deadlines(beat);
+    cmd.arg("")
+        .arg(beat.agent_id.as_str())
+        .arg(beat.now.timestamp_millis())
         .arg(beat.status.as_str())
         .arg(u8::from(beat.status.is_terminal()))
         .arg(beat.ttl_seconds)
@@ -383,29 +633,45 @@ fn write_beat_args(cmd: &mut Cmd, json: &mut Vec<u8>, beat: &Beat) {
     cmd.arg(beat.run_id.as_ref().map_or("", Id::as_str))
         .arg(rfc3339(beat.now));
     arg_json(cmd, json, &beat.source);
-    cmd.arg(
-        beat.heartbeat_event
-            .as_ref()
-            .map_or("", |e| e.json.as_str()),
-    )
-    .arg(alive_until)
-    .arg(down_at);
+    cmd.arg(heartbeat_event(beat))
+        .arg(alive_until)
+        .arg(down_at);
 }
 
-/// The record after `beat`, from the stored fields the script returned.
-fn record_after(beat: Beat, stored: &[Option<String>]) -> EngineResult<AgentRecord> {
-    let parse = |raw: &Option<String>| -> EngineResult<serde_json::Value> {
-        raw.as_deref().map_or(Ok(serde_json::Value::Null), |r| {
-            serde_json::from_str(r).map_err(|e| EngineError::Corrupt(format!("agent record: {e}")))
+/// The `agent.heartbeat` event's JSON, or '' without one.
+fn heartbeat_event(beat: &Beat) -> &str {
+    beat.heartbeat_event
+        .as_ref()
+        .map_or("", |e| e.json.as_str())
+}
+
+/// Parses the stored fields the script returned for a full beat.
+fn decode_stored(
+    metadata: Option<String>,
+    display_name: Option<String>,
+    run_id: Option<String>,
+) -> EngineResult<Stored> {
+    let parse = |raw: Option<String>| -> EngineResult<serde_json::Value> {
+        raw.map_or(Ok(serde_json::Value::Null), |r| {
+            serde_json::from_str(&r).map_err(|e| EngineError::Corrupt(format!("agent record: {e}")))
         })
     };
-    Ok(AgentRecord {
-        display_name: parse(&stored[1])?.as_str().map(str::to_owned),
-        metadata: match parse(&stored[0])? {
+    Ok(Stored {
+        metadata: match parse(metadata)? {
             serde_json::Value::Object(m) => m,
             _ => Default::default(),
         },
-        run_id: stored[2].clone(),
+        display_name: parse(display_name)?.as_str().map(str::to_owned),
+        run_id,
+    })
+}
+
+/// The record after `beat`, with the stored fields it did not send.
+fn record_after(beat: Beat, stored: Stored) -> AgentRecord {
+    AgentRecord {
+        display_name: stored.display_name,
+        metadata: stored.metadata,
+        run_id: stored.run_id,
         last_beat_ms: beat.now.timestamp_millis(),
         agent_id: beat.agent_id,
         status: beat.status,
@@ -414,7 +680,7 @@ fn record_after(beat: Beat, stored: &[Option<String>]) -> EngineResult<AgentReco
         ttl_seconds: beat.ttl_seconds,
         grace_seconds: beat.grace_seconds,
         down: false,
-    })
+    }
 }
 
 /// Claims due agents: KEYS as for [`BEAT`]; ARGV: 2 now ms, 3 limit,
@@ -432,7 +698,7 @@ for _, id in ipairs(due) do
   local rec = ARGV[4] .. id
   local f = redis.call('HMGET', rec, 'last_beat', 'ttl', 'run_key', 'status')
   if f[1] and f[4] ~= 'completed' and f[4] ~= 'failed' and f[4] ~= 'cancelled' then
-    redis.call('HSET', rec, 'down', '1')
+    redis.call('HSET', rec, 'down', '1', 'v', '')
     redis.call('ZADD', KEYS[7], f[1], id)
     if f[3] then
       local raw = redis.call('HGET', KEYS[9], f[3])
