@@ -262,22 +262,26 @@ pub fn router(state: AppState) -> Router {
         config.request_timeout,
         per_route,
     ))
-    .layer(DefaultBodyLimit::max(config.body_limit_bytes))
-    .layer(CatchPanicLayer::custom(panic_response))
-    .layer(CompressionLayer::new())
-    .layer(tower::util::option_layer(cors(&config.allowed_origins)))
-    .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+    // One layer made of the whole stack: the router boxes each layer it is
+    // given around every route, so a chain of `.layer` calls would cost an
+    // allocation and a move of the response future per layer and request.
     .layer(
-        TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }),
+        tower::ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(x_request_id.clone(), MakeRequestUuidV7))
+            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }))
+            .layer(PropagateRequestIdLayer::new(x_request_id))
+            .option_layer(cors(&config.allowed_origins))
+            .layer(CompressionLayer::new())
+            .layer(CatchPanicLayer::custom(panic_response))
+            .layer(DefaultBodyLimit::max(config.body_limit_bytes)),
     )
-    .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuidV7))
     .with_state(state)
 }
 

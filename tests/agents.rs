@@ -613,19 +613,24 @@ async fn redis_beats_behind_a_changed_record_still_apply_in_order() {
     let app = TestApp::spawn(Kind::Redis).await;
     let other = app.replica().await;
     let start = app.state.clock.now();
-    let at = |status, k: i64| engine_beat("worker", status, start + chrono::Duration::milliseconds(k));
+    let at =
+        |status, k: i64| engine_beat("worker", status, start + chrono::Duration::milliseconds(k));
     let engine = &app.state.engine;
     engine.record_beat(at(Running, 0)).await.unwrap();
     engine.record_beat(at(Running, 1)).await.unwrap();
     // Finished by the other replica: the first run is closed.
-    other.state.engine.record_beat(at(Completed, 2)).await.unwrap();
+    other
+        .state
+        .engine
+        .record_beat(at(Completed, 2))
+        .await
+        .unwrap();
     // Queued together here: runs again (a second run), finishes it, and
     // runs again (a third).
     let queued = [(Running, 3), (Running, 4), (Completed, 5), (Running, 6)];
-    let results = futures_util::future::join_all(
-        queued.map(|(status, k)| engine.record_beat(at(status, k))),
-    )
-    .await;
+    let results =
+        futures_util::future::join_all(queued.map(|(status, k)| engine.record_beat(at(status, k))))
+            .await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
 
     let (_, view) = app.get("/v1/agents/worker").await;

@@ -601,9 +601,7 @@ fn write_quick_args(cmd: &mut Cmd, json: &mut Vec<u8>, token: &str, beat: &Beat)
         .arg(beat.grace_seconds);
     arg_json(cmd, json, &beat.progress);
     arg_json(cmd, json, &beat.current_task);
-    cmd.arg(heartbeat_event(beat))
-        .arg(alive_until)
-        .arg(down_at);
+    cmd.arg(heartbeat_event(beat)).arg(alive_until).arg(down_at);
 }
 
 /// Appends the [`FULL_ARGS`] script arguments of one beat.
@@ -633,9 +631,7 @@ fn write_full_args(cmd: &mut Cmd, json: &mut Vec<u8>, beat: &Beat) {
     cmd.arg(beat.run_id.as_ref().map_or("", Id::as_str))
         .arg(rfc3339(beat.now));
     arg_json(cmd, json, &beat.source);
-    cmd.arg(heartbeat_event(beat))
-        .arg(alive_until)
-        .arg(down_at);
+    cmd.arg(heartbeat_event(beat)).arg(alive_until).arg(down_at);
 }
 
 /// The `agent.heartbeat` event's JSON, or '' without one.
