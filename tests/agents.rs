@@ -577,6 +577,12 @@ async fn redis_a_replica_sees_what_others_changed_between_its_beats() {
     assert_eq!(view["metadata"], json!({"v": 2}));
     assert_eq!(view["display_name"], "two");
 
+    // A longer ttl from the other replica, then the default one here.
+    beat_on(&other, json!({"ttl_seconds": 60})).await;
+    beat_on(&app, json!({})).await;
+    let (_, view) = app.get("/v1/agents/shared").await;
+    assert_eq!(view["ttl_seconds"], 30, "{view}");
+
     // The other replica finishes the run: the next beat here opens a new one.
     beat_on(&other, json!({"status": "completed"})).await;
     let view = beat_on(&app, json!({})).await;

@@ -30,9 +30,9 @@ use crate::types::{Id, from_millis, rfc3339};
 /// value:
 ///
 /// - a quick beat ([`QUICK_ARGS`] values): the record's token as the
-///   writer last saw it, agent id, now ms, status, ttl s, grace s, progress
-///   JSON, current_task JSON, heartbeat event or '', the moment it stops
-///   being alive (ms) and the moment it is due down (ms);
+///   writer last saw it, agent id, now ms, status, progress JSON,
+///   current_task JSON, heartbeat event or '', the moment it stops being
+///   alive (ms) and the moment it is due down (ms);
 /// - a full beat ([`FULL_ARGS`] values): '', agent id, now ms, status,
 ///   terminal (0/1), ttl s, grace s, progress JSON, current_task JSON,
 ///   metadata JSON or '', display_name JSON or '', run_id or '', event
@@ -48,10 +48,11 @@ use crate::types::{Id, from_millis, rfc3339};
 /// the work of a typical command, so a typical beat — one that changes no
 /// state — is sent in the quick form: the writer keeps, per agent, what the
 /// last beat returned (the token, the expiry and the three stored fields),
-/// decides from it that the beat changes nothing but the moving fields, and
-/// sends only those. The token is a random value the script writes into the
-/// record whenever anything the writer keeps changes (and clears when the
-/// sweeper marks the agent down), so the script only checks that the token
+/// decides from it that the beat changes nothing but the moving fields (ttl
+/// and grace included: they rarely change), and sends only those. The token
+/// is a random value the script writes into the record whenever anything the
+/// writer keeps changes (and clears when the sweeper marks the agent down),
+/// so the script only checks that the token
 /// still matches — and, so that a quick beat can never be applied to a
 /// finished or down agent whatever wrote it last, the status and down flag.
 /// If anything differs (another replica applied a beat, the agent went
@@ -192,10 +193,10 @@ for i = 10, #KEYS do
     local id, now_s, status = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
     local cur = deferred[id] == nil and redis.call('HMGET', rec, 'v', 'status', 'down')
     if cur and cur[1] == ARGV[a] and cur[3] == '0' and not is_terminal(cur[2]) then
-      redis.call('HSET', rec, 'status', status, 'progress', ARGV[a + 6], 'current_task', ARGV[a + 7],
-        'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5])
-      if ARGV[a + 8] ~= '' then heartbeat(id, ARGV[a + 8]) end
-      live_indexes(id, now_s, ARGV[a + 9], ARGV[a + 10])
+      redis.call('HSET', rec, 'status', status, 'progress', ARGV[a + 4], 'current_task', ARGV[a + 5],
+        'last_beat', now_s)
+      if ARGV[a + 6] ~= '' then heartbeat(id, ARGV[a + 6]) end
+      live_indexes(id, now_s, ARGV[a + 7], ARGV[a + 8])
       put('q')
     else
       deferred[id] = true
@@ -212,7 +213,7 @@ for i = 10, #KEYS do
       local now, terminal = tonumber(now_s), ARGV[b + 3] == '1'
       local token = nonce .. '.' .. (i - 9)
       local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name',
-        'expires', 'v')
+        'expires', 'v', 'ttl', 'grace')
       local expires = tonumber(prev[7])
       local renew = not expires or expires < now + retention or expires > now + retention + slack
       local metadata, display_name, run_id, stored_expires = prev[5], prev[6], prev[4], prev[7]
@@ -220,8 +221,9 @@ for i = 10, #KEYS do
           and not renew and ARGV[b + 8] == '' and ARGV[b + 9] == ''
           and (ARGV[b + 10] == '' or ARGV[b + 10] == run_id) then
         -- A typical beat the writer had no token for: only the moving
-        -- fields are written, and the record's token is kept (or given one).
-        if prev[8] and prev[8] ~= '' then
+        -- fields are written, and the record's token is kept (a new one if
+        -- it had none, or if ttl or grace change: quick beats omit them).
+        if prev[8] and prev[8] ~= '' and prev[9] == ARGV[b + 4] and prev[10] == ARGV[b + 5] then
           token = prev[8]
           redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
             'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5])
@@ -260,7 +262,7 @@ return out
 });
 
 /// Values of a quick beat in [`BEATS`]'s `ARGV`.
-const QUICK_ARGS: usize = 11;
+const QUICK_ARGS: usize = 9;
 /// Values of a full beat in [`BEATS`]'s `ARGV`.
 const FULL_ARGS: usize = 17;
 /// Most beats applied by one script call.
@@ -329,6 +331,9 @@ struct Known {
     token: String,
     /// The record's expiry (ms).
     expires_ms: i64,
+    /// The record's `ttl` and `grace` (s), which quick beats do not write.
+    ttl_seconds: u64,
+    grace_seconds: u64,
     stored: Stored,
 }
 
@@ -341,6 +346,7 @@ impl Known {
             && beat.status != AgentStatus::Starting
             && beat.metadata.is_none()
             && beat.display_name.is_none()
+            && (beat.ttl_seconds, beat.grace_seconds) == (self.ttl_seconds, self.grace_seconds)
             && beat
                 .run_id
                 .as_ref()
@@ -552,6 +558,8 @@ impl BatchWriter {
         let known = Known {
             token,
             expires_ms,
+            ttl_seconds: beat.ttl_seconds,
+            grace_seconds: beat.grace_seconds,
             stored: stored.clone(),
         };
         self.known.insert(beat.agent_id.clone(), known);
@@ -596,9 +604,7 @@ fn write_quick_args(cmd: &mut Cmd, json: &mut Vec<u8>, token: &str, beat: &Beat)
     cmd.arg(token)
         .arg(beat.agent_id.as_str())
         .arg(beat.now.timestamp_millis())
-        .arg(beat.status.as_str())
-        .arg(beat.ttl_seconds)
-        .arg(beat.grace_seconds);
+        .arg(beat.status.as_str());
     arg_json(cmd, json, &beat.progress);
     arg_json(cmd, json, &beat.current_task);
     cmd.arg(heartbeat_event(beat)).arg(alive_until).arg(down_at);
