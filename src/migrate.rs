@@ -42,6 +42,13 @@ pub const MIGRATIONS: &[Migration] = &[
         keys: |k| vec![k.user_hmac_secret()],
         args: || vec![hex::encode(rand::random::<[u8; 32]>())],
     },
+    Migration {
+        version: "0003",
+        name: "drop_agents_by_beat",
+        script: include_str!("../migrations/0003_drop_agents_by_beat.lua"),
+        keys: |k| vec![k.sub("agents:by-beat")],
+        args: Vec::new,
+    },
 ];
 
 /// Wraps a migration so that checking, applying and recording its version

@@ -387,6 +387,34 @@ async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
     assert_eq!(seen, expected);
 }
 
+/// The unfiltered listing pages through finished and active agents
+/// together, most recent beat first, each once.
+async fn listing_everything_pages_newest_first_across_states(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let mut expected = Vec::new();
+    for i in 0..9 {
+        let status = if i % 3 == 0 { "completed" } else { "running" };
+        let id = format!("e{i}");
+        beat(&app, &id, json!({"status": status})).await;
+        expected.insert(0, id);
+        app.state.clock.advance(Duration::from_millis(5));
+    }
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..20 {
+        let (status, page) = app
+            .get(&format!("/v1/agents?limit=2&cursor={cursor}"))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+}
+
 /// A beat as the engine takes it, at an exact time (no HTTP, no clock).
 fn engine_beat(
     id: &str,
@@ -494,6 +522,7 @@ async fn beats_queued_together_apply_in_order(kind: Kind) {
 }
 
 conformance!(
+    listing_everything_pages_newest_first_across_states,
     beats_queued_together_apply_in_order,
     runs_started_in_the_same_millisecond_are_counted_apart,
     paging_with_a_status_filter_returns_every_match_once,

@@ -239,6 +239,14 @@ async fn two_concurrent_migration_runs_apply_each_migration_exactly_once() {
     let url = redis.url();
     let connect = || RedisEngine::connect(&url, &prefix, Duration::from_secs(2), 100);
     let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+    // Left behind by earlier versions; migration 0003 drops it.
+    let by_beat = format!("{{{prefix}}}:agents:by-beat");
+    let _: () = redis::cmd("ZADD")
+        .arg(&by_beat)
+        .arg(1)
+        .arg("old-agent")
+        .query(&mut redis.conn())
+        .unwrap();
     let (ra, rb) = tokio::join!(
         attune_telemetry::migrate::run(&a),
         attune_telemetry::migrate::run(&b)
@@ -266,6 +274,8 @@ async fn two_concurrent_migration_runs_apply_each_migration_exactly_once() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(secret.map(|s| s.len()), Some(64));
+    let exists: i64 = redis::cmd("EXISTS").arg(&by_beat).query(&mut conn).unwrap();
+    assert_eq!(exists, 0);
 }
 
 /// Walks every operation of the OpenAPI document with hostile input and

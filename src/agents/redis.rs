@@ -23,8 +23,8 @@ use crate::types::{Id, from_millis, rfc3339};
 
 /// Applies a batch of beats, each exactly as if alone, in order.
 ///
-/// KEYS: 2 by-beat, 3 active, 4 late-due, 5 down-due, 6 down, 7 finished,
-/// 8 runs, 9 runs-by-start, then one record key per beat.
+/// KEYS: 2 active, 3 late-due, 4 down-due, 5 down, 6 finished, 7 runs,
+/// 8 runs-by-start, then one record key per beat.
 /// ARGV: 2 retention ms, 3 expiry slack ms, 4 a nonce for the tokens this
 /// call issues, then per beat one of two forms, told apart by the first
 /// value:
@@ -78,7 +78,7 @@ local function put(v) n_out = n_out + 1; out[n_out] = v end
 local deferred = {}
 -- ZADD arguments of the batch, per index; flushed at the end, and before
 -- any removal so that adds and removals apply in beat order.
-local adds = { [2] = {}, [3] = {}, [4] = {}, [5] = {}, [7] = {} }
+local adds = { [2] = {}, [3] = {}, [4] = {}, [6] = {} }
 local function flush()
   for k, list in pairs(adds) do
     if #list > 0 then
@@ -100,9 +100,8 @@ local function heartbeat(id, body)
 end
 local function live_indexes(id, now_s, alive_until, down_at)
   zadd(2, now_s, id)
-  zadd(3, now_s, id)
-  zadd(4, alive_until, id)
-  zadd(5, down_at, id)
+  zadd(3, alive_until, id)
+  zadd(4, down_at, id)
 end
 local function event(a, kind, data)
   return '{"type":"' .. kind .. '","ts":"' .. ARGV[a + 11] .. '","source":' .. ARGV[a + 12]
@@ -113,11 +112,11 @@ local function run_data(run_id, status)
   return '{"run_id":' .. rid .. ',"status":"' .. status .. '"}'
 end
 local function update_run(key, fn)
-  local raw = redis.call('HGET', KEYS[8], key)
+  local raw = redis.call('HGET', KEYS[7], key)
   if raw then
     local run = cjson.decode(raw)
     fn(run)
-    redis.call('HSET', KEYS[8], key, cjson.encode(run))
+    redis.call('HSET', KEYS[7], key, cjson.encode(run))
   end
 end
 
@@ -152,14 +151,14 @@ local function full_beat(rec, a, prev, renew, token)
     -- millisecond gets a suffix instead of overwriting the first.
     local base, n = id .. '/' .. now_s, 1
     run_key = base
-    while redis.call('HEXISTS', KEYS[8], run_key) == 1 do
+    while redis.call('HEXISTS', KEYS[7], run_key) == 1 do
       n = n + 1
       run_key = base .. '/' .. n
     end
     local run = { agent_id = id, started_ms = now, lost = false }
     if run_id then run.run_id = run_id end
-    redis.call('HSET', KEYS[8], run_key, cjson.encode(run))
-    redis.call('ZADD', KEYS[9], now, run_key)
+    redis.call('HSET', KEYS[7], run_key, cjson.encode(run))
+    redis.call('ZADD', KEYS[8], now, run_key)
     set('run_key', run_key)
     emit('agent.started', id, '', event(a, 'agent.started', run_data(run_id, status)))
   end
@@ -176,17 +175,17 @@ local function full_beat(rec, a, prev, renew, token)
   end
   if terminal then
     if not was_terminal then
-      for k = 3, 6 do zrem(k, id) end
+      for k = 2, 5 do zrem(k, id) end
     end
   else
-    if was_down then zrem(6, id) end
-    if was_terminal then zrem(7, id) end
+    if was_down then zrem(5, id) end
+    if was_terminal then zrem(6, id) end
   end
   return metadata, display_name, run_id, expires
 end
 
 local a = 5
-for i = 10, #KEYS do
+for i = 9, #KEYS do
   local rec = KEYS[i]
   if ARGV[a] ~= '' then
     -- Quick form.
@@ -211,7 +210,7 @@ for i = 10, #KEYS do
       put('d')
     else
       local now, terminal = tonumber(now_s), ARGV[b + 3] == '1'
-      local token = nonce .. '.' .. (i - 9)
+      local token = nonce .. '.' .. (i - 8)
       local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name',
         'expires', 'v', 'ttl', 'grace')
       local expires = tonumber(prev[7])
@@ -237,8 +236,7 @@ for i = 10, #KEYS do
       if ARGV[b + 13] ~= '' then heartbeat(id, ARGV[b + 13]) end
       -- Scores are passed as strings: a Lua number would be formatted anew.
       if terminal then
-        zadd(2, now_s, id)
-        zadd(7, now_s, id)
+        zadd(6, now_s, id)
       else
         live_indexes(id, now_s, ARGV[b + 14], ARGV[b + 15])
       end
@@ -357,8 +355,8 @@ impl Known {
 
 struct BatchWriter {
     conn: redis::aio::ConnectionManager,
-    /// The shared index keys (`KEYS[2..=9]` of [`BEATS`]).
-    index_keys: [String; 8],
+    /// The shared index keys (`KEYS[2..=8]` of [`BEATS`]).
+    index_keys: [String; 7],
     keys: crate::engine::keys::Keys,
     events: String,
     stream_max_len: usize,
@@ -685,7 +683,8 @@ fn record_after(beat: Beat, stored: Stored) -> AgentRecord {
     }
 }
 
-/// Claims due agents: KEYS as for [`BEAT`]; ARGV: 2 now ms, 3 limit,
+/// Claims due agents: KEYS as in [`RedisEngine::agent_keys`]; ARGV: 2 now
+/// ms, 3 limit,
 /// 4 record key prefix, 5 event timestamp.
 ///
 /// The record keys are derived from the prefix inside the script; they share
@@ -693,21 +692,21 @@ fn record_after(beat: Beat, stored: Stored) -> AgentRecord {
 static SWEEP_DOWN: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[6], id)
   redis.call('ZREM', KEYS[5], id)
+  redis.call('ZREM', KEYS[4], id)
   local rec = ARGV[4] .. id
   local f = redis.call('HMGET', rec, 'last_beat', 'ttl', 'run_key', 'status')
   if f[1] and f[4] ~= 'completed' and f[4] ~= 'failed' and f[4] ~= 'cancelled' then
     redis.call('HSET', rec, 'down', '1', 'v', '')
-    redis.call('ZADD', KEYS[7], f[1], id)
+    redis.call('ZADD', KEYS[6], f[1], id)
     if f[3] then
-      local raw = redis.call('HGET', KEYS[9], f[3])
+      local raw = redis.call('HGET', KEYS[8], f[3])
       if raw then
         local run = cjson.decode(raw)
         run.lost = true
-        redis.call('HSET', KEYS[9], f[3], cjson.encode(run))
+        redis.call('HSET', KEYS[8], f[3], cjson.encode(run))
       end
     end
     emit('agent.down', id, '',
@@ -721,30 +720,37 @@ return #due
 });
 
 /// Drops index entries of agents whose records expired, and old runs.
-/// KEYS as for [`BEAT`]; ARGV: 2 agent cutoff ms, 3 run cutoff ms.
+/// KEYS as in [`RedisEngine::agent_keys`]; ARGV: 2 agent cutoff ms, 3 run
+/// cutoff ms.
 static PRUNE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 10000)
-for _, id in ipairs(old) do
-  for i = 3, 8 do redis.call('ZREM', KEYS[i], id) end
+-- Every agent is either active or finished, both indexes scored by last beat.
+local n = 0
+for _, index in ipairs({ KEYS[3], KEYS[7] }) do
+  local old = redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. ARGV[2], 'LIMIT', 0, 10000)
+  for _, id in ipairs(old) do
+    for i = 3, 7 do redis.call('ZREM', KEYS[i], id) end
+  end
+  n = n + #old
 end
-local runs = redis.call('ZRANGEBYSCORE', KEYS[10], '-inf', '(' .. ARGV[3], 'LIMIT', 0, 10000)
+local runs = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[3], 'LIMIT', 0, 10000)
 for _, key in ipairs(runs) do
-  redis.call('HDEL', KEYS[9], key)
-  redis.call('ZREM', KEYS[10], key)
+  redis.call('HDEL', KEYS[8], key)
+  redis.call('ZREM', KEYS[9], key)
 end
-return #old + #runs
+return n + #runs
 "#,
     )
 });
 
-/// KEYS as for [`BEAT`]; ARGV: 2 agent id, 3 event.
+/// Deletes an agent: KEYS as in [`RedisEngine::agent_keys`]; ARGV: 2 agent id,
+/// 3 event.
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local existed = redis.call('DEL', KEYS[2])
-for i = 3, 8 do redis.call('ZREM', KEYS[i], ARGV[2]) end
+for i = 3, 7 do redis.call('ZREM', KEYS[i], ARGV[2]) end
 if existed == 1 then emit('agent.deleted', ARGV[2], '', ARGV[3]) end
 return existed
 "#,
@@ -752,11 +758,13 @@ return existed
 });
 
 impl RedisEngine {
-    fn agent_keys(&self, id: &Id) -> [String; 9] {
+    /// `KEYS[2..]` of the scripts about one agent (a placeholder record
+    /// for those about many): 2 the record, 3 active, 4 late-due, 5
+    /// down-due, 6 down, 7 finished, 8 runs, 9 runs-by-start.
+    fn agent_keys(&self, id: &Id) -> [String; 8] {
         let k = &self.keys;
         [
             k.agent(id),
-            k.agents_by_beat(),
             k.agents_active(),
             k.agents_late_due(),
             k.agents_down_due(),
@@ -768,12 +776,12 @@ impl RedisEngine {
     }
 
     /// The same keys with a placeholder record (scripts over many agents).
-    fn index_and_placeholder_keys(&self) -> [String; 9] {
+    fn index_and_placeholder_keys(&self) -> [String; 8] {
         self.agent_keys(&Id::new("unused").expect("valid id"))
     }
 
     /// The indexes every beat updates, without a record key.
-    fn index_keys(&self) -> [String; 8] {
+    fn index_keys(&self) -> [String; 7] {
         let [_, rest @ ..] = self.index_and_placeholder_keys();
         rest
     }
@@ -816,17 +824,30 @@ impl RedisEngine {
         limit: usize,
     ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
         let k = &self.keys;
-        // (index, ascending, min, max) — every selection is one index range.
-        let (index, ascending, min, max) = match query.selection {
-            AgentSelection::All => (k.agents_by_beat(), false, i64::MIN, i64::MAX),
-            AgentSelection::StaleBefore(cutoff) => (k.agents_active(), true, i64::MIN, cutoff - 1),
-            AgentSelection::State(AgentState::Up) => (k.agents_late_due(), true, now_ms, i64::MAX),
-            AgentSelection::State(AgentState::Late) => {
-                (k.agents_late_due(), true, i64::MIN, now_ms - 1)
+        // (indexes, ascending, min, max) — every selection is one range of
+        // one index, except all agents: every agent is either active or
+        // finished, both indexes scored by last beat, so they are merged.
+        let (indexes, ascending, min, max) = match query.selection {
+            AgentSelection::All => (
+                vec![k.agents_active(), k.agents_finished()],
+                false,
+                i64::MIN,
+                i64::MAX,
+            ),
+            AgentSelection::StaleBefore(cutoff) => {
+                (vec![k.agents_active()], true, i64::MIN, cutoff - 1)
             }
-            AgentSelection::State(AgentState::Down) => (k.agents_down(), true, i64::MIN, i64::MAX),
+            AgentSelection::State(AgentState::Up) => {
+                (vec![k.agents_late_due()], true, now_ms, i64::MAX)
+            }
+            AgentSelection::State(AgentState::Late) => {
+                (vec![k.agents_late_due()], true, i64::MIN, now_ms - 1)
+            }
+            AgentSelection::State(AgentState::Down) => {
+                (vec![k.agents_down()], true, i64::MIN, i64::MAX)
+            }
             AgentSelection::State(AgentState::Finished) => {
-                (k.agents_finished(), true, i64::MIN, i64::MAX)
+                (vec![k.agents_finished()], true, i64::MIN, i64::MAX)
             }
         };
         let mut out = Vec::with_capacity(limit);
@@ -836,9 +857,22 @@ impl RedisEngine {
         // the page, and the cursor marks the last entry examined.
         for _ in 0..4 {
             let want = limit - out.len() + 1;
-            let entries = self
-                .index_range(&index, ascending, min, max, position.as_ref(), want)
-                .await?;
+            let mut entries = Vec::with_capacity(want * indexes.len());
+            for index in &indexes {
+                entries.extend(
+                    self.index_range(index, ascending, min, max, position.as_ref(), want)
+                        .await?,
+                );
+            }
+            if indexes.len() > 1 {
+                // In index order: by score, then member (both reversed
+                // when descending), as the cursor expects.
+                entries.sort_unstable_by(|(m1, s1), (m2, s2)| {
+                    let order = (s1, m1).cmp(&(s2, m2));
+                    if ascending { order } else { order.reverse() }
+                });
+                entries.truncate(want);
+            }
             let more = entries.len() == want;
             let take: Vec<(String, i64)> = entries.into_iter().take(limit - out.len()).collect();
             let ids: Vec<String> = take.iter().map(|(m, _)| m.clone()).collect();

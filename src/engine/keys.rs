@@ -81,11 +81,6 @@ impl Keys {
         self.key(&format!("agent:{id}"))
     }
 
-    /// Sorted set of every retained agent, scored by last beat (ms).
-    pub fn agents_by_beat(&self) -> String {
-        self.key("agents:by-beat")
-    }
-
     /// Sorted set of non-terminal agents (up, late or down), scored by last
     /// beat (ms): the index behind `stale`.
     pub fn agents_active(&self) -> String {
