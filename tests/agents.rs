@@ -680,3 +680,30 @@ async fn redis_beats_behind_a_changed_record_still_apply_in_order() {
     assert_eq!(app.events_of("agent.started").await.len(), 3);
     assert_eq!(app.events_of("agent.finished").await.len(), 2);
 }
+
+/// Writers that know nothing of the token (earlier versions of the
+/// service during a rolling upgrade) still rewrite `down` whenever they
+/// change an agent's state, which is enough to send the next beat here
+/// through the full path.
+#[tokio::test]
+async fn redis_a_beat_after_a_state_change_by_an_older_writer_takes_the_full_path() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    beat(&app, "legacy", json!({})).await;
+    beat(&app, "legacy", json!({})).await;
+    // What an earlier version's script does when the agent completes.
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let record = format!("{{{}}}:agent:legacy", app.prefix);
+    let _: () = ::redis::pipe()
+        .cmd("HSET")
+        .arg(&record)
+        .arg(&["status", "completed", "down", "0"][..])
+        .cmd("HDEL")
+        .arg(&record)
+        .arg("run_key")
+        .query(&mut conn)
+        .expect("HSET");
+    let view = beat(&app, "legacy", json!({})).await;
+    assert_eq!(view["state"], "up");
+    // Running again after completing opens a new run.
+    assert_eq!(app.events_of("agent.started").await.len(), 2);
+}

@@ -5,6 +5,8 @@
 //! run and appends the events — atomically, so concurrent beats and the
 //! sweepers of several replicas never see half an update. Record fields
 //! hold JSON produced by Rust; the scripts move them without decoding.
+//! Beats that change no state go in a short form checked against a token
+//! in the record (see [`BEATS`]).
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -29,8 +31,8 @@ use crate::types::{Id, from_millis, rfc3339};
 /// call issues, then per beat one of two forms, told apart by the first
 /// value:
 ///
-/// - a quick beat ([`QUICK_ARGS`] values): the record's token as the
-///   writer last saw it, agent id, now ms, status, progress JSON,
+/// - a quick beat ([`QUICK_ARGS`] values, status `running`): the record's
+///   token as the writer last saw it, agent id, now ms, progress JSON,
 ///   current_task JSON, heartbeat event or '', the moment it stops being
 ///   alive (ms) and the moment it is due down (ms);
 /// - a full beat ([`FULL_ARGS`] values): '', agent id, now ms, status,
@@ -49,15 +51,19 @@ use crate::types::{Id, from_millis, rfc3339};
 /// state — is sent in the quick form: the writer keeps, per agent, what the
 /// last beat returned (the token, the expiry and the three stored fields),
 /// decides from it that the beat changes nothing but the moving fields (ttl
-/// and grace included: they rarely change), and sends only those. The token
-/// is a random value the script writes into the record whenever anything the
-/// writer keeps changes (and clears when the sweeper marks the agent down),
-/// so the script only checks that the token
-/// still matches — and, so that a quick beat can never be applied to a
-/// finished or down agent whatever wrote it last, the status and down flag.
-/// If anything differs (another replica applied a beat, the agent went
-/// down, was deleted), the beat and every later beat of that agent in the
-/// batch are deferred: the writer sends them again in the full form at once.
+/// and grace included: they rarely change), and sends only those; the script
+/// only checks that the token still matches. If it does not (another
+/// replica applied a beat, the agent went down, was deleted), the beat and
+/// every later beat of that agent in the batch are deferred: the writer
+/// sends them again in the full form at once.
+///
+/// The token lives in the record's `down` field, which holds `1` while the
+/// agent is down and otherwise a random value the script writes whenever
+/// anything the writers keep changes. Every script that changes an agent's
+/// state rewrites `down` (the sweeper, every full beat, and those of
+/// earlier versions too, which write `0`), so a quick beat can never be
+/// applied to a record whose state changed since its writer looked, whatever
+/// changed it.
 ///
 /// The index scores of the whole batch go out as one `ZADD` per index at
 /// the end (flushed early before any removal, so adds and removals apply in
@@ -128,9 +134,9 @@ local function full_beat(rec, a, prev, renew, token)
   local now = tonumber(now_s)
   local was_terminal, was_down, run_key, run_id = is_terminal(prev[1]), prev[2] == '1', prev[3], prev[4]
   local metadata, display_name, expires = prev[5], prev[6], prev[7]
-  -- The token first: a new record keeps it at the front of its listpack,
-  -- where the quick beat's lookup finds it at once.
-  local fields = { 'v', token, 'agent_id', id, 'status', status, 'down', '0', 'progress', ARGV[a + 6],
+  -- The token (not down) first: a new record keeps it at the front of its
+  -- listpack, where the quick beat's lookup finds it at once.
+  local fields = { 'down', token, 'agent_id', id, 'status', status, 'progress', ARGV[a + 6],
     'current_task', ARGV[a + 7], 'last_beat', now_s, 'ttl', ARGV[a + 4], 'grace', ARGV[a + 5] }
   local function set(name, value) fields[#fields + 1] = name; fields[#fields + 1] = value end
   if ARGV[a + 8] ~= '' then metadata = ARGV[a + 8]; set('metadata', metadata) end
@@ -189,13 +195,12 @@ for i = 9, #KEYS do
   local rec = KEYS[i]
   if ARGV[a] ~= '' then
     -- Quick form.
-    local id, now_s, status = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-    local cur = deferred[id] == nil and redis.call('HMGET', rec, 'v', 'status', 'down')
-    if cur and cur[1] == ARGV[a] and cur[3] == '0' and not is_terminal(cur[2]) then
-      redis.call('HSET', rec, 'status', status, 'progress', ARGV[a + 4], 'current_task', ARGV[a + 5],
+    local id, now_s = ARGV[a + 1], ARGV[a + 2]
+    if deferred[id] == nil and redis.call('HGET', rec, 'down') == ARGV[a] then
+      redis.call('HSET', rec, 'status', 'running', 'progress', ARGV[a + 3], 'current_task', ARGV[a + 4],
         'last_beat', now_s)
-      if ARGV[a + 6] ~= '' then heartbeat(id, ARGV[a + 6]) end
-      live_indexes(id, now_s, ARGV[a + 7], ARGV[a + 8])
+      if ARGV[a + 5] ~= '' then heartbeat(id, ARGV[a + 5]) end
+      live_indexes(id, now_s, ARGV[a + 6], ARGV[a + 7])
       put('q')
     else
       deferred[id] = true
@@ -212,23 +217,24 @@ for i = 9, #KEYS do
       local now, terminal = tonumber(now_s), ARGV[b + 3] == '1'
       local token = nonce .. '.' .. (i - 8)
       local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name',
-        'expires', 'v', 'ttl', 'grace')
+        'expires', 'ttl', 'grace')
       local expires = tonumber(prev[7])
       local renew = not expires or expires < now + retention or expires > now + retention + slack
       local metadata, display_name, run_id, stored_expires = prev[5], prev[6], prev[4], prev[7]
-      if not terminal and prev[3] and prev[2] == '0' and not is_terminal(prev[1]) and status ~= 'starting'
+      if not terminal and prev[3] and prev[2] and prev[2] ~= '1' and not is_terminal(prev[1])
+          and status ~= 'starting'
           and not renew and ARGV[b + 8] == '' and ARGV[b + 9] == ''
           and (ARGV[b + 10] == '' or ARGV[b + 10] == run_id) then
         -- A typical beat the writer had no token for: only the moving
         -- fields are written, and the record's token is kept (a new one if
         -- it had none, or if ttl or grace change: quick beats omit them).
-        if prev[8] and prev[8] ~= '' and prev[9] == ARGV[b + 4] and prev[10] == ARGV[b + 5] then
-          token = prev[8]
+        if prev[2] ~= '0' and prev[8] == ARGV[b + 4] and prev[9] == ARGV[b + 5] then
+          token = prev[2]
           redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
             'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5])
         else
           redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
-            'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5], 'v', token)
+            'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5], 'down', token)
         end
       else
         metadata, display_name, run_id, stored_expires = full_beat(rec, b, prev, renew, token)
@@ -260,7 +266,7 @@ return out
 });
 
 /// Values of a quick beat in [`BEATS`]'s `ARGV`.
-const QUICK_ARGS: usize = 9;
+const QUICK_ARGS: usize = 8;
 /// Values of a full beat in [`BEATS`]'s `ARGV`.
 const FULL_ARGS: usize = 17;
 /// Most beats applied by one script call.
@@ -340,8 +346,7 @@ impl Known {
     /// go in the quick form: the same checks as the script's typical beat.
     fn admits(&self, beat: &Beat, retention_ms: i64, slack_ms: i64) -> bool {
         let now = beat.now.timestamp_millis();
-        !beat.status.is_terminal()
-            && beat.status != AgentStatus::Starting
+        beat.status == AgentStatus::Running
             && beat.metadata.is_none()
             && beat.display_name.is_none()
             && (beat.ttl_seconds, beat.grace_seconds) == (self.ttl_seconds, self.grace_seconds)
@@ -601,8 +606,7 @@ fn write_quick_args(cmd: &mut Cmd, json: &mut Vec<u8>, token: &str, beat: &Beat)
     let (alive_until, down_at) = deadlines(beat);
     cmd.arg(token)
         .arg(beat.agent_id.as_str())
-        .arg(beat.now.timestamp_millis())
-        .arg(beat.status.as_str());
+        .arg(beat.now.timestamp_millis());
     arg_json(cmd, json, &beat.progress);
     arg_json(cmd, json, &beat.current_task);
     cmd.arg(heartbeat_event(beat)).arg(alive_until).arg(down_at);
@@ -699,7 +703,7 @@ for _, id in ipairs(due) do
   local rec = ARGV[4] .. id
   local f = redis.call('HMGET', rec, 'last_beat', 'ttl', 'run_key', 'status')
   if f[1] and f[4] ~= 'completed' and f[4] ~= 'failed' and f[4] ~= 'cancelled' then
-    redis.call('HSET', rec, 'down', '1', 'v', '')
+    redis.call('HSET', rec, 'down', '1')
     redis.call('ZADD', KEYS[6], f[1], id)
     if f[3] then
       local raw = redis.call('HGET', KEYS[8], f[3])
