@@ -21,6 +21,23 @@ async fn stale_ids(app: &TestApp, threshold: u64) -> Vec<String> {
     ids(&body)
 }
 
+/// The ids of every page of `query` (which sets `limit`), following
+/// `next_cursor`.
+async fn all_pages(app: &TestApp, query: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..20 {
+        let (status, page) = app.get(&format!("{query}&cursor={cursor}")).await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => return seen,
+        }
+    }
+    panic!("{query}: more than 20 pages");
+}
+
 fn ids(list: &Value) -> Vec<String> {
     list["agents"]
         .as_array()
@@ -368,21 +385,7 @@ async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
             expected.push(id);
         }
     }
-    let mut seen = Vec::new();
-    let mut cursor = String::new();
-    for _ in 0..20 {
-        let (status, page) = app
-            .get(&format!(
-                "/v1/agents?status=starting&limit=2&cursor={cursor}"
-            ))
-            .await;
-        assert_eq!(status, 200, "{page}");
-        seen.extend(ids(&page));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = c.to_owned(),
-            None => break,
-        }
-    }
+    let mut seen = all_pages(&app, "/v1/agents?status=starting&limit=2").await;
     seen.sort();
     assert_eq!(seen, expected);
 }
@@ -399,20 +402,7 @@ async fn listing_everything_pages_newest_first_across_states(kind: Kind) {
         expected.insert(0, id);
         app.state.clock.advance(Duration::from_millis(5));
     }
-    let mut seen = Vec::new();
-    let mut cursor = String::new();
-    for _ in 0..20 {
-        let (status, page) = app
-            .get(&format!("/v1/agents?limit=2&cursor={cursor}"))
-            .await;
-        assert_eq!(status, 200, "{page}");
-        seen.extend(ids(&page));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = c.to_owned(),
-            None => break,
-        }
-    }
-    assert_eq!(seen, expected);
+    assert_eq!(all_pages(&app, "/v1/agents?limit=2").await, expected);
 }
 
 /// A beat as the engine takes it, at an exact time (no HTTP, no clock).
