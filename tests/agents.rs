@@ -21,6 +21,20 @@ async fn stale_ids(app: &TestApp, threshold: u64) -> Vec<String> {
     ids(&body)
 }
 
+/// Runs started in the last hour, and how many of them completed (the
+/// total row of `performance`).
+async fn runs_and_completed(app: &TestApp) -> (u64, u64) {
+    let (status, perf) = app.get("/v1/agents/performance?hours=1").await;
+    assert_eq!(status, 200, "{perf}");
+    let total = &perf["total"];
+    let count = |name: &str| {
+        total[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: {perf}"))
+    };
+    (count("runs"), count("completed"))
+}
+
 /// The ids of every page of `query` (which sets `limit`), following
 /// `next_cursor`.
 async fn all_pages(app: &TestApp, query: &str) -> Vec<String> {
@@ -502,13 +516,7 @@ async fn beats_queued_together_apply_in_order(kind: Kind) {
     assert_eq!(state_ids("finished").await, done);
     let (_, all) = app.get("/v1/agents?limit=100").await;
     assert_eq!(ids(&all).len(), 40);
-    let (_, perf) = app.get("/v1/agents/performance?hours=1").await;
-    let total = &perf["total"];
-    assert_eq!(
-        (total["runs"].clone(), total["completed"].clone()),
-        (json!(60), json!(40)),
-        "{perf}"
-    );
+    assert_eq!(runs_and_completed(&app).await, (60, 40));
 }
 
 conformance!(
@@ -660,13 +668,7 @@ async fn redis_beats_behind_a_changed_record_still_apply_in_order() {
 
     let (_, view) = app.get("/v1/agents/worker").await;
     assert_eq!(view["state"], "up", "{view}");
-    let (_, perf) = app.get("/v1/agents/performance?hours=1").await;
-    let total = &perf["total"];
-    assert_eq!(
-        (total["runs"].clone(), total["completed"].clone()),
-        (json!(3), json!(2)),
-        "{perf}"
-    );
+    assert_eq!(runs_and_completed(&app).await, (3, 2));
     assert_eq!(app.events_of("agent.started").await.len(), 3);
     assert_eq!(app.events_of("agent.finished").await.len(), 2);
 }

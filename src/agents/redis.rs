@@ -228,14 +228,9 @@ for i = 9, #KEYS do
         -- A typical beat the writer had no token for: only the moving
         -- fields are written, and the record's token is kept (a new one if
         -- it had none, or if ttl or grace change: quick beats omit them).
-        if prev[2] ~= '0' and prev[8] == ARGV[b + 4] and prev[9] == ARGV[b + 5] then
-          token = prev[2]
-          redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
-            'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5])
-        else
-          redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
-            'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5], 'down', token)
-        end
+        if prev[2] ~= '0' and prev[8] == ARGV[b + 4] and prev[9] == ARGV[b + 5] then token = prev[2] end
+        redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
+          'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5], 'down', token)
       else
         metadata, display_name, run_id, stored_expires = full_beat(rec, b, prev, renew, token)
       end
@@ -525,7 +520,11 @@ impl BatchWriter {
                     let mut next = || values.next().ok_or_else(corrupt);
                     let (metadata, display_name, run_id, token, expires) =
                         (next()?, next()?, next()?, next()?, next()?);
-                    let stored = decode_stored(metadata, display_name, run_id);
+                    let stored = decode_stored(
+                        metadata.as_deref(),
+                        display_name.as_deref(),
+                        run_id.as_deref(),
+                    );
                     if let Ok(stored) = &stored {
                         self.learn(beat, token, expires, stored);
                     }
@@ -651,22 +650,26 @@ fn heartbeat_event(beat: &Beat) -> &str {
 
 /// Parses the stored fields the script returned for a full beat.
 fn decode_stored(
-    metadata: Option<String>,
-    display_name: Option<String>,
-    run_id: Option<String>,
+    metadata: Option<&str>,
+    display_name: Option<&str>,
+    run_id: Option<&str>,
 ) -> EngineResult<Stored> {
-    let parse = |raw: Option<String>| -> EngineResult<serde_json::Value> {
-        raw.map_or(Ok(serde_json::Value::Null), |r| {
-            serde_json::from_str(&r).map_err(|e| EngineError::Corrupt(format!("agent record: {e}")))
-        })
-    };
     Ok(Stored {
-        metadata: match parse(metadata)? {
+        metadata: match record_json("metadata", metadata)? {
             serde_json::Value::Object(m) => m,
             _ => Default::default(),
         },
-        display_name: parse(display_name)?.as_str().map(str::to_owned),
-        run_id,
+        display_name: record_json("display_name", display_name)?
+            .as_str()
+            .map(str::to_owned),
+        run_id: run_id.map(str::to_owned),
+    })
+}
+
+/// A record field holding JSON, `null` when absent.
+fn record_json(name: &str, raw: Option<&str>) -> EngineResult<serde_json::Value> {
+    raw.map_or(Ok(serde_json::Value::Null), |raw| {
+        serde_json::from_str(raw).map_err(|_| EngineError::Corrupt(format!("agent record: {name}")))
     })
 }
 
@@ -1080,12 +1083,12 @@ impl RedisEngine {
 fn decode_record(fields: &[String]) -> EngineResult<AgentRecord> {
     let corrupt = |what: &str| EngineError::Corrupt(format!("agent record: {what}"));
     let get = crate::engine::redis::hash_fields(fields);
-    let json = |name: &str| -> EngineResult<serde_json::Value> {
-        match get.get(name) {
-            Some(raw) => serde_json::from_str(raw).map_err(|_| corrupt(name)),
-            None => Ok(serde_json::Value::Null),
-        }
-    };
+    let json = |name: &str| record_json(name, get.get(name).copied());
+    let stored = decode_stored(
+        get.get("metadata").copied(),
+        get.get("display_name").copied(),
+        get.get("run_id").copied(),
+    )?;
     let int = |name: &str| -> EngineResult<i64> {
         get.get(name)
             .and_then(|v| v.parse().ok())
@@ -1096,18 +1099,15 @@ fn decode_record(fields: &[String]) -> EngineResult<AgentRecord> {
             .get("agent_id")
             .and_then(|v| Id::new(*v).ok())
             .ok_or_else(|| corrupt("agent_id"))?,
-        display_name: json("display_name")?.as_str().map(str::to_owned),
+        display_name: stored.display_name,
         status: get
             .get("status")
             .and_then(|s| AgentStatus::parse(s))
             .ok_or_else(|| corrupt("status"))?,
         progress: json("progress")?.as_f64(),
         current_task: json("current_task")?.as_str().map(str::to_owned),
-        metadata: match json("metadata")? {
-            serde_json::Value::Object(m) => m,
-            _ => Default::default(),
-        },
-        run_id: get.get("run_id").map(|s| (*s).to_owned()),
+        metadata: stored.metadata,
+        run_id: stored.run_id,
         last_beat_ms: int("last_beat")?,
         ttl_seconds: int("ttl")? as u64,
         grace_seconds: int("grace")? as u64,
