@@ -699,3 +699,90 @@ async fn redis_a_beat_after_a_state_change_by_an_older_writer_takes_the_full_pat
     // Running again after completing opens a new run.
     assert_eq!(app.events_of("agent.started").await.len(), 2);
 }
+
+/// Quick beats write the down-due score only now and then, a little beyond
+/// the deadline; whatever the order of beats from this writer and another
+/// replica, the score is never behind the last beat's deadline (an agent
+/// claimed early) nor more than a quarter second past it.
+#[tokio::test]
+async fn redis_the_down_due_score_is_never_behind_the_deadline() {
+    use attune_telemetry::agents::AgentStatus::Running;
+    let app = TestApp::spawn(Kind::Redis).await;
+    let other = app.replica().await;
+    let start = app.state.clock.now();
+    let at = |k: i64| engine_beat("steady", Running, start + chrono::Duration::milliseconds(k));
+    // ttl + grace of `engine_beat`.
+    let deadline_after = 60_000;
+    let score = || -> i64 {
+        let mut conn = app.redis.as_ref().expect("redis").conn();
+        let score: f64 = ::redis::cmd("ZSCORE")
+            .arg(format!("{{{}}}:agents:down-due", app.prefix))
+            .arg("steady")
+            .query(&mut conn)
+            .expect("ZSCORE");
+        score as i64
+    };
+    let start_ms = start.timestamp_millis();
+    // Here, here (quick), here, there (a typical beat keeping the token),
+    // here (quick again), and so on, ms after the start.
+    let beats = [
+        (&app, 0),
+        (&app, 1),
+        (&app, 100),
+        (&app, 300),
+        (&other, 350),
+        (&app, 400),
+        (&app, 560),
+        (&other, 900),
+        (&app, 1000),
+    ];
+    for (on, k) in beats {
+        on.state.engine.record_beat(at(k)).await.unwrap();
+        let behind = score() - (start_ms + k + deadline_after);
+        assert!(
+            (0..=250).contains(&behind),
+            "after the beat at {k} ms the score is {behind} ms past the deadline"
+        );
+    }
+}
+
+/// An agent that beat for a while goes down within a second of its last
+/// beat's deadline, not its first.
+#[tokio::test]
+async fn redis_an_agent_goes_down_after_its_last_beat_not_its_first() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let started = std::time::Instant::now();
+    let mut last = started;
+    while started.elapsed() < Duration::from_millis(1500) {
+        beat(&app, "busy", json!({"ttl_seconds": 1})).await;
+        last = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ttl 1 s + grace 1 s after the last beat.
+    eventually(Duration::from_secs(4), || async {
+        (!app.events_of("agent.down").await.is_empty()).then_some(())
+    })
+    .await;
+    let took = last.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "down too early: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(3000),
+        "down too late: {took:?}"
+    );
+}
+
+/// Quick beats do not write the status: a writer only takes that path for
+/// a record it saw stored as `running`.
+#[tokio::test]
+async fn redis_a_running_beat_after_starting_is_stored_as_running() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    beat(&app, "booting", json!({"status": "starting"})).await;
+    beat(&app, "booting", json!({})).await;
+    let (_, view) = app.get("/v1/agents/booting").await;
+    assert_eq!(view["status"], "running", "{view}");
+    let (_, starting) = app.get("/v1/agents?status=starting").await;
+    assert!(ids(&starting).is_empty(), "{starting}");
+}

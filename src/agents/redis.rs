@@ -34,7 +34,7 @@ use crate::types::{Id, from_millis, rfc3339};
 /// - a quick beat ([`QUICK_ARGS`] values, status `running`): the record's
 ///   token as the writer last saw it, agent id, now ms, progress JSON,
 ///   current_task JSON, heartbeat event or '', the moment it stops being
-///   alive (ms) and the moment it is due down (ms);
+///   alive (ms) and its down-due score (ms; '' to leave it, see below);
 /// - a full beat ([`FULL_ARGS`] values): '', agent id, now ms, status,
 ///   terminal (0/1), ttl s, grace s, progress JSON, current_task JSON,
 ///   metadata JSON or '', display_name JSON or '', run_id or '', event
@@ -44,7 +44,7 @@ use crate::types::{Id, from_millis, rfc3339};
 /// Returns, per beat, `q` (a quick beat applied), `d` (deferred: not
 /// applied, see below) or `f` followed by the stored `metadata`,
 /// `display_name` and `run_id`, the record's token (false when the agent is
-/// not in the typical state: finished) and its expiry (ms).
+/// not in the typical state: not `running`) and its expiry (ms).
 ///
 /// Inside a script every `redis.call` and every argument costs more than
 /// the work of a typical command, so a typical beat — one that changes no
@@ -65,9 +65,18 @@ use crate::types::{Id, from_millis, rfc3339};
 /// applied to a record whose state changed since its writer looked, whatever
 /// changed it.
 ///
+/// A token is only issued for a `running` record, so quick beats leave the
+/// status alone. Nor do they move the agent's down-due score on every beat:
+/// that index only tells the sweepers when to claim an agent, and a score
+/// somewhat past the deadline is as good, so a writer puts it
+/// [`DOWN_DUE_AHEAD_MS`] beyond the deadline and leaves it until the
+/// deadline catches up (the score never falls behind the deadline, so no
+/// agent is ever claimed early). A typical full beat keeps the token other
+/// writers may hold, so it never pulls their score back (`ZADD GT`).
+///
 /// The index scores of the whole batch go out as one `ZADD` per index at
-/// the end (flushed early before any removal, so adds and removals apply in
-/// beat order), the event log is trimmed once per call, and the record's
+/// the end (flushed early before any other write to those indexes, so they
+/// all apply in beat order), the event log is trimmed once per call, and the record's
 /// expiry is pushed out only when it falls short of `retention` from now:
 /// it is set `slack` beyond that, so an agent beating often renews it once
 /// per slack rather than on every beat.
@@ -82,21 +91,16 @@ local out, n_out = {}, 0
 local function put(v) n_out = n_out + 1; out[n_out] = v end
 -- Agents with a deferred beat in this call: their later beats wait too.
 local deferred = {}
--- ZADD arguments of the batch, per index; flushed at the end, and before
--- any removal so that adds and removals apply in beat order.
-local adds = { [2] = {}, [3] = {}, [4] = {}, [6] = {} }
+-- ZADD arguments of the batch (score, member, …) for active, late-due,
+-- down-due and finished, with their lengths; flushed at the end, and before
+-- any other write to those indexes so that all apply in beat order.
+local za, zl, zd, zf = {}, {}, {}, {}
+local na, nl, nd, nf = 0, 0, 0, 0
 local function flush()
-  for k, list in pairs(adds) do
-    if #list > 0 then
-      redis.call('ZADD', KEYS[k], unpack(list))
-      adds[k] = {}
-    end
-  end
-end
-local function zadd(k, score, id)
-  local list = adds[k]
-  list[#list + 1] = score
-  list[#list + 1] = id
+  if na > 0 then redis.call('ZADD', KEYS[2], unpack(za, 1, na)); na = 0 end
+  if nl > 0 then redis.call('ZADD', KEYS[3], unpack(zl, 1, nl)); nl = 0 end
+  if nd > 0 then redis.call('ZADD', KEYS[4], unpack(zd, 1, nd)); nd = 0 end
+  if nf > 0 then redis.call('ZADD', KEYS[6], unpack(zf, 1, nf)); nf = 0 end
 end
 local function zrem(k, id) flush(); redis.call('ZREM', KEYS[k], id) end
 local function is_terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
@@ -104,10 +108,11 @@ local function is_terminal(s) return s == 'completed' or s == 'failed' or s == '
 local function heartbeat(id, body)
   redis.call('XADD', KEYS[1], '*', 't', 'agent.heartbeat', 'a', id, 'b', body)
 end
+-- The quick form does the same inline.
 local function live_indexes(id, now_s, alive_until, down_at)
-  zadd(2, now_s, id)
-  zadd(3, alive_until, id)
-  zadd(4, down_at, id)
+  na = na + 2; za[na - 1] = now_s; za[na] = id
+  nl = nl + 2; zl[nl - 1] = alive_until; zl[nl] = id
+  nd = nd + 2; zd[nd - 1] = down_at; zd[nd] = id
 end
 local function event(a, kind, data)
   return '{"type":"' .. kind .. '","ts":"' .. ARGV[a + 11] .. '","source":' .. ARGV[a + 12]
@@ -197,10 +202,12 @@ for i = 9, #KEYS do
     -- Quick form.
     local id, now_s = ARGV[a + 1], ARGV[a + 2]
     if deferred[id] == nil and redis.call('HGET', rec, 'down') == ARGV[a] then
-      redis.call('HSET', rec, 'status', 'running', 'progress', ARGV[a + 3], 'current_task', ARGV[a + 4],
-        'last_beat', now_s)
+      -- The status is `running`: no other record holds a token.
+      redis.call('HSET', rec, 'progress', ARGV[a + 3], 'current_task', ARGV[a + 4], 'last_beat', now_s)
       if ARGV[a + 5] ~= '' then heartbeat(id, ARGV[a + 5]) end
-      live_indexes(id, now_s, ARGV[a + 6], ARGV[a + 7])
+      na = na + 2; za[na - 1] = now_s; za[na] = id
+      nl = nl + 2; zl[nl - 1] = ARGV[a + 6]; zl[nl] = id
+      if ARGV[a + 7] ~= '' then nd = nd + 2; zd[nd - 1] = ARGV[a + 7]; zd[nd] = id end
       put('q')
     else
       deferred[id] = true
@@ -221,6 +228,7 @@ for i = 9, #KEYS do
       local expires = tonumber(prev[7])
       local renew = not expires or expires < now + retention or expires > now + retention + slack
       local metadata, display_name, run_id, stored_expires = prev[5], prev[6], prev[4], prev[7]
+      local kept = false
       if not terminal and prev[3] and prev[2] and prev[2] ~= '1' and not is_terminal(prev[1])
           and status ~= 'starting'
           and not renew and ARGV[b + 8] == '' and ARGV[b + 9] == ''
@@ -228,7 +236,9 @@ for i = 9, #KEYS do
         -- A typical beat the writer had no token for: only the moving
         -- fields are written, and the record's token is kept (a new one if
         -- it had none, or if ttl or grace change: quick beats omit them).
-        if prev[2] ~= '0' and prev[8] == ARGV[b + 4] and prev[9] == ARGV[b + 5] then token = prev[2] end
+        if prev[2] ~= '0' and prev[8] == ARGV[b + 4] and prev[9] == ARGV[b + 5] then
+          token, kept = prev[2], true
+        end
         redis.call('HSET', rec, 'status', status, 'progress', ARGV[b + 6], 'current_task', ARGV[b + 7],
           'last_beat', now_s, 'ttl', ARGV[b + 4], 'grace', ARGV[b + 5], 'down', token)
       else
@@ -237,7 +247,13 @@ for i = 9, #KEYS do
       if ARGV[b + 13] ~= '' then heartbeat(id, ARGV[b + 13]) end
       -- Scores are passed as strings: a Lua number would be formatted anew.
       if terminal then
-        zadd(6, now_s, id)
+        nf = nf + 2; zf[nf - 1] = now_s; zf[nf] = id
+      elseif kept then
+        -- Writers holding the token may have put the down-due score ahead.
+        na = na + 2; za[na - 1] = now_s; za[na] = id
+        nl = nl + 2; zl[nl - 1] = ARGV[b + 14]; zl[nl] = id
+        flush()
+        redis.call('ZADD', KEYS[4], 'GT', ARGV[b + 15], id)
       else
         live_indexes(id, now_s, ARGV[b + 14], ARGV[b + 15])
       end
@@ -245,7 +261,7 @@ for i = 9, #KEYS do
       put(metadata or false)
       put(display_name or false)
       put(run_id or false)
-      put(not terminal and token)
+      put(status == 'running' and token)
       put(stored_expires or false)
     end
     a = a + FULL_ARGS
@@ -264,6 +280,11 @@ return out
 const QUICK_ARGS: usize = 8;
 /// Values of a full beat in [`BEATS`]'s `ARGV`.
 const FULL_ARGS: usize = 17;
+/// How far beyond an agent's down deadline a quick beat puts its down-due
+/// score (see [`BEATS`]): the sweepers claim it at most this much later
+/// (on top of their interval), and the beats of that much time after it
+/// leave the index alone.
+const DOWN_DUE_AHEAD_MS: i64 = 250;
 /// Most beats applied by one script call.
 const MAX_BATCH: usize = 128;
 /// Writers, each with one batch in flight (see [`BeatBatcher`]).
@@ -333,6 +354,8 @@ struct Known {
     /// The record's `ttl` and `grace` (s), which quick beats do not write.
     ttl_seconds: u64,
     grace_seconds: u64,
+    /// The agent's down-due score, or less (ms).
+    down_due_ms: i64,
     stored: Stored,
 }
 
@@ -481,9 +504,15 @@ impl BatchWriter {
         let mut json = Vec::with_capacity(256);
         let mut quick = Vec::with_capacity(batch.len());
         for (beat, _) in batch {
-            match self.known.get(&beat.agent_id) {
+            match self.known.get_mut(&beat.agent_id) {
                 Some(known) if known.admits(beat, retention_ms, slack_ms) => {
-                    write_quick_args(&mut cmd, &mut json, &known.token, beat);
+                    let (alive_until, down_at) = deadlines(beat);
+                    let down_due = (known.down_due_ms < down_at).then(|| {
+                        known.down_due_ms = down_at.saturating_add(DOWN_DUE_AHEAD_MS);
+                        known.down_due_ms
+                    });
+                    cmd.arg(&known.token);
+                    write_quick_args(&mut cmd, &mut json, beat, alive_until, down_due);
                     quick.push(Some(known.stored.clone()));
                 }
                 _ => {
@@ -562,6 +591,8 @@ impl BatchWriter {
             expires_ms,
             ttl_seconds: beat.ttl_seconds,
             grace_seconds: beat.grace_seconds,
+            // What the beat sent; a kept token may have kept a later score.
+            down_due_ms: deadlines(beat).1,
             stored: stored.clone(),
         };
         self.known.insert(beat.agent_id.clone(), known);
@@ -600,15 +631,24 @@ fn deadlines(beat: &Beat) -> (i64, i64) {
     )
 }
 
-/// Appends the [`QUICK_ARGS`] script arguments of one beat.
-fn write_quick_args(cmd: &mut Cmd, json: &mut Vec<u8>, token: &str, beat: &Beat) {
-    let (alive_until, down_at) = deadlines(beat);
-    cmd.arg(token)
-        .arg(beat.agent_id.as_str())
+/// Appends the [`QUICK_ARGS`] script arguments of one beat after its token:
+/// `down_due` is the down-due score to write, if any.
+fn write_quick_args(
+    cmd: &mut Cmd,
+    json: &mut Vec<u8>,
+    beat: &Beat,
+    alive_until: i64,
+    down_due: Option<i64>,
+) {
+    cmd.arg(beat.agent_id.as_str())
         .arg(beat.now.timestamp_millis());
     arg_json(cmd, json, &beat.progress);
     arg_json(cmd, json, &beat.current_task);
-    cmd.arg(heartbeat_event(beat)).arg(alive_until).arg(down_at);
+    cmd.arg(heartbeat_event(beat)).arg(alive_until);
+    match down_due {
+        Some(score) => cmd.arg(score),
+        None => cmd.arg(""),
+    };
 }
 
 /// Appends the [`FULL_ARGS`] script arguments of one beat.
