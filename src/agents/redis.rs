@@ -202,7 +202,7 @@ for i = 9, #KEYS do
     -- Quick form.
     local id, now_s = ARGV[a + 1], ARGV[a + 2]
     if deferred[id] == nil and redis.call('HGET', rec, 'down') == ARGV[a] then
-      -- The status is `running`: no other record holds a token.
+      -- Tokens are only issued for `running` records: the status stays.
       redis.call('HSET', rec, 'progress', ARGV[a + 3], 'current_task', ARGV[a + 4], 'last_beat', now_s)
       if ARGV[a + 5] ~= '' then heartbeat(id, ARGV[a + 5]) end
       na = na + 2; za[na - 1] = now_s; za[na] = id
@@ -249,7 +249,8 @@ for i = 9, #KEYS do
       if terminal then
         nf = nf + 2; zf[nf - 1] = now_s; zf[nf] = id
       elseif kept then
-        -- Writers holding the token may have put the down-due score ahead.
+        -- Writers holding the token may have put the down-due score ahead
+        -- of this beat's deadline: it only moves forward here.
         na = na + 2; za[na - 1] = now_s; za[na] = id
         nl = nl + 2; zl[nl - 1] = ARGV[b + 14]; zl[nl] = id
         flush()
