@@ -189,21 +189,16 @@ async fn state_goes_up_late_down_and_alive_flips_after_the_ttl(kind: Kind) {
     .await;
 }
 
-async fn agent_down_is_emitted_once_within_a_second_and_recovery_after(kind: Kind) {
-    let app = TestApp::spawn(kind).await;
-    // Two sweepers on the same Redis: the replica runs its own.
-    let replica = match kind {
-        Kind::Redis => Some(app.replica().await),
-        Kind::Memory => None,
-    };
-    beat(&app, "flaky", json!({"ttl_seconds": 1})).await;
-    // ttl 1 s + grace 1 s: down at 2 s, event within a second of that.
-    let started = std::time::Instant::now();
+/// Waits for `agent.down` of an agent with ttl 1 s (and grace 1 s) whose
+/// last beat answered at `last_beat`: down at 2 s, the event within a
+/// second of that and never before (less a little for the beat's own
+/// round trip).
+async fn expect_down_two_to_three_seconds_after(app: &TestApp, last_beat: std::time::Instant) {
     eventually(Duration::from_secs(4), || async {
         (!app.events_of("agent.down").await.is_empty()).then_some(())
     })
     .await;
-    let took = started.elapsed();
+    let took = last_beat.elapsed();
     assert!(
         took >= Duration::from_millis(1900),
         "down too early: {took:?}"
@@ -212,6 +207,17 @@ async fn agent_down_is_emitted_once_within_a_second_and_recovery_after(kind: Kin
         took <= Duration::from_millis(3000),
         "down too late: {took:?}"
     );
+}
+
+async fn agent_down_is_emitted_once_within_a_second_and_recovery_after(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    // Two sweepers on the same Redis: the replica runs its own.
+    let replica = match kind {
+        Kind::Redis => Some(app.replica().await),
+        Kind::Memory => None,
+    };
+    beat(&app, "flaky", json!({"ttl_seconds": 1})).await;
+    expect_down_two_to_three_seconds_after(&app, std::time::Instant::now()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let downs = app.events_of("agent.down").await;
     assert_eq!(downs.len(), 1, "{downs:?}");
@@ -758,20 +764,7 @@ async fn redis_an_agent_goes_down_after_its_last_beat_not_its_first() {
         last = std::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // ttl 1 s + grace 1 s after the last beat.
-    eventually(Duration::from_secs(4), || async {
-        (!app.events_of("agent.down").await.is_empty()).then_some(())
-    })
-    .await;
-    let took = last.elapsed();
-    assert!(
-        took >= Duration::from_millis(1900),
-        "down too early: {took:?}"
-    );
-    assert!(
-        took <= Duration::from_millis(3000),
-        "down too late: {took:?}"
-    );
+    expect_down_two_to_three_seconds_after(&app, last).await;
 }
 
 /// Quick beats do not write the status: a writer only takes that path for
