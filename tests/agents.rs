@@ -425,6 +425,27 @@ async fn listing_everything_pages_newest_first_across_states(kind: Kind) {
     assert_eq!(all_pages(&app, "/v1/agents?limit=2").await, expected);
 }
 
+/// A page reads a bounded stretch of its index: a filter that matches
+/// little gives short (even empty) pages with a cursor, and following the
+/// cursor reaches every match once.
+async fn a_page_examines_a_bounded_stretch_of_its_index(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(&app, "rare", json!({"status": "starting"})).await;
+    for i in 0..30 {
+        app.state.clock.advance(Duration::from_millis(2));
+        beat(&app, &format!("common-{i}"), json!({})).await;
+    }
+    // Newest first: the one match is the 31st entry.
+    let (status, first) = app.get("/v1/agents?status=starting&limit=1").await;
+    assert_eq!(status, 200, "{first}");
+    assert!(ids(&first).is_empty(), "{first}");
+    assert!(first["next_cursor"].is_string(), "{first}");
+    assert_eq!(
+        all_pages(&app, "/v1/agents?status=starting&limit=1").await,
+        vec!["rare"]
+    );
+}
+
 /// A beat as the engine takes it, at an exact time (no HTTP, no clock).
 fn engine_beat(
     id: &str,
@@ -527,6 +548,7 @@ async fn beats_queued_together_apply_in_order(kind: Kind) {
 
 conformance!(
     listing_everything_pages_newest_first_across_states,
+    a_page_examines_a_bounded_stretch_of_its_index,
     beats_queued_together_apply_in_order,
     runs_started_in_the_same_millisecond_are_counted_apart,
     paging_with_a_status_filter_returns_every_match_once,

@@ -20,14 +20,29 @@ struct Entry {
     expires_ms: i64,
 }
 
-/// Agents, their indexes and their runs.
+/// Index entries one page may examine, per record it can hold (as the
+/// Redis engine's rounds).
+const EXAMINED_PER_PAGE: usize = 4;
+
+/// An index: `(score, id)` in order, as in a Redis sorted set.
+type Index = BTreeSet<(i64, Id)>;
+
+/// Agents, their indexes and their runs. The indexes are those of the
+/// Redis engine, kept in the same steps, so that listings read one range of
+/// one index (two, merged, for all agents) and never every agent.
 #[derive(Debug, Default)]
 pub struct AgentTable {
     agents: HashMap<Id, Entry>,
-    /// `(last beat, id)` of every agent.
-    by_beat: BTreeSet<(i64, Id)>,
-    /// `(down deadline, id)` of non-terminal agents not yet down.
-    down_due: BTreeSet<(i64, Id)>,
+    /// `(last beat, id)` of agents in a non-terminal status.
+    active: Index,
+    /// `(last beat, id)` of agents in a terminal status.
+    finished: Index,
+    /// `(end of ttl, id)` of non-terminal agents not marked down.
+    late_due: Index,
+    /// `(down deadline, id)` of non-terminal agents not marked down.
+    down_due: Index,
+    /// `(last beat, id)` of agents marked down by the sweeper.
+    down: Index,
     runs: HashMap<String, RunRecord>,
     runs_by_start: BTreeSet<(i64, String)>,
 }
@@ -37,17 +52,80 @@ impl AgentTable {
         self.agents.get(id).filter(|e| e.expires_ms > now_ms)
     }
 
+    /// Removes the stored record of `id` from every index.
     fn unindex(&mut self, id: &Id) {
         if let Some(old) = self.agents.get(id) {
             let r = &old.record;
-            self.by_beat.remove(&(r.last_beat_ms, id.clone()));
+            let by_beat = (r.last_beat_ms, id.clone());
+            self.active.remove(&by_beat);
+            self.finished.remove(&by_beat);
+            self.down.remove(&by_beat);
+            self.late_due.remove(&(alive_deadline(r), id.clone()));
             self.down_due.remove(&(down_deadline(r), id.clone()));
         }
     }
+
+    /// Adds `r` to the indexes its state puts it in.
+    fn index(&mut self, r: &AgentRecord) {
+        let by_beat = (r.last_beat_ms, r.agent_id.clone());
+        if r.status.is_terminal() {
+            self.finished.insert(by_beat);
+            return;
+        }
+        if r.down {
+            self.down.insert(by_beat.clone());
+        } else {
+            self.late_due
+                .insert((alive_deadline(r), r.agent_id.clone()));
+            self.down_due.insert((down_deadline(r), r.agent_id.clone()));
+        }
+        self.active.insert(by_beat);
+    }
+}
+
+fn alive_deadline(r: &AgentRecord) -> i64 {
+    r.last_beat_ms + (r.ttl_seconds * 1000) as i64
 }
 
 fn down_deadline(r: &AgentRecord) -> i64 {
-    r.last_beat_ms + ((r.ttl_seconds + r.grace_seconds) * 1000) as i64
+    alive_deadline(r) + (r.grace_seconds * 1000) as i64
+}
+
+/// The entries of `index` scored within `[min, max]` that come after
+/// `after` in the given direction, in that direction.
+fn index_range<'a>(
+    index: &'a Index,
+    ascending: bool,
+    min: i64,
+    max: i64,
+    after: Option<&(i64, Id)>,
+) -> Box<dyn Iterator<Item = &'a (i64, Id)> + 'a> {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    // Every id starts with a letter or digit: none sorts before "0".
+    let first_with = |score: i64| (score, Id::new("0").expect("a valid id"));
+    if ascending {
+        let from = match after {
+            Some(a) if a.0 >= min => Excluded(a.clone()),
+            _ => Included(first_with(min)),
+        };
+        Box::new(
+            index
+                .range((from, Unbounded))
+                .take_while(move |(score, _)| *score <= max),
+        )
+    } else {
+        let to = match after {
+            Some(a) if a.0 <= max => Excluded(a.clone()),
+            _ if max == i64::MAX => Unbounded,
+            _ => Excluded(first_with(max + 1)),
+        };
+        Box::new(
+            index
+                .range((Unbounded, to))
+                .rev()
+                .take_while(move |(score, _)| *score >= min),
+        )
+    }
 }
 
 fn emit(state: &mut MemoryState, event: EventBody) {
@@ -153,12 +231,7 @@ impl MemoryEngine {
             if let Some(hb) = &beat.heartbeat_event {
                 events.push(hb.clone());
             }
-            agents.by_beat.insert((now_ms, beat.agent_id.clone()));
-            if !terminal {
-                agents
-                    .down_due
-                    .insert((down_deadline(&record), beat.agent_id.clone()));
-            }
+            agents.index(&record);
             agents.agents.insert(
                 beat.agent_id.clone(),
                 Entry {
@@ -203,41 +276,61 @@ impl MemoryEngine {
         limit: usize,
     ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
         let state = self.lock();
-        let table = &state.agents;
-        let records: Vec<&AgentRecord> = table
-            .by_beat
-            .iter()
-            .filter_map(|(_, id)| table.live(id, now_ms).map(|e| &e.record))
-            .filter(|r| query.admits(r, now_ms))
-            .collect();
-        // Same orders as the Redis indexes: newest first for `All`, by
-        // deadline for up/late, oldest beat first otherwise.
-        let mut keyed: Vec<(i64, &AgentRecord)> = records
-            .into_iter()
-            .map(|r| match query.selection {
-                AgentSelection::All => (-r.last_beat_ms, r),
-                AgentSelection::State(AgentState::Up | AgentState::Late) => {
-                    (r.last_beat_ms + (r.ttl_seconds * 1000) as i64, r)
-                }
-                _ => (r.last_beat_ms, r),
-            })
-            .collect();
-        keyed.sort_by(|a, b| (a.0, a.1.agent_id.as_str()).cmp(&(b.0, b.1.agent_id.as_str())));
-        let start = match &cursor {
-            Some(c) => keyed.partition_point(|(score, r)| {
-                (*score, r.agent_id.as_str()) <= (c.score, c.member.as_str())
-            }),
-            None => 0,
+        let t = &state.agents;
+        // The same index ranges as the Redis engine reads.
+        let (indexes, ascending, min, max) = match query.selection {
+            AgentSelection::All => (vec![&t.active, &t.finished], false, i64::MIN, i64::MAX),
+            AgentSelection::StaleBefore(cutoff) => (vec![&t.active], true, i64::MIN, cutoff - 1),
+            AgentSelection::State(AgentState::Up) => (vec![&t.late_due], true, now_ms, i64::MAX),
+            AgentSelection::State(AgentState::Late) => {
+                (vec![&t.late_due], true, i64::MIN, now_ms - 1)
+            }
+            AgentSelection::State(AgentState::Down) => (vec![&t.down], true, i64::MIN, i64::MAX),
+            AgentSelection::State(AgentState::Finished) => {
+                (vec![&t.finished], true, i64::MIN, i64::MAX)
+            }
         };
-        let page: Vec<(i64, &AgentRecord)> = keyed[start..].iter().take(limit).copied().collect();
-        let next = (start + page.len() < keyed.len())
-            .then(|| page.last())
-            .flatten()
-            .map(|(score, r)| IndexCursor {
+        let after = cursor.and_then(|c| Id::new(c.member).ok().map(|id| (c.score, id)));
+        let mut ranges = indexes
+            .into_iter()
+            .map(|index| index_range(index, ascending, min, max, after.as_ref()).peekable())
+            .collect::<Vec<_>>();
+        // In index order across the ranges: by score, then id (both
+        // reversed when descending).
+        let mut entries = std::iter::from_fn(|| {
+            let next = ranges
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, r)| r.peek().map(|e| (i, *e)))
+                .reduce(|a, b| {
+                    let b_first = if ascending { b.1 < a.1 } else { b.1 > a.1 };
+                    if b_first { b } else { a }
+                })?;
+            ranges[next.0].next()
+        })
+        .peekable();
+        // Entries whose records expired, or that another filter leaves out,
+        // are skipped; as on Redis, a page examines a bounded number of
+        // entries and the cursor marks the last one examined.
+        let mut out = Vec::with_capacity(limit);
+        let mut position = None;
+        for (examined, (score, id)) in entries.by_ref().enumerate() {
+            position = Some(IndexCursor {
                 score: *score,
-                member: r.agent_id.to_string(),
+                member: id.to_string(),
             });
-        Ok((page.into_iter().map(|(_, r)| r.clone()).collect(), next))
+            if let Some(e) = t
+                .live(id, now_ms)
+                .filter(|e| query.admits(&e.record, now_ms))
+            {
+                out.push(e.record.clone());
+            }
+            if out.len() == limit || examined + 1 >= EXAMINED_PER_PAGE * (limit + 1) {
+                break;
+            }
+        }
+        let next = entries.peek().and(position);
+        Ok((out, next))
     }
 
     pub async fn sweep_down_agents(&self, now_ms: i64, limit: usize) -> EngineResult<usize> {
@@ -254,6 +347,12 @@ impl MemoryEngine {
             for item in &due {
                 s.agents.down_due.remove(item);
                 let id = &item.1;
+                let Some(mut record) = s.agents.agents.get(id).map(|e| e.record.clone()) else {
+                    continue;
+                };
+                s.agents.unindex(id);
+                record.down = true;
+                s.agents.index(&record);
                 let Some(entry) = s.agents.agents.get_mut(id) else {
                     continue;
                 };
@@ -273,14 +372,16 @@ impl MemoryEngine {
         }))
     }
 
-    pub async fn prune_agents(&self, now_ms: i64, _retention: Duration) -> EngineResult<()> {
+    pub async fn prune_agents(&self, now_ms: i64, retention: Duration) -> EngineResult<()> {
         self.write(|s| {
-            let expired: Vec<Id> = s
-                .agents
-                .agents
-                .iter()
-                .filter(|(_, e)| e.expires_ms <= now_ms)
-                .map(|(id, _)| id.clone())
+            // Every agent is active or finished, both indexes by last beat.
+            let cutoff = now_ms - retention.as_millis() as i64;
+            let t = &s.agents;
+            let expired: Vec<Id> = [&t.active, &t.finished]
+                .into_iter()
+                .flat_map(|index| index.iter().take_while(|(beat, _)| *beat <= cutoff))
+                .filter(|(_, id)| t.agents.get(id).is_some_and(|e| e.expires_ms <= now_ms))
+                .map(|(_, id)| id.clone())
                 .collect();
             for id in expired {
                 s.agents.unindex(&id);
