@@ -52,17 +52,25 @@ impl AgentTable {
         self.agents.get(id).filter(|e| e.expires_ms > now_ms)
     }
 
-    /// Removes the stored record of `id` from every index.
+    /// Removes the stored record of `id` from the indexes it is in (those
+    /// [`Self::index`] put it in).
     fn unindex(&mut self, id: &Id) {
-        if let Some(old) = self.agents.get(id) {
-            let r = &old.record;
-            let by_beat = (r.last_beat_ms, id.clone());
-            self.active.remove(&by_beat);
+        let Some(old) = self.agents.get(id) else {
+            return;
+        };
+        let r = &old.record;
+        let by_beat = (r.last_beat_ms, id.clone());
+        if r.status.is_terminal() {
             self.finished.remove(&by_beat);
+            return;
+        }
+        if r.down {
             self.down.remove(&by_beat);
+        } else {
             self.late_due.remove(&(alive_deadline(r), id.clone()));
             self.down_due.remove(&(down_deadline(r), id.clone()));
         }
+        self.active.remove(&by_beat);
     }
 
     /// Adds `r` to the indexes its state puts it in.
