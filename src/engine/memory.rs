@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::agents::memory::AgentTable;
 use crate::approvals::memory::ApprovalTable;
 use crate::engine::EngineResult;
-use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId};
+use crate::events::{Event, EventBody, EventRing, LogBounds, StreamId, Wake};
 use crate::feedback::memory::FeedbackTable;
 use crate::signals::memory::SignalTable;
 use crate::usage::memory::UsageTable;
@@ -36,6 +36,9 @@ pub struct MemoryEngine {
     state: Mutex<MemoryState>,
     /// The id of the newest event, so blocking log reads can wait for more.
     newest: watch::Sender<StreamId>,
+    /// The id of the newest event with a wake-up key, so that the tailer,
+    /// while no client follows the log, wakes only for those.
+    newest_wake: watch::Sender<StreamId>,
 }
 
 impl MemoryEngine {
@@ -47,6 +50,7 @@ impl MemoryEngine {
         Self {
             state: Mutex::new(state),
             newest: watch::Sender::new(StreamId::ZERO),
+            newest_wake: watch::Sender::new(StreamId::ZERO),
         }
     }
 
@@ -62,18 +66,22 @@ impl MemoryEngine {
     /// Runs `f` on the locked state and then wakes blocked log readers if it
     /// appended events. Every mutating operation goes through here.
     pub fn write<T>(&self, f: impl FnOnce(&mut MemoryState) -> T) -> T {
-        let (result, newest) = {
+        let (result, newest, newest_wake) = {
             let mut state = self.lock();
             let result = f(&mut state);
-            (result, state.events.newest())
+            (result, state.events.newest(), state.events.newest_wake())
         };
-        if let Some(newest) = newest {
-            self.newest.send_if_modified(|current| {
-                let changed = *current != newest;
-                *current = newest;
+        let advance = |watch: &watch::Sender<StreamId>, id: StreamId| {
+            watch.send_if_modified(|current| {
+                let changed = *current != id;
+                *current = id;
                 changed
             });
+        };
+        if let Some(newest) = newest {
+            advance(&self.newest, newest);
         }
+        advance(&self.newest_wake, newest_wake);
         result
     }
 
@@ -103,5 +111,23 @@ impl MemoryEngine {
         let mut newest = self.newest.subscribe();
         let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
         self.read_events(after, count).await
+    }
+
+    /// Wake-ups of events with ids in `(after, through]`.
+    pub async fn read_wakes(&self, after: StreamId, through: StreamId) -> EngineResult<Vec<Wake>> {
+        Ok(self.lock().events.wakes(after, through, usize::MAX))
+    }
+
+    /// Waits up to `block` for events with a wake-up key after `after`, and
+    /// returns up to `count` of their wake-ups.
+    pub async fn wait_wakes(
+        &self,
+        after: StreamId,
+        count: usize,
+        block: Duration,
+    ) -> EngineResult<Vec<Wake>> {
+        let mut newest = self.newest_wake.subscribe();
+        let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
+        Ok(self.lock().events.wakes(after, StreamId::MAX, count))
     }
 }

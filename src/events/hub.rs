@@ -14,10 +14,11 @@
 //! clients. The tailer remembers the last id it delivered and continues from
 //! it after an outage, so subscribers see no gap and no duplicate.
 //!
-//! On Redis, while no client subscribes, the tailer reads only the wake-up
-//! stream (the wake-up keys of the log's events, under the same ids) instead
-//! of every event, so a busy log — a heartbeat event per beat — costs
-//! nothing to read back when nobody watches it. A client that subscribes
+//! While no client subscribes, the tailer reads only wake-ups (on Redis the
+//! wake-up stream: the wake-up keys of the log's events, under the same ids;
+//! on the memory engine the log's events that carry one) instead of every
+//! event, so a busy log — a heartbeat event per beat — costs nothing to
+//! read back when nobody watches it. A client that subscribes
 //! then waits until the tailer has switched: it wakes the waiters of every
 //! wake-up up to the log's current end, and reads the log from there, so
 //! waiters miss nothing and subscribers get every event after they joined.
@@ -46,7 +47,7 @@ const WAKE_BLOCK: Duration = Duration::from_millis(100);
 enum Tailing {
     /// Every event: for subscribers and waiters.
     Log,
-    /// Only wake-ups (Redis, while no client subscribes): for waiters.
+    /// Only wake-ups (while no client subscribes): for waiters.
     Wakes,
 }
 
@@ -155,24 +156,16 @@ impl Hub {
             }
         };
         backoff.reset();
-        // Only Redis keeps a wake-up stream.
-        let wakes = match &engine {
-            Engine::Redis(redis) => Some(redis.clone()),
-            Engine::Memory(_) => None,
-        };
         tracing::debug!(from = %last, "event tailer started");
         loop {
-            let reading_wakes = wakes
-                .as_ref()
-                .filter(|_| self.choose_tailing() == Tailing::Wakes);
-            let read = match reading_wakes {
-                Some(redis) => {
+            let read = match self.choose_tailing() {
+                Tailing::Wakes => {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        read = self.follow_wakes(redis, &mut last) => read,
+                        read = self.follow_wakes(&engine, &mut last) => read,
                     }
                 }
-                None => {
+                Tailing::Log => {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         read = engine.wait_events(last, BATCH, BLOCK) => read.map(|events| {
@@ -222,21 +215,17 @@ impl Hub {
     /// One step of tailing wake-ups: wakes the waiters of the next ones; or,
     /// when a client has joined, wakes those of every wake-up up to the
     /// log's end and switches to reading the log from there.
-    async fn follow_wakes(
-        &self,
-        redis: &crate::engine::redis::RedisEngine,
-        last: &mut StreamId,
-    ) -> Result<(), EngineError> {
+    async fn follow_wakes(&self, engine: &Engine, last: &mut StreamId) -> Result<(), EngineError> {
         if self.tx.receiver_count() == 0 {
-            for (id, key) in redis.wait_wakes(*last, BATCH, WAKE_BLOCK).await? {
+            for (id, key) in engine.wait_wakes(*last, BATCH, WAKE_BLOCK).await? {
                 *last = id;
                 self.waiters.wake(&key);
             }
             return Ok(());
         }
         // The end first: a wake-up appended after it is in the log after it.
-        let end = redis.log_bounds().await?.newest.unwrap_or(*last);
-        for (id, key) in redis.read_wakes(*last, end).await? {
+        let end = engine.log_bounds().await?.newest.unwrap_or(*last);
+        for (id, key) in engine.read_wakes(*last, end).await? {
             *last = id;
             self.waiters.wake(&key);
         }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use crate::events::{Event, EventBody, LogBounds, StreamId};
+use crate::events::{Event, EventBody, LogBounds, StreamId, Wake};
 
 /// An append-only log of events with `<ms>-<seq>` ids, trimmed to a maximum
 /// length, remembering the largest id it ever trimmed (like Redis's
@@ -13,6 +13,8 @@ pub struct EventRing {
     last_id: StreamId,
     max_deleted: StreamId,
     max_len: usize,
+    /// The id of the newest event carrying a wake-up key.
+    newest_wake: StreamId,
 }
 
 impl EventRing {
@@ -32,6 +34,9 @@ impl EventRing {
             self.last_id.next()
         };
         self.last_id = id;
+        if body.wake.is_some() {
+            self.newest_wake = id;
+        }
         let event = Event::assemble(id, body.kind, body.agent_id, body.wake, &body.json);
         self.entries.push_back(event.clone());
         while self.entries.len() > self.max_len.max(1) {
@@ -50,6 +55,22 @@ impl EventRing {
 
     pub fn newest(&self) -> Option<StreamId> {
         self.entries.back().map(|e| e.id)
+    }
+
+    /// The id of the newest event that carried a wake-up key (zero if none).
+    pub fn newest_wake(&self) -> StreamId {
+        self.newest_wake
+    }
+
+    /// Up to `count` wake-ups of events with ids in `(after, through]`.
+    pub fn wakes(&self, after: StreamId, through: StreamId, count: usize) -> Vec<Wake> {
+        let start = self.entries.partition_point(|e| e.id <= after);
+        self.entries
+            .range(start..)
+            .take_while(|e| e.id <= through)
+            .filter_map(|e| Some((e.id, e.wake.clone()?)))
+            .take(count)
+            .collect()
     }
 
     pub fn bounds(&self) -> LogBounds {

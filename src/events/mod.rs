@@ -42,6 +42,11 @@ pub struct StreamId {
 
 impl StreamId {
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
+    /// No id is larger.
+    pub const MAX: StreamId = StreamId {
+        ms: u64::MAX,
+        seq: u64::MAX,
+    };
 
     /// The largest id strictly smaller than this one (`0-0` stays `0-0`).
     pub fn prev(self) -> StreamId {
@@ -236,8 +241,8 @@ impl LogBounds {
     }
 }
 
-/// A wake-up read from the Redis engine's wake-up stream: the id of the
-/// event that carries it, and the key.
+/// A wake-up: the id of the event that carries it, and the key (read from
+/// the Redis engine's wake-up stream, or the memory engine's log).
 pub type Wake = (StreamId, String);
 
 impl Engine {
@@ -260,6 +265,22 @@ impl Engine {
         block: std::time::Duration,
     ) -> EngineResult<Vec<Event>> {
         dispatch!(self, wait_events(after, count, block))
+    }
+
+    /// Wake-ups of events with ids in `(after, through]`.
+    pub async fn read_wakes(&self, after: StreamId, through: StreamId) -> EngineResult<Vec<Wake>> {
+        dispatch!(self, read_wakes(after, through))
+    }
+
+    /// Waits up to `block` for wake-ups after `after` (at most `count`).
+    /// Only the hub's tailer calls this, while no client follows the log.
+    pub async fn wait_wakes(
+        &self,
+        after: StreamId,
+        count: usize,
+        block: std::time::Duration,
+    ) -> EngineResult<Vec<Wake>> {
+        dispatch!(self, wait_wakes(after, count, block))
     }
 }
 
