@@ -128,6 +128,10 @@ impl MemoryEngine {
     ) -> EngineResult<Vec<Wake>> {
         let mut newest = self.newest_wake.subscribe();
         let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
+        if *newest.borrow() <= after {
+            // None came: no need to look through the events since.
+            return Ok(Vec::new());
+        }
         Ok(self.lock().events.wakes(after, StreamId::MAX, count))
     }
 }
