@@ -4,7 +4,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use crate::agents::{
-    AgentQuery, AgentRecord, AgentSelection, AgentState, Beat, IndexCursor, RunRecord,
+    AgentIndex, AgentQuery, AgentRecord, AgentState, Beat, IndexCursor, IndexRange, LISTING_ROUNDS,
+    RunRecord,
 };
 use crate::engine::EngineResult;
 use crate::engine::memory::{MemoryEngine, MemoryState};
@@ -19,10 +20,6 @@ struct Entry {
     run_key: Option<String>,
     expires_ms: i64,
 }
-
-/// Index entries one page may examine, per record it can hold (as the
-/// Redis engine's rounds).
-const EXAMINED_PER_PAGE: usize = 4;
 
 /// An index: `(score, id)` in order, as in a Redis sorted set.
 type Index = BTreeSet<(i64, Id)>;
@@ -285,23 +282,24 @@ impl MemoryEngine {
     ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
         let state = self.lock();
         let t = &state.agents;
-        // The same index ranges as the Redis engine reads.
-        let (indexes, ascending, min, max) = match query.selection {
-            AgentSelection::All => (vec![&t.active, &t.finished], false, i64::MIN, i64::MAX),
-            AgentSelection::StaleBefore(cutoff) => (vec![&t.active], true, i64::MIN, cutoff - 1),
-            AgentSelection::State(AgentState::Up) => (vec![&t.late_due], true, now_ms, i64::MAX),
-            AgentSelection::State(AgentState::Late) => {
-                (vec![&t.late_due], true, i64::MIN, now_ms - 1)
-            }
-            AgentSelection::State(AgentState::Down) => (vec![&t.down], true, i64::MIN, i64::MAX),
-            AgentSelection::State(AgentState::Finished) => {
-                (vec![&t.finished], true, i64::MIN, i64::MAX)
-            }
-        };
+        let IndexRange {
+            indexes,
+            ascending,
+            min,
+            max,
+        } = query.selection.index_range(now_ms);
         let after = cursor.and_then(|c| Id::new(c.member).ok().map(|id| (c.score, id)));
         let mut ranges = indexes
-            .into_iter()
-            .map(|index| index_range(index, ascending, min, max, after.as_ref()).peekable())
+            .iter()
+            .map(|index| {
+                let index = match index {
+                    AgentIndex::Active => &t.active,
+                    AgentIndex::Finished => &t.finished,
+                    AgentIndex::LateDue => &t.late_due,
+                    AgentIndex::Down => &t.down,
+                };
+                index_range(index, ascending, min, max, after.as_ref()).peekable()
+            })
             .collect::<Vec<_>>();
         // In index order across the ranges: by score, then id (both
         // reversed when descending).
@@ -318,8 +316,8 @@ impl MemoryEngine {
         })
         .peekable();
         // Entries whose records expired, or that another filter leaves out,
-        // are skipped; as on Redis, a page examines a bounded number of
-        // entries and the cursor marks the last one examined.
+        // are skipped; a page examines at most what the Redis engine's
+        // rounds read, and the cursor marks the last entry examined.
         let mut out = Vec::with_capacity(limit);
         let mut position = None;
         for (examined, (score, id)) in entries.by_ref().enumerate() {
@@ -333,7 +331,7 @@ impl MemoryEngine {
             {
                 out.push(e.record.clone());
             }
-            if out.len() == limit || examined + 1 >= EXAMINED_PER_PAGE * (limit + 1) {
+            if out.len() == limit || examined + 1 >= LISTING_ROUNDS * (limit + 1) {
                 break;
             }
         }

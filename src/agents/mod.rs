@@ -235,6 +235,57 @@ pub enum AgentSelection {
     StaleBefore(i64),
 }
 
+/// The indexes both engines keep of agents, each ordered by `(score, id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentIndex {
+    /// Non-terminal agents by last beat.
+    Active,
+    /// Agents in a terminal status by last beat.
+    Finished,
+    /// Non-terminal agents not marked down, by the end of their ttl.
+    LateDue,
+    /// Agents marked down by the sweeper, by last beat.
+    Down,
+}
+
+/// Rounds of index reads one listing page may take, each of up to the
+/// records it still lacks plus one, before it answers with what it has
+/// and a cursor (entries it skips do not count towards the page).
+pub const LISTING_ROUNDS: usize = 4;
+
+/// Where a listing reads: every selection is one range of one index, except
+/// all agents — every agent is either active or finished, both indexes
+/// scored by last beat, so those two are merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexRange {
+    pub indexes: &'static [AgentIndex],
+    pub ascending: bool,
+    /// Scores within `[min, max]`.
+    pub min: i64,
+    pub max: i64,
+}
+
+impl AgentSelection {
+    /// The index range this selection reads at `now_ms`.
+    pub fn index_range(self, now_ms: i64) -> IndexRange {
+        use AgentIndex::*;
+        let (indexes, ascending, min, max): (&'static [AgentIndex], _, _, _) = match self {
+            AgentSelection::All => (&[Active, Finished], false, i64::MIN, i64::MAX),
+            AgentSelection::StaleBefore(cutoff) => (&[Active], true, i64::MIN, cutoff - 1),
+            AgentSelection::State(AgentState::Up) => (&[LateDue], true, now_ms, i64::MAX),
+            AgentSelection::State(AgentState::Late) => (&[LateDue], true, i64::MIN, now_ms - 1),
+            AgentSelection::State(AgentState::Down) => (&[Down], true, i64::MIN, i64::MAX),
+            AgentSelection::State(AgentState::Finished) => (&[Finished], true, i64::MIN, i64::MAX),
+        };
+        IndexRange {
+            indexes,
+            ascending,
+            min,
+            max,
+        }
+    }
+}
+
 /// A listing: which index to read, and an optional status every returned
 /// record must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

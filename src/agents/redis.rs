@@ -16,7 +16,8 @@ use redis::{Cmd, ErrorKind, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agents::{
-    AgentQuery, AgentRecord, AgentSelection, AgentState, AgentStatus, Beat, IndexCursor, RunRecord,
+    AgentIndex, AgentQuery, AgentRecord, AgentState, AgentStatus, Beat, IndexCursor, IndexRange,
+    LISTING_ROUNDS, RunRecord,
 };
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
@@ -108,11 +109,12 @@ local function is_terminal(s) return s == 'completed' or s == 'failed' or s == '
 local function heartbeat(id, body)
   redis.call('XADD', KEYS[1], '*', 't', 'agent.heartbeat', 'a', id, 'b', body)
 end
--- The quick form does the same inline.
+-- The quick form does the same inline. Without `down_at` ('') the
+-- down-due score is left alone.
 local function live_indexes(id, now_s, alive_until, down_at)
   na = na + 2; za[na - 1] = now_s; za[na] = id
   nl = nl + 2; zl[nl - 1] = alive_until; zl[nl] = id
-  nd = nd + 2; zd[nd - 1] = down_at; zd[nd] = id
+  if down_at ~= '' then nd = nd + 2; zd[nd - 1] = down_at; zd[nd] = id end
 end
 local function event(a, kind, data)
   return '{"type":"' .. kind .. '","ts":"' .. ARGV[a + 11] .. '","source":' .. ARGV[a + 12]
@@ -251,8 +253,7 @@ for i = 9, #KEYS do
       elseif kept then
         -- Writers holding the token may have put the down-due score ahead
         -- of this beat's deadline: it only moves forward here.
-        na = na + 2; za[na - 1] = now_s; za[na] = id
-        nl = nl + 2; zl[nl - 1] = ARGV[b + 14]; zl[nl] = id
+        live_indexes(id, now_s, ARGV[b + 14], '')
         flush()
         redis.call('ZADD', KEYS[4], 'GT', ARGV[b + 15], id)
       else
@@ -872,38 +873,27 @@ impl RedisEngine {
         limit: usize,
     ) -> EngineResult<(Vec<AgentRecord>, Option<IndexCursor>)> {
         let k = &self.keys;
-        // (indexes, ascending, min, max) — every selection is one range of
-        // one index, except all agents: every agent is either active or
-        // finished, both indexes scored by last beat, so they are merged.
-        let (indexes, ascending, min, max) = match query.selection {
-            AgentSelection::All => (
-                vec![k.agents_active(), k.agents_finished()],
-                false,
-                i64::MIN,
-                i64::MAX,
-            ),
-            AgentSelection::StaleBefore(cutoff) => {
-                (vec![k.agents_active()], true, i64::MIN, cutoff - 1)
-            }
-            AgentSelection::State(AgentState::Up) => {
-                (vec![k.agents_late_due()], true, now_ms, i64::MAX)
-            }
-            AgentSelection::State(AgentState::Late) => {
-                (vec![k.agents_late_due()], true, i64::MIN, now_ms - 1)
-            }
-            AgentSelection::State(AgentState::Down) => {
-                (vec![k.agents_down()], true, i64::MIN, i64::MAX)
-            }
-            AgentSelection::State(AgentState::Finished) => {
-                (vec![k.agents_finished()], true, i64::MIN, i64::MAX)
-            }
-        };
+        let IndexRange {
+            indexes,
+            ascending,
+            min,
+            max,
+        } = query.selection.index_range(now_ms);
+        let indexes: Vec<String> = indexes
+            .iter()
+            .map(|index| match index {
+                AgentIndex::Active => k.agents_active(),
+                AgentIndex::Finished => k.agents_finished(),
+                AgentIndex::LateDue => k.agents_late_due(),
+                AgentIndex::Down => k.agents_down(),
+            })
+            .collect();
         let mut out = Vec::with_capacity(limit);
         let mut position = cursor;
         // Index entries whose records expired, changed state since they were
         // read, or have another status are skipped; a few more rounds fill
         // the page, and the cursor marks the last entry examined.
-        for _ in 0..4 {
+        for _ in 0..LISTING_ROUNDS {
             let want = limit - out.len() + 1;
             let mut entries = Vec::with_capacity(want * indexes.len());
             for index in &indexes {

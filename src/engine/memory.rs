@@ -108,8 +108,7 @@ impl MemoryEngine {
         count: usize,
         block: Duration,
     ) -> EngineResult<Vec<Event>> {
-        let mut newest = self.newest.subscribe();
-        let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
+        wait_past(&self.newest, after, block).await;
         self.read_events(after, count).await
     }
 
@@ -126,12 +125,17 @@ impl MemoryEngine {
         count: usize,
         block: Duration,
     ) -> EngineResult<Vec<Wake>> {
-        let mut newest = self.newest_wake.subscribe();
-        let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
-        if *newest.borrow() <= after {
+        if !wait_past(&self.newest_wake, after, block).await {
             // None came: no need to look through the events since.
             return Ok(Vec::new());
         }
         Ok(self.lock().events.wakes(after, StreamId::MAX, count))
     }
+}
+
+/// Waits up to `block` for `newest` to pass `after`; whether it has.
+async fn wait_past(newest: &watch::Sender<StreamId>, after: StreamId, block: Duration) -> bool {
+    let mut newest = newest.subscribe();
+    let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
+    *newest.borrow() > after
 }
