@@ -9,11 +9,12 @@
 //! `/healthz`, the gateway's `/hello`) isolate what the HTTP stack and
 //! its layers cost per request.
 //!
-//! The service on Redis and the gateway take turns, [`ROUNDS`] times: the
-//! speed of a shared machine drifts by a fifth or more over tens of
-//! seconds, so measuring one after the other compares two machines rather
-//! than two programs. Each gets the same share of the drift, and the ratio
-//! compares their totals.
+//! Every configuration measured (the gateway, the service on Redis, on the
+//! memory engine and with `--no-heartbeat-events`) takes its turn in each
+//! of [`ROUNDS`] rounds: the speed of a shared machine drifts by a fifth or
+//! more over tens of seconds, so measuring one after the other compares
+//! machines rather than programs. Each gets the same share of the drift,
+//! and every ratio compares totals over the same rounds.
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,8 +25,7 @@ use crate::scenarios::Ctx;
 use crate::wrk::{self, WrkResult};
 
 const CONNECTIONS: u32 = 64;
-const DURATION: Duration = Duration::from_secs(10);
-/// Turns the gateway and the service on Redis take, each [`ROUND`] long.
+/// Turns each configuration takes, each [`ROUND`] long.
 const ROUNDS: usize = 3;
 const ROUND: Duration = Duration::from_secs(5);
 /// The plain-GET runs only need a stable CPU-per-request figure.
@@ -84,7 +84,7 @@ impl Measured {
         )];
         if self.runs > 1 {
             parts.push(format!(
-                "{} turns of {} s taken with the other, worst p99",
+                "{} turns of {} s taken with the others, worst p99",
                 self.runs,
                 ROUND.as_secs()
             ));
@@ -102,36 +102,24 @@ impl Measured {
     }
 }
 
-/// Heartbeats against `url` with the gateway's wrk script.
-async fn measure(ctx: &mut Ctx<'_>, url: &str, pid: Option<u32>) -> Result<Measured, String> {
-    measure_for(ctx, url, pid, DURATION).await
-}
+/// A configuration under load: its URL and, when this run started it, its
+/// process id.
+type Contestant = (String, Option<u32>);
 
-async fn measure_for(
-    ctx: &mut Ctx<'_>,
-    url: &str,
-    pid: Option<u32>,
-    duration: Duration,
-) -> Result<Measured, String> {
-    let script = ctx.gateway_dir.join("heartbeat.lua");
-    measure_with(ctx, Some(&script), url, pid, duration).await
-}
-
-/// The gateway (if any) and the service on Redis taking turns.
+/// Every contestant in turn, [`ROUNDS`] times, with the gateway's wrk
+/// script; each one's turns combined.
 async fn measure_in_turns(
     ctx: &mut Ctx<'_>,
-    gateway: Option<(&str, Option<u32>)>,
-    service: &str,
-) -> Result<(Option<Measured>, Measured), String> {
-    let (mut g, mut s) = (Vec::new(), Vec::new());
+    contestants: &[Contestant],
+) -> Result<Vec<Measured>, String> {
+    let script = ctx.gateway_dir.join("heartbeat.lua");
+    let mut turns: Vec<Vec<Measured>> = contestants.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
-        if let Some((url, pid)) = gateway {
-            g.push(measure_for(ctx, url, pid, ROUND).await?);
+        for ((url, pid), turns) in contestants.iter().zip(&mut turns) {
+            turns.push(measure_with(ctx, Some(&script), url, *pid, ROUND).await?);
         }
-        s.push(measure_for(ctx, service, ctx.service_pid, ROUND).await?);
     }
-    let gateway = gateway.is_some().then(|| Measured::combine(&g));
-    Ok((gateway, Measured::combine(&s)))
+    Ok(turns.iter().map(|t| Measured::combine(t)).collect())
 }
 
 async fn measure_with(
@@ -177,37 +165,67 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
         ));
     }
 
-    // The ceiling: the gateway, started for this measurement only.
-    let gateway_bin = match (&ctx.launch, &ctx.redis_url) {
-        (Some(launch), Some(redis_url)) => launch
-            .gateway_bin
-            .clone()
-            .map(|bin| (bin, redis_url.clone())),
+    // Everything this scenario starts lives until it ends: the gateway, and
+    // the service on the memory engine and without heartbeat events.
+    let mut children = Vec::new();
+    let gateway = match (&ctx.gateway_url, &ctx.launch, &ctx.redis_url) {
+        (Some(url), ..) => Some((url.clone(), None)),
+        (None, Some(launch), Some(redis_url)) => match &launch.gateway_bin {
+            Some(bin) => {
+                let child = launch.spawner.gateway(bin, redis_url).await?;
+                let gateway = (child.url.clone(), Some(child.pid()));
+                children.push(child);
+                Some(gateway)
+            }
+            None => None,
+        },
         _ => None,
     };
-    let service = ctx.service.clone();
-    let mut gateway_plain = None;
-    let (gateway, main) = if let Some(url) = ctx.gateway_url.clone() {
-        measure_in_turns(ctx, Some((&url, None)), &service).await?
-    } else if let (Some((bin, redis_url)), Some(launch)) = (gateway_bin, &ctx.launch) {
-        let child = launch.spawner.gateway(&bin, &redis_url).await?;
-        let url = child.url.clone();
-        let turns = measure_in_turns(ctx, Some((&url, Some(child.pid()))), &service).await;
-        let plain = measure_with(
-            ctx,
-            None,
-            &format!("{url}/hello"),
-            Some(child.pid()),
-            PLAIN_DURATION,
-        )
-        .await;
-        drop(child);
-        gateway_plain = Some(plain?);
-        turns?
-    } else {
-        measure_in_turns(ctx, None, &service).await?
+    let mut variants = Vec::new();
+    if let Some(launch) = &ctx.launch {
+        let bin = launch.service_bin.clone();
+        let child = launch
+            .spawner
+            .service("service-memory", &bin, None, "bench", &[])
+            .await?;
+        variants.push(("memory", (child.url.clone(), Some(child.pid()))));
+        children.push(child);
+        if let Some(redis_url) = &ctx.redis_url {
+            let child = launch
+                .spawner
+                .service(
+                    "service-no-heartbeat-events",
+                    &bin,
+                    Some(redis_url),
+                    "bench-nohb",
+                    &["--no-heartbeat-events"],
+                )
+                .await?;
+            variants.push((
+                "redis, --no-heartbeat-events",
+                (child.url.clone(), Some(child.pid())),
+            ));
+            children.push(child);
+        }
+    }
+
+    let main = (ctx.service.clone(), ctx.service_pid);
+    let contestants: Vec<Contestant> = gateway
+        .iter()
+        .cloned()
+        .chain(std::iter::once(main))
+        .chain(variants.iter().map(|(_, c)| c.clone()))
+        .collect();
+    let mut measured = measure_in_turns(ctx, &contestants).await?.into_iter();
+    let gateway_measured = match gateway {
+        Some(_) => measured.next(),
+        None => None,
     };
-    match &gateway {
+    let Some(main) = measured.next() else {
+        return Err("the service was not measured".into());
+    };
+
+    match &gateway_measured {
         Some(g) => {
             ctx.report
                 .add(
@@ -226,13 +244,25 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
             "no gateway (give --gateway-url or --gateway-dir with a Redis)",
         ),
     }
-
     let redis_engine = if ctx.redis_url.is_some() {
         "redis"
     } else {
         "given by URL"
     };
-    record(ctx, redis_engine, &main, gateway.as_ref(), true);
+    record(ctx, redis_engine, &main, gateway_measured.as_ref(), true);
+    if variants.is_empty() {
+        ctx.report.unavailable(
+            1,
+            "heartbeats/s, service (memory)",
+            "the service was given by URL",
+        );
+    }
+    for ((name, _), m) in variants.iter().zip(measured) {
+        let targets = *name == "memory";
+        record(ctx, name, &m, gateway_measured.as_ref(), targets);
+    }
+
+    let service = ctx.service.clone();
     let plain = measure_with(
         ctx,
         None,
@@ -241,50 +271,12 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
         PLAIN_DURATION,
     )
     .await?;
-
-    let Some(launch) = &ctx.launch else {
-        ctx.report.unavailable(
-            1,
-            "heartbeats/s, service (memory)",
-            "the service was given by URL",
-        );
-        record_plain(ctx, "GET /healthz, service", &plain);
-        return Ok(());
-    };
-    let bin = launch.service_bin.clone();
-    let child = launch
-        .spawner
-        .service("service-memory", &bin, None, "bench", &[])
-        .await?;
-    let memory = measure(ctx, &child.url.clone(), Some(child.pid())).await;
-    drop(child);
-    record(ctx, "memory", &memory?, gateway.as_ref(), true);
-
-    if let (Some(redis_url), Some(launch)) = (ctx.redis_url.clone(), &ctx.launch) {
-        let child = launch
-            .spawner
-            .service(
-                "service-no-heartbeat-events",
-                &bin,
-                Some(&redis_url),
-                "bench-nohb",
-                &["--no-heartbeat-events"],
-            )
-            .await?;
-        let quiet = measure(ctx, &child.url.clone(), Some(child.pid())).await;
-        drop(child);
-        record(
-            ctx,
-            "redis, --no-heartbeat-events",
-            &quiet?,
-            gateway.as_ref(),
-            false,
-        );
-    }
     record_plain(ctx, "GET /healthz, service", &plain);
-    if let Some(g) = &gateway_plain {
-        record_plain(ctx, "GET /hello, gateway", g);
+    if let Some((url, pid)) = &gateway {
+        let hello = measure_with(ctx, None, &format!("{url}/hello"), *pid, PLAIN_DURATION).await?;
+        record_plain(ctx, "GET /hello, gateway", &hello);
     }
+    drop(children);
     Ok(())
 }
 
