@@ -546,7 +546,89 @@ async fn beats_queued_together_apply_in_order(kind: Kind) {
     assert_eq!(runs_and_completed(&app).await, (60, 40));
 }
 
+/// The agents per state that `/metrics` reports.
+async fn agent_counts(app: &TestApp) -> Vec<(String, u64)> {
+    let text = app.metrics_text().await;
+    ["up", "late", "down", "finished"]
+        .into_iter()
+        .map(|state| {
+            let prefix = format!("attune_agents{{state=\"{state}\"}} ");
+            let n = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no count for {state}: {text}"));
+            (state.to_owned(), n)
+        })
+        .collect()
+}
+
+async fn metrics_count_agents_per_state(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(&app, "steady", json!({"ttl_seconds": 3600})).await;
+    beat(&app, "slow", json!({"ttl_seconds": 10})).await;
+    beat(&app, "gone", json!({"ttl_seconds": 5})).await;
+    beat(&app, "done", json!({"status": "completed"})).await;
+    beat(&app, "failed", json!({"status": "failed"})).await;
+    let expect = |up, late, down, finished| {
+        vec![
+            ("up".to_owned(), up),
+            ("late".to_owned(), late),
+            ("down".to_owned(), down),
+            ("finished".to_owned(), finished),
+        ]
+    };
+    assert_eq!(agent_counts(&app).await, expect(3, 0, 0, 2));
+    // 15 s on (grace defaults to the ttl): `slow` is past its ttl but not
+    // its grace, `gone` past both; the sweeper marks it down at once.
+    app.state.clock.advance(Duration::from_secs(15));
+    let mut counts = Vec::new();
+    for _ in 0..100 {
+        counts = agent_counts(&app).await;
+        if counts == expect(1, 1, 1, 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counts, expect(1, 1, 1, 2));
+    // A beat brings `gone` back up; deleting `done` leaves one finished.
+    beat(&app, "gone", json!({"ttl_seconds": 5})).await;
+    let (status, _) = app.delete("/v1/agents/done").await;
+    assert_eq!(status, 204);
+    assert_eq!(agent_counts(&app).await, expect(2, 1, 0, 1));
+}
+
+/// Before the sweeper marks an agent past its ttl and grace, the memory
+/// engine counts it `down` (it sees every record) and Redis `late` (its
+/// counts are index sizes).
+async fn counts_before_the_sweeper_marks_an_agent(kind: Kind) -> Vec<(String, u64)> {
+    let app = TestApp::spawn_with(
+        Options::new(kind).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    beat(&app, "gone", json!({"ttl_seconds": 5})).await;
+    beat(&app, "slow", json!({"ttl_seconds": 10})).await;
+    app.state.clock.advance(Duration::from_secs(15));
+    let counts = agent_counts(&app).await;
+    let (_, view) = app.get("/v1/agents/gone").await;
+    assert_eq!(view["state"], "down");
+    counts
+}
+
+#[tokio::test]
+async fn memory_counts_an_agent_past_its_grace_as_down_before_the_sweeper_marks_it() {
+    let counts = counts_before_the_sweeper_marks_an_agent(Kind::Memory).await;
+    assert_eq!(counts[1..3], [("late".into(), 1), ("down".into(), 1)]);
+}
+
+#[tokio::test]
+async fn redis_counts_an_agent_past_its_grace_as_late_until_the_sweeper_marks_it() {
+    let counts = counts_before_the_sweeper_marks_an_agent(Kind::Redis).await;
+    assert_eq!(counts[1..3], [("late".into(), 2), ("down".into(), 0)]);
+}
+
 conformance!(
+    metrics_count_agents_per_state,
     listing_everything_pages_newest_first_across_states,
     a_page_examines_a_bounded_stretch_of_its_index,
     beats_queued_together_apply_in_order,

@@ -419,25 +419,27 @@ impl MemoryEngine {
             .collect())
     }
 
+    /// Counts from the indexes, as the Redis engine does: only the agents
+    /// past the end of their ttl (late, or down but not yet marked) are
+    /// looked at one by one.
     pub async fn agent_state_counts(&self, now_ms: i64) -> EngineResult<[(AgentState, u64); 4]> {
         let state = self.lock();
-        let mut counts = [
-            (AgentState::Up, 0),
-            (AgentState::Late, 0),
-            (AgentState::Down, 0),
-            (AgentState::Finished, 0),
-        ];
-        for entry in state
-            .agents
-            .agents
-            .values()
-            .filter(|e| e.expires_ms > now_ms)
-        {
-            let s = entry.record.state_at(now_ms);
-            if let Some(c) = counts.iter_mut().find(|(k, _)| *k == s) {
-                c.1 += 1;
+        let t = &state.agents;
+        let (mut late, mut overdue) = (0, 0);
+        // Every id starts with a letter or digit: none sorts before "0".
+        let now = (now_ms, Id::new("0").expect("a valid id"));
+        for (_, id) in t.late_due.range(..now) {
+            match t.agents.get(id).map(|e| e.record.state_at(now_ms)) {
+                Some(AgentState::Down) => overdue += 1,
+                _ => late += 1,
             }
         }
-        Ok(counts)
+        let len = |index: &Index| index.len() as u64;
+        Ok([
+            (AgentState::Up, len(&t.late_due) - late - overdue),
+            (AgentState::Late, late),
+            (AgentState::Down, len(&t.down) + overdue),
+            (AgentState::Finished, len(&t.finished)),
+        ])
     }
 }
