@@ -159,7 +159,7 @@ async fn page(
         .list_agents(query, now_ms, cursor, limit)
         .await?;
     Ok(Json(AgentList {
-        agents: records.iter().map(|r| r.view(now_ms)).collect(),
+        agents: records.into_iter().map(|r| r.into_view(now_ms)).collect(),
         next_cursor: next.map(|c| c.encode()),
     }))
 }
@@ -185,7 +185,7 @@ async fn get_agent(
         .get_agent(&agent_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no agent {agent_id:?}")))?;
-    Ok(Json(record.view(state.clock.now_ms())))
+    Ok(Json(record.into_view(state.clock.now_ms())))
 }
 
 /// Whether an agent is alive.
@@ -219,7 +219,7 @@ async fn get_agent_alive(
         .engine
         .get_agent(&agent_id)
         .await?
-        .is_some_and(|r| r.view(now_ms).alive);
+        .is_some_and(|r| r.alive_at(now_ms));
     Ok(Json(Alive {
         agent_id: agent_id.to_string(),
         alive,

@@ -184,20 +184,27 @@ impl AgentRecord {
         }
     }
 
-    pub fn view(&self, now_ms: i64) -> AgentView {
+    /// Whether the last beat is within the ttl at `now_ms`.
+    pub fn alive_at(&self, now_ms: i64) -> bool {
+        now_ms - self.last_beat_ms <= (self.ttl_seconds * 1000) as i64
+    }
+
+    /// The view at `now_ms`, moving the record's fields into it.
+    pub fn into_view(self, now_ms: i64) -> AgentView {
         let elapsed_ms = (now_ms - self.last_beat_ms).max(0);
+        let (alive, state) = (self.alive_at(now_ms), self.state_at(now_ms));
         AgentView {
-            agent_id: self.agent_id.to_string(),
-            display_name: self.display_name.clone(),
+            agent_id: self.agent_id.into(),
+            display_name: self.display_name,
             status: self.status,
             progress: self.progress,
-            current_task: self.current_task.clone(),
-            metadata: self.metadata.clone(),
-            run_id: self.run_id.clone(),
+            current_task: self.current_task,
+            metadata: self.metadata,
+            run_id: self.run_id,
             last_beat: rfc3339(from_millis(self.last_beat_ms)),
             ttl_seconds: self.ttl_seconds,
-            alive: elapsed_ms <= (self.ttl_seconds * 1000) as i64,
-            state: self.state_at(now_ms),
+            alive,
+            state,
             seconds_since_beat: elapsed_ms as f64 / 1000.0,
         }
     }
@@ -538,7 +545,7 @@ pub async fn record_heartbeat(
         heartbeat_event,
     };
     let record = state.engine.record_beat(beat).await?;
-    Ok(record.view(now.timestamp_millis()))
+    Ok(record.into_view(now.timestamp_millis()))
 }
 
 /// Starts the sweeper that moves silent agents to `down` and prunes indexes.
@@ -592,8 +599,8 @@ mod tests {
         assert_eq!(r.state_at(30_001), AgentState::Late);
         assert_eq!(r.state_at(60_000), AgentState::Late);
         assert_eq!(r.state_at(60_001), AgentState::Down);
-        assert!(r.view(30_000).alive);
-        assert!(!r.view(30_001).alive);
+        assert!(r.alive_at(30_000));
+        assert!(!r.alive_at(30_001));
         assert_eq!(
             record(AgentStatus::Completed, 0).state_at(1_000_000),
             AgentState::Finished
