@@ -96,6 +96,12 @@ fn down_deadline(r: &AgentRecord) -> i64 {
     alive_deadline(r) + (r.grace_seconds * 1000) as i64
 }
 
+/// The first possible entry with `score`: every id starts with a letter or
+/// digit, and none sorts before "0".
+fn first_at(score: i64) -> (i64, Id) {
+    (score, Id::new("0").expect("a valid id"))
+}
+
 /// The entries of `index` scored within `[min, max]` that come after
 /// `after` in the given direction, in that direction.
 fn index_range<'a>(
@@ -106,12 +112,10 @@ fn index_range<'a>(
     after: Option<&(i64, Id)>,
 ) -> Box<dyn Iterator<Item = &'a (i64, Id)> + 'a> {
     use std::ops::Bound::{Excluded, Included, Unbounded};
-    // Every id starts with a letter or digit: none sorts before "0".
-    let first_with = |score: i64| (score, Id::new("0").expect("a valid id"));
     if ascending {
         let from = match after {
             Some(a) if a.0 >= min => Excluded(a.clone()),
-            _ => Included(first_with(min)),
+            _ => Included(first_at(min)),
         };
         Box::new(
             index
@@ -122,7 +126,7 @@ fn index_range<'a>(
         let to = match after {
             Some(a) if a.0 <= max => Excluded(a.clone()),
             _ if max == i64::MAX => Unbounded,
-            _ => Excluded(first_with(max + 1)),
+            _ => Excluded(first_at(max + 1)),
         };
         Box::new(
             index
@@ -426,9 +430,7 @@ impl MemoryEngine {
         let state = self.lock();
         let t = &state.agents;
         let (mut late, mut overdue) = (0, 0);
-        // Every id starts with a letter or digit: none sorts before "0".
-        let now = (now_ms, Id::new("0").expect("a valid id"));
-        for (_, id) in t.late_due.range(..now) {
+        for (_, id) in t.late_due.range(..first_at(now_ms)) {
             match t.agents.get(id).map(|e| e.record.state_at(now_ms)) {
                 Some(AgentState::Down) => overdue += 1,
                 _ => late += 1,
