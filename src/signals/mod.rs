@@ -238,8 +238,7 @@ pub async fn send_signal(
 
 /// The `signal.sent` event: the whole signal, waking the target's inbox.
 fn sent_event(source: &str, record: &SignalRecord, view: &Signal, ts: DateTime<Utc>) -> EventBody {
-    let data = serde_json::to_value(view).expect("a signal always serializes");
-    EventBody::new("signal.sent", source, Some(&record.source_agent), ts, data)
+    EventBody::new("signal.sent", source, Some(&record.source_agent), ts, view)
         .waking(wake_key(record.target_agent.as_ref()))
 }
 
