@@ -287,6 +287,38 @@ async fn read_sse_ids(resp: reqwest::Response, n: usize) -> Vec<String> {
     ids
 }
 
+async fn sse_streams_end_with_stream_closed_on_shutdown(kind: Kind) {
+    let mut app = TestApp::spawn(kind).await;
+    let resp = app
+        .client
+        .get(app.url("/v1/events/sse"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(5), resp.text())
+            .await
+            .expect("the stream ends within 5 s")
+            .unwrap()
+    });
+    app.stop().await;
+    let text = body.await.unwrap();
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let field = |name: &str| {
+        last.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(field("event:"), "error", "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&field("data:")).unwrap(),
+        json!({"type": "stream.closed"})
+    );
+}
+
 async fn websockets_close_with_going_away_on_shutdown(kind: Kind) {
     let mut app = TestApp::spawn(kind).await;
     let mut socket = connect(&app, "").await;
@@ -406,6 +438,7 @@ conformance!(
     custom_events_are_validated_and_reserved_types_refused,
     sse_sends_id_lines_and_resumes_from_last_event_id,
     websockets_close_with_going_away_on_shutdown,
+    sse_streams_end_with_stream_closed_on_shutdown,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -481,11 +481,13 @@ fn sse_stream(
     shutdown: tokio_util::sync::CancellationToken,
     guard: crate::events::hub::ClientGuard,
 ) -> impl Stream<Item = Result<sse::Event, Infallible>> {
-    futures_util::stream::unfold(Some((subscription, shutdown, guard)), |state| async move {
-        let (mut sub, shutdown, guard) = state?;
+    // Registered with the shutdown token once, not again for every event.
+    let cancelled = Box::pin(shutdown.cancelled_owned());
+    futures_util::stream::unfold(Some((subscription, cancelled, guard)), |state| async move {
+        let (mut sub, mut cancelled, guard) = state?;
         let next = tokio::select! {
             next = sub.next() => next,
-            _ = shutdown.cancelled() => Err(Ended::Shutdown),
+            _ = &mut cancelled => Err(Ended::Shutdown),
         };
         match next {
             Ok(frame) => {
@@ -493,7 +495,7 @@ fn sse_stream(
                 if let Frame::Event(e) = &frame {
                     event = event.id(e.id.to_string());
                 }
-                Some((Ok(event), Some((sub, shutdown, guard))))
+                Some((Ok(event), Some((sub, cancelled, guard))))
             }
             Err(ended) => {
                 let detail = match ended {
