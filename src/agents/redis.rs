@@ -502,7 +502,7 @@ impl BatchWriter {
         cmd.arg(self.stream_max_len)
             .arg(retention_ms)
             .arg(slack_ms)
-            .arg(format!("{:016x}", rand::random::<u64>()));
+            .arg(rand::random::<u64>());
         let mut json = Vec::with_capacity(256);
         let mut quick = Vec::with_capacity(batch.len());
         for (beat, _) in batch {

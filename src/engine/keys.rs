@@ -30,7 +30,20 @@ impl Keys {
     }
 
     fn key(&self, rest: &str) -> String {
-        format!("{}:{rest}", self.tag)
+        self.key_of(&[rest])
+    }
+
+    /// `{prefix}:` followed by `parts`, in one allocation (agent keys are
+    /// built on every heartbeat).
+    fn key_of(&self, parts: &[&str]) -> String {
+        let len = self.tag.len() + 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut key = String::with_capacity(len);
+        key.push_str(&self.tag);
+        key.push(':');
+        for part in parts {
+            key.push_str(part);
+        }
+        key
     }
 
     /// Every key of this deployment matches this pattern (tests, cleanup).
@@ -78,7 +91,7 @@ impl Keys {
 
     /// Hash holding one agent's record; expires after the retention period.
     pub fn agent(&self, id: &Id) -> String {
-        self.key(&format!("agent:{id}"))
+        self.key_of(&["agent:", id.as_str()])
     }
 
     /// Sorted set of non-terminal agents (up, late or down), scored by last
