@@ -135,6 +135,34 @@ async fn request_ids_are_echoed_or_generated() {
 }
 
 #[tokio::test]
+async fn small_answers_go_uncompressed_and_large_ones_gzipped() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let resp = app
+        .client
+        .post(app.url("/v1/agents/a1/heartbeats"))
+        .header("accept-encoding", "gzip, deflate")
+        .json(&json!({"progress": 0.5, "current_task": "summarize"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("content-encoding").is_none());
+    assert!(resp.headers().get("content-length").is_some());
+    let view: Value = resp.json().await.unwrap();
+    assert_eq!(view["agent_id"], "a1");
+
+    let resp = app
+        .client
+        .get(app.url("/openapi.json"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+}
+
+#[tokio::test]
 async fn credentials_and_roles_are_enforced() {
     let keys = TestKeys::new();
     let app = TestApp::spawn_with(Options::new(Kind::Memory).keys(&keys.toml)).await;
