@@ -699,6 +699,46 @@ async fn redis_the_record_expires_after_the_retention_period_renewed_by_beats() 
     assert_eq!(view["progress"], 0.6);
 }
 
+/// Calls of `command` the test's Redis has run, those inside scripts included.
+fn redis_calls(app: &TestApp, command: &str) -> u64 {
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let stats: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .expect("INFO");
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count"))
+}
+
+/// Clients that send their metadata and name with every beat change
+/// nothing stored by doing so: such beats take the quick path (no `HMGET`
+/// of the record), and new values are still written.
+#[tokio::test]
+async fn redis_beats_resending_unchanged_metadata_take_the_quick_path() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let body = json!({"metadata": {"model": "m", "n": 3}, "display_name": "Summarizer"});
+    beat(&app, "resender", body.clone()).await;
+    let full_beats = redis_calls(&app, "hmget");
+    assert!(full_beats >= 1);
+    for _ in 0..5 {
+        let view = beat(&app, "resender", body.clone()).await;
+        assert_eq!(view["metadata"], body["metadata"]);
+        assert_eq!(view["display_name"], "Summarizer");
+    }
+    assert_eq!(redis_calls(&app, "hmget"), full_beats);
+
+    let view = beat(&app, "resender", json!({"metadata": {"model": "m2"}})).await;
+    assert_eq!(view["metadata"], json!({"model": "m2"}));
+    assert_eq!(redis_calls(&app, "hmget"), full_beats + 1);
+    let (_, stored) = app.get("/v1/agents/resender").await;
+    assert_eq!(stored["metadata"], json!({"model": "m2"}));
+    assert_eq!(stored["display_name"], "Summarizer");
+}
+
 /// A replica answers a typical beat from what it learned of the agent's
 /// last beat; whatever another replica, the sweeper or a delete changed in
 /// between must show in its answer and in the agent's state.

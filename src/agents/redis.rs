@@ -364,11 +364,19 @@ struct Known {
 impl Known {
     /// Whether `beat` changes nothing this writer remembers, so that it can
     /// go in the quick form: the same checks as the script's typical beat.
+    /// Metadata or a display name sent again unchanged (clients that send
+    /// them with every beat) change nothing either.
     fn admits(&self, beat: &Beat, retention_ms: i64, slack_ms: i64) -> bool {
         let now = beat.now.timestamp_millis();
         beat.status == AgentStatus::Running
-            && beat.metadata.is_none()
-            && beat.display_name.is_none()
+            && beat
+                .metadata
+                .as_ref()
+                .is_none_or(|m| *m.as_map() == self.stored.metadata)
+            && beat
+                .display_name
+                .as_ref()
+                .is_none_or(|name| Some(name) == self.stored.display_name.as_ref())
             && (beat.ttl_seconds, beat.grace_seconds) == (self.ttl_seconds, self.grace_seconds)
             && beat
                 .run_id
