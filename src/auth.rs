@@ -4,13 +4,17 @@
 //! secret (never the secret). A request presents `Authorization: Bearer
 //! <secret>` (WebSocket and SSE may use `?access_token=` instead, because
 //! browsers cannot set headers on a WebSocket). The presented secret is
-//! hashed and compared with every stored hash in constant time.
+//! hashed and its digest looked up among the stored ones: the lookup's
+//! timing depends only on that digest, which says nothing about a secret
+//! and cannot be steered towards a stored digest without a preimage, so the
+//! cost of a request does not grow with the number of keys.
 //!
 //! Handlers declare what they need in their signature: `Caller<Viewer>`,
 //! `Caller<AgentWrite>`, `Caller<Decide>`, `Caller<Admin>`. The extractor
 //! authenticates and checks the role before the handler runs; agent-id scope
 //! checks are one call on the [`Identity`].
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +23,6 @@ use axum::extract::{FromRef, FromRequestParts};
 use axum::http::{header, request::Parts};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use wildmatch::WildMatch;
 
 use crate::error::ApiError;
@@ -238,23 +241,19 @@ struct KeysFile {
     keys: Vec<KeyEntry>,
 }
 
-struct StoredKey {
-    hash: [u8; 32],
-    identity: Identity,
-}
-
 /// The configured keys, or anonymous access when there is no keys file.
 pub struct KeyRing {
-    keys: Option<Vec<StoredKey>>,
+    /// Identities by the SHA-256 of their secret.
+    keys: Option<HashMap<[u8; 32], Identity>>,
 }
 
 impl std::fmt::Debug for KeyRing {
     /// Names only: hashes stay out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Option<Vec<&str>> = self
+        let names: Option<std::collections::BTreeSet<&str>> = self
             .keys
             .as_ref()
-            .map(|keys| keys.iter().map(|k| k.identity.name.as_str()).collect());
+            .map(|keys| keys.values().map(|k| k.name.as_str()).collect());
         f.debug_struct("KeyRing").field("keys", &names).finish()
     }
 }
@@ -283,7 +282,7 @@ impl KeyRing {
             return Err("no [[keys]] entries".into());
         }
         let mut names = std::collections::HashSet::new();
-        let mut keys = Vec::with_capacity(file.keys.len());
+        let mut keys: HashMap<[u8; 32], Identity> = HashMap::with_capacity(file.keys.len());
         for entry in file.keys {
             if !names.insert(entry.name.clone()) {
                 return Err(format!("duplicate key name {:?}", entry.name));
@@ -306,14 +305,19 @@ impl KeyRing {
             let scope = entry
                 .agents
                 .map(|patterns| patterns.iter().map(|p| WildMatch::new(p)).collect());
-            keys.push(StoredKey {
-                hash: bytes.try_into().expect("length checked"),
-                identity: Identity {
-                    name: entry.name,
-                    role: entry.role,
-                    scope,
-                },
-            });
+            let hash: [u8; 32] = bytes.try_into().expect("length checked");
+            let identity = Identity {
+                name: entry.name,
+                role: entry.role,
+                scope,
+            };
+            if let Some(other) = keys.get(&hash) {
+                return Err(format!(
+                    "keys {:?} and {:?} have the same secret",
+                    other.name, identity.name
+                ));
+            }
+            keys.insert(hash, identity);
         }
         Ok(Self { keys: Some(keys) })
     }
@@ -327,15 +331,7 @@ impl KeyRing {
             ApiError::Unauthorized("missing credentials: send Authorization: Bearer <key>".into())
         })?;
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        // Compare against every key, without stopping early, so timing says
-        // nothing about which key (if any) matched.
-        let mut found = None;
-        for key in keys {
-            if bool::from(key.hash.ct_eq(&presented)) {
-                found = Some(&key.identity);
-            }
-        }
-        found
+        keys.get(&presented)
             .cloned()
             .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))
     }
@@ -377,6 +373,28 @@ mod tests {
         assert!(!id.may_act_as(&Id::new("prod-1").unwrap()));
         assert!(ring.authenticate(Some("wrong")).is_err());
         assert!(ring.authenticate(None).is_err());
+    }
+
+    #[test]
+    fn any_of_many_keys_authenticates_and_a_shared_secret_is_refused() {
+        let keys: Vec<(String, String)> = (0..300)
+            .map(|i| new_key(&format!("k{i}"), Role::Agent, &[]))
+            .collect();
+        let file: String = keys.iter().map(|(_, entry)| entry.as_str()).collect();
+        let ring = KeyRing::parse(&file).unwrap();
+        for (i, (secret, _)) in keys.iter().enumerate() {
+            assert_eq!(
+                ring.authenticate(Some(secret)).unwrap().name,
+                format!("k{i}")
+            );
+        }
+        let hash = &keys[7].1[keys[7].1.find("sha256").unwrap()..];
+        let twin = format!(
+            "{}[[keys]]\nname = \"twin\"\nrole = \"viewer\"\n{hash}",
+            keys[0].1
+        );
+        let err = KeyRing::parse(&format!("{twin}{}", keys[7].1)).unwrap_err();
+        assert!(err.contains("same secret"), "{err}");
     }
 
     #[test]
