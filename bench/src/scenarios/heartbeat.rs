@@ -10,21 +10,25 @@
 //! its layers cost per request.
 //!
 //! Every configuration measured (the gateway, the service on Redis, on the
-//! memory engine and with `--no-heartbeat-events`) takes its turn in each
+//! memory engine, with `--no-heartbeat-events`, and on Redis fed by a
+//! typical client, see [`typical_client`]) takes its turn in each
 //! of [`ROUNDS`] rounds: the speed of a shared machine drifts by a fifth or
 //! more over tens of seconds, so measuring one after the other compares
 //! machines rather than programs. Each gets the same share of the drift,
 //! and every ratio compares totals over the same rounds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::procs;
 use crate::report::Target;
-use crate::scenarios::Ctx;
+use crate::scenarios::{Ctx, Launch};
 use crate::wrk::{self, WrkResult};
 
 const CONNECTIONS: u32 = 64;
+/// The row name of heartbeats as a typical client sends them (see
+/// [`typical_client`]).
+const TYPICAL_CLIENT: &str = "redis, typical client";
 /// Turns each configuration takes, each [`ROUND`] long.
 const ROUNDS: usize = 3;
 const ROUND: Duration = Duration::from_secs(5);
@@ -102,24 +106,100 @@ impl Measured {
     }
 }
 
-/// A configuration under load: its URL and, when this run started it, its
-/// process id.
-type Contestant = (String, Option<u32>);
+/// A configuration under load.
+#[derive(Clone)]
+struct Contestant {
+    url: String,
+    /// Its process id, when this run started it.
+    pid: Option<u32>,
+    /// Its own wrk script; the gateway's otherwise.
+    script: Option<PathBuf>,
+}
 
-/// Every contestant in turn, [`ROUNDS`] times, with the gateway's wrk
-/// script; each one's turns combined.
+impl Contestant {
+    fn new(url: String, pid: Option<u32>) -> Self {
+        Self {
+            url,
+            pid,
+            script: None,
+        }
+    }
+}
+
+/// Every contestant in turn, [`ROUNDS`] times; each one's turns combined.
 async fn measure_in_turns(
     ctx: &mut Ctx<'_>,
     contestants: &[Contestant],
 ) -> Result<Vec<Measured>, String> {
-    let script = ctx.gateway_dir.join("heartbeat.lua");
+    let gateway_script = ctx.gateway_dir.join("heartbeat.lua");
     let mut turns: Vec<Vec<Measured>> = contestants.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
-        for ((url, pid), turns) in contestants.iter().zip(&mut turns) {
-            turns.push(measure_with(ctx, Some(&script), url, *pid, ROUND).await?);
+        for (c, turns) in contestants.iter().zip(&mut turns) {
+            let script = c.script.as_deref().unwrap_or(&gateway_script);
+            turns.push(measure_with(ctx, Some(script), &c.url, c.pid, ROUND).await?);
         }
     }
     Ok(turns.iter().map(|t| Measured::combine(t)).collect())
+}
+
+/// Keys in the typical client's keys file: the one it uses and others.
+const TYPICAL_CLIENT_KEYS: usize = 200;
+
+/// The wrk script and keys file of heartbeats as agents' HTTP clients
+/// typically send them, which the gateway's script does not: gzip accepted
+/// (most clients' default), `metadata` and `display_name` resent with every
+/// beat, and an API key checked among [`TYPICAL_CLIENT_KEYS`]. Both are
+/// written to the log directory.
+fn typical_client(launch: &Launch) -> Result<(PathBuf, PathBuf), String> {
+    let out = std::process::Command::new(&launch.service_bin)
+        .args(["keys", "new", "--name", "bench-agent", "--role", "agent"])
+        .output()
+        .map_err(|e| format!("cannot run `keys new`: {e}"))?;
+    // The secret on stdout, the entry to paste on stderr.
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let secret = stdout
+        .lines()
+        .find(|line| line.starts_with("atk_"))
+        .ok_or("`keys new` printed no secret")?
+        .trim();
+    let entry = stderr
+        .find("[[keys]]")
+        .map(|at| &stderr[at..])
+        .ok_or("`keys new` printed no entry")?;
+    let mut keys = entry.to_owned();
+    // Digests no secret will match: only their number matters.
+    use std::hash::BuildHasher;
+    let hasher = std::hash::RandomState::new();
+    for i in 1..TYPICAL_CLIENT_KEYS {
+        let digest: String = (0..4)
+            .map(|part| format!("{:016x}", hasher.hash_one((i, part))))
+            .collect();
+        keys.push_str(&format!(
+            "\n[[keys]]\nname = \"other-{i}\"\nrole = \"agent\"\nsha256 = \"{digest}\"\n"
+        ));
+    }
+    let keys_file = launch.spawner.log_dir.join("typical-client-keys.toml");
+    std::fs::write(&keys_file, keys).map_err(|e| format!("cannot write the keys file: {e}"))?;
+    let script = launch.spawner.log_dir.join("typical-client.lua");
+    let lua = format!(
+        r#"-- Heartbeats as a typical agent client sends them (attune-bench).
+wrk.method = "POST"
+wrk.body = '{{"status":"running","progress":0.5,"current_task":"summarize","display_name":"Summarizer","metadata":{{"model":"claude","team":"docs","version":3}}}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept-Encoding"] = "gzip, deflate"
+wrk.headers["Authorization"] = "Bearer {secret}"
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/v1/agents/agent-" .. (counter % 1000) .. "/heartbeats")
+end
+"#
+    );
+    std::fs::write(&script, lua).map_err(|e| format!("cannot write the wrk script: {e}"))?;
+    Ok((script, keys_file))
 }
 
 async fn measure_with(
@@ -188,7 +268,10 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
             .spawner
             .service("service-memory", &bin, None, "bench", &[])
             .await?;
-        variants.push(("memory", (child.url.clone(), Some(child.pid()))));
+        variants.push((
+            "memory",
+            Contestant::new(child.url.clone(), Some(child.pid())),
+        ));
         children.push(child);
         if let Some(redis_url) = &ctx.redis_url {
             let child = launch
@@ -203,16 +286,36 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
                 .await?;
             variants.push((
                 "redis, --no-heartbeat-events",
-                (child.url.clone(), Some(child.pid())),
+                Contestant::new(child.url.clone(), Some(child.pid())),
+            ));
+            children.push(child);
+            let (script, keys_file) = typical_client(launch)?;
+            let keys_file = keys_file.to_string_lossy().into_owned();
+            let child = launch
+                .spawner
+                .service(
+                    "service-typical-client",
+                    &bin,
+                    Some(redis_url),
+                    "bench-tc",
+                    &["--keys-file", &keys_file],
+                )
+                .await?;
+            variants.push((
+                TYPICAL_CLIENT,
+                Contestant {
+                    script: Some(script),
+                    ..Contestant::new(child.url.clone(), Some(child.pid()))
+                },
             ));
             children.push(child);
         }
     }
 
-    let main = (ctx.service.clone(), ctx.service_pid);
+    let main = Contestant::new(ctx.service.clone(), ctx.service_pid);
     let contestants: Vec<Contestant> = gateway
         .iter()
-        .cloned()
+        .map(|(url, pid)| Contestant::new(url.clone(), *pid))
         .chain(std::iter::once(main))
         .chain(variants.iter().map(|(_, c)| c.clone()))
         .collect();
@@ -260,6 +363,16 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
     for ((name, _), m) in variants.iter().zip(measured) {
         let targets = *name == "memory";
         record(ctx, name, &m, gateway_measured.as_ref(), targets);
+        let rate = format!("heartbeats/s, service ({TYPICAL_CLIENT})");
+        if *name == TYPICAL_CLIENT
+            && let Some(figure) = ctx.report.figures.iter_mut().find(|f| f.name == rate)
+        {
+            figure.note = format!(
+                "its own wrk script: gzip accepted, metadata and display_name on every beat, \
+                 a key among {TYPICAL_CLIENT_KEYS}; {}",
+                figure.note
+            );
+        }
     }
 
     let service = ctx.service.clone();
