@@ -212,9 +212,19 @@ pub struct JsonObject(serde_json::Map<String, serde_json::Value>);
 
 impl JsonObject {
     pub fn new(map: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
-        let size = serde_json::to_vec(&map)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        /// Counts what is written instead of keeping it.
+        struct Counter(usize);
+        impl std::io::Write for Counter {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0 += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut counter = Counter(0);
+        let size = serde_json::to_writer(&mut counter, &map).map_or(usize::MAX, |()| counter.0);
         if size > MAX_OBJECT_BYTES {
             return Err(format!(
                 "must be at most {MAX_OBJECT_BYTES} bytes serialized (got {size})"
@@ -459,8 +469,11 @@ mod tests {
 
     #[test]
     fn objects_over_64_kib_are_rejected() {
-        let big = serde_json::json!({ "x": "a".repeat(MAX_OBJECT_BYTES) });
-        assert!(serde_json::from_value::<JsonObject>(big).is_err());
+        // `{"x":"…"}` is the string plus 8 bytes.
+        let sized = |n: usize| serde_json::json!({ "x": "a".repeat(n) });
+        assert!(serde_json::from_value::<JsonObject>(sized(MAX_OBJECT_BYTES - 8)).is_ok());
+        let err = serde_json::from_value::<JsonObject>(sized(MAX_OBJECT_BYTES - 7)).unwrap_err();
+        assert!(err.to_string().contains("(got 65537)"), "{err}");
         assert!(serde_json::from_value::<JsonObject>(serde_json::json!([1])).is_err());
     }
 }
