@@ -4,8 +4,8 @@
 //! axum's own `Json` and `Query` rejections are plain text and name fields
 //! only inside prose. [`ValidJson`] and [`ValidQuery`] deserialize through
 //! `serde_path_to_error`, so `{"tokens":{"input":-1}}` becomes a 422 with
-//! `field: "tokens.input"`; malformed JSON is a 400, a wrong content type a
-//! 415 and an oversized body a 413.
+//! `field: "tokens.input"`; malformed JSON is a 400, a wrong content type
+//! or a compressed body a 415 and an oversized body a 413.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -29,6 +29,15 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // A compressed body would otherwise read as malformed JSON.
+        if let Some(encoding) = req.headers().get(header::CONTENT_ENCODING) {
+            let encoding = encoding.to_str().unwrap_or("?").trim();
+            if !encoding.eq_ignore_ascii_case("identity") {
+                return Err(ApiError::UnsupportedMediaType(format!(
+                    "Content-Encoding {encoding:?} is not supported: send the body uncompressed"
+                )));
+            }
+        }
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)

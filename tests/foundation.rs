@@ -163,6 +163,32 @@ async fn small_answers_go_uncompressed_and_large_ones_gzipped() {
 }
 
 #[tokio::test]
+async fn a_compressed_request_body_is_a_415_that_says_so() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let resp = app
+        .client
+        .post(app.url("/v1/agents/a1/heartbeats"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 0x08, 0x00])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding"),
+        "{body}"
+    );
+    let (status, _) = app.get("/v1/agents/a1").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
 async fn credentials_and_roles_are_enforced() {
     let keys = TestKeys::new();
     let app = TestApp::spawn_with(Options::new(Kind::Memory).keys(&keys.toml)).await;
