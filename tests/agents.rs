@@ -379,9 +379,12 @@ async fn only_admins_delete_agents(kind: Kind) {
 
 async fn listing_filters_by_state_and_status(kind: Kind) {
     let app = TestApp::spawn(kind).await;
-    beat(&app, "r1", json!({"status": "running"})).await;
-    beat(&app, "s1", json!({"status": "starting"})).await;
-    beat(&app, "c1", json!({"status": "completed"})).await;
+    // A millisecond apart at least, so that "most recent first" is not
+    // decided by the ids of beats that landed in the same millisecond.
+    for (id, status) in [("r1", "running"), ("s1", "starting"), ("c1", "completed")] {
+        beat(&app, id, json!({ "status": status })).await;
+        app.state.clock.advance(Duration::from_millis(5));
+    }
     let (_, up) = app.get("/v1/agents?state=up").await;
     let mut up = ids(&up);
     up.sort();
