@@ -114,6 +114,8 @@ struct Contestant {
     pid: Option<u32>,
     /// Its own wrk script; the gateway's otherwise.
     script: Option<PathBuf>,
+    /// What that script sends, for the report.
+    about: Option<String>,
 }
 
 impl Contestant {
@@ -122,6 +124,7 @@ impl Contestant {
             url,
             pid,
             script: None,
+            about: None,
         }
     }
 }
@@ -305,6 +308,10 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
                 TYPICAL_CLIENT,
                 Contestant {
                     script: Some(script),
+                    about: Some(format!(
+                        "its own wrk script: gzip accepted, metadata and display_name on every \
+                         beat, a key among {TYPICAL_CLIENT_KEYS}"
+                    )),
                     ..Contestant::new(child.url.clone(), Some(child.pid()))
                 },
             ));
@@ -352,7 +359,14 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
     } else {
         "given by URL"
     };
-    record(ctx, redis_engine, &main, gateway_measured.as_ref(), true);
+    record(
+        ctx,
+        redis_engine,
+        &main,
+        gateway_measured.as_ref(),
+        true,
+        None,
+    );
     if variants.is_empty() {
         ctx.report.unavailable(
             1,
@@ -360,19 +374,10 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
             "the service was given by URL",
         );
     }
-    for ((name, _), m) in variants.iter().zip(measured) {
+    for ((name, c), m) in variants.iter().zip(measured) {
         let targets = *name == "memory";
-        record(ctx, name, &m, gateway_measured.as_ref(), targets);
-        let rate = format!("heartbeats/s, service ({TYPICAL_CLIENT})");
-        if *name == TYPICAL_CLIENT
-            && let Some(figure) = ctx.report.figures.iter_mut().find(|f| f.name == rate)
-        {
-            figure.note = format!(
-                "its own wrk script: gzip accepted, metadata and display_name on every beat, \
-                 a key among {TYPICAL_CLIENT_KEYS}; {}",
-                figure.note
-            );
-        }
+        let about = c.about.as_deref();
+        record(ctx, name, &m, gateway_measured.as_ref(), targets, about);
     }
 
     let service = ctx.service.clone();
@@ -393,13 +398,15 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// Rate, p99 and ratio to the gateway of one service configuration.
+/// Rate, p99 and ratio to the gateway of one service configuration;
+/// `about` says how it was driven, when not by the gateway's script.
 fn record(
     ctx: &mut Ctx<'_>,
     engine: &str,
     m: &Measured,
     gateway: Option<&Measured>,
     targets: bool,
+    about: Option<&str>,
 ) {
     ctx.report
         .add(
@@ -409,7 +416,10 @@ fn record(
             "req/s",
             None,
         )
-        .note = m.note();
+        .note = match about {
+        Some(about) => format!("{about}; {}", m.note()),
+        None => m.note(),
+    };
     ctx.report.add(
         1,
         format!("p99, service ({engine})"),
