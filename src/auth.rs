@@ -93,6 +93,20 @@ impl Identity {
         }
     }
 
+    /// Checks the optional `agent` a record is written for. A key limited
+    /// to some agents writes only for those, so it must name one: a record
+    /// for no agent would be outside its scope.
+    pub fn ensure_may_write_for(&self, agent: Option<&Id>, field: &str) -> Result<(), ApiError> {
+        match agent {
+            Some(agent) => self.ensure_may_act_as(agent, field),
+            None if self.is_agent() && !self.may_act_as_any() => Err(ApiError::invalid(
+                field,
+                "required for keys limited to some agents",
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Whether this caller may act as every agent id (no scope).
     pub fn may_act_as_any(&self) -> bool {
         self.scope.is_none()
@@ -284,6 +298,7 @@ impl KeyRing {
         let mut names = std::collections::HashSet::new();
         let mut keys: HashMap<[u8; 32], Identity> = HashMap::with_capacity(file.keys.len());
         for entry in file.keys {
+            check_key_name(&entry.name)?;
             if !names.insert(entry.name.clone()) {
                 return Err(format!("duplicate key name {:?}", entry.name));
             }
@@ -338,6 +353,21 @@ impl KeyRing {
 }
 
 /// A fresh secret and the `[[keys]]` entry that admits it.
+/// Names the service gives callers itself, which no key may take: an
+/// approval decided by `system` timed out, and `anonymous` is every caller
+/// when no keys file is loaded.
+const RESERVED_KEY_NAMES: [&str; 2] = [crate::approvals::SYSTEM, "anonymous"];
+
+/// Refuses a key name that would pass for one of the service's own.
+pub fn check_key_name(name: &str) -> Result<(), String> {
+    if RESERVED_KEY_NAMES.contains(&name) {
+        return Err(format!(
+            "key name {name:?} is reserved: the service uses it for itself"
+        ));
+    }
+    Ok(())
+}
+
 pub fn new_key(name: &str, role: Role, agents: &[String]) -> (String, String) {
     let bytes: [u8; 32] = rand::random();
     let secret = format!("atk_{}", hex::encode(bytes));
@@ -416,6 +446,11 @@ mod tests {
                 .unwrap_err()
                 .contains("agents")
         );
+        for name in ["system", "anonymous"] {
+            let (_, entry) = new_key(name, Role::Approver, &[]);
+            let err = KeyRing::parse(&entry).unwrap_err();
+            assert!(err.contains("reserved"), "{name}: {err}");
+        }
     }
 
     #[test]

@@ -25,12 +25,13 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
         Some(Command::Migrate(args)) => runtime.block_on(migrate(args)),
         Some(Command::Keys(KeysCommand::New { name, role, agents })) => {
-            let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
-            eprintln!("Secret (shown once; give it to the key's holder):");
-            println!("{secret}");
-            eprintln!("\nAdd this entry to the keys file:\n");
-            eprint!("{entry}");
-            Ok(())
+            attune_telemetry::auth::check_key_name(&name).map(|()| {
+                let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
+                eprintln!("Secret (shown once; give it to the key's holder):");
+                println!("{secret}");
+                eprintln!("\nAdd this entry to the keys file:\n");
+                eprint!("{entry}");
+            })
         }
         Some(Command::Client(command)) => runtime.block_on(attune_telemetry::cli::run(command)),
         Some(Command::Openapi) => {

@@ -321,7 +321,9 @@ async fn bad_heartbeats_are_422s_naming_the_field(kind: Kind) {
         assert_eq!(problem_field(&problem), field, "{problem}");
     }
     let long = "a".repeat(200);
-    for id in ["a:b", "a*", long.as_str()] {
+    // `stale` and `performance` would be agents no one could read or
+    // delete: those paths are the listings.
+    for id in ["a:b", "a*", long.as_str(), "stale", "performance"] {
         let (status, problem) = app
             .post(&format!("/v1/agents/{id}/heartbeats"), json!({}))
             .await;
@@ -377,6 +379,71 @@ async fn only_admins_delete_agents(kind: Kind) {
     assert!(ids(&all).is_empty());
 }
 
+/// A `starting` beat sent twice for the same run (a client retrying after
+/// an error, say) is one run; `starting` without a `run_id`, or with
+/// another, opens a new one.
+async fn a_retried_start_is_the_same_run(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for _ in 0..2 {
+        beat(&app, "retry", json!({"status": "starting", "run_id": "r1"})).await;
+    }
+    beat(&app, "retry", json!({"status": "completed"})).await;
+    for _ in 0..2 {
+        beat(&app, "anew", json!({"status": "starting"})).await;
+        app.state.clock.advance(Duration::from_millis(5));
+    }
+    beat(&app, "anew", json!({"status": "starting", "run_id": "x"})).await;
+    let (status, perf) = app.get("/v1/agents/performance?hours=1").await;
+    assert_eq!(status, 200, "{perf}");
+    let row = |id: &str| {
+        perf["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["agent_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {id}: {perf}"))
+    };
+    let counts = |id: &str| {
+        let r = row(id);
+        (r["runs"].clone(), r["completed"].clone(), r["lost"].clone())
+    };
+    assert_eq!(counts("retry"), (json!(1), json!(1), json!(0)), "{perf}");
+    assert_eq!(counts("anew"), (json!(3), json!(0), json!(2)), "{perf}");
+    let started = app.events_of("agent.started").await;
+    let of = |id: &str| started.iter().filter(|e| e["agent_id"] == id).count();
+    assert_eq!((of("retry"), of("anew")), (1, 3));
+}
+
+async fn deleting_an_agent_ends_its_open_run_as_lost(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    beat(&app, "gone", json!({"status": "starting", "run_id": "r1"})).await;
+    beat(&app, "done", json!({"status": "starting"})).await;
+    beat(&app, "done", json!({"status": "completed"})).await;
+    for id in ["gone", "done"] {
+        let (status, _) = app.delete(&format!("/v1/agents/{id}")).await;
+        assert_eq!(status, 204);
+    }
+    let (status, perf) = app.get("/v1/agents/performance?hours=1").await;
+    assert_eq!(status, 200, "{perf}");
+    let row = |id: &str| {
+        perf["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["agent_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {id}: {perf}"))
+    };
+    assert_eq!(
+        (row("gone")["runs"].clone(), row("gone")["lost"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(row("done")["completed"], 1, "{perf}");
+    assert_eq!(row("done")["lost"], 0, "{perf}");
+    assert_eq!(perf["total"]["running"], 0, "{perf}");
+}
+
 async fn listing_filters_by_state_and_status(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     // A millisecond apart at least, so that "most recent first" is not
@@ -392,7 +459,7 @@ async fn listing_filters_by_state_and_status(kind: Kind) {
     let (_, starting) = app.get("/v1/agents?status=starting").await;
     assert_eq!(ids(&starting), vec!["s1"]);
     let (_, all) = app.get("/v1/agents").await;
-    assert_eq!(ids(&all), vec!["c1", "s1", "r1"], "most recent first");
+    assert_eq!(ids(&all), vec!["r1", "s1", "c1"], "least recent first");
 }
 
 async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
@@ -415,17 +482,54 @@ async fn paging_with_a_status_filter_returns_every_match_once(kind: Kind) {
 
 /// The unfiltered listing pages through finished and active agents
 /// together, most recent beat first, each once.
-async fn listing_everything_pages_newest_first_across_states(kind: Kind) {
+async fn listing_everything_pages_oldest_first_across_states(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     let mut expected = Vec::new();
     for i in 0..9 {
         let status = if i % 3 == 0 { "completed" } else { "running" };
         let id = format!("e{i}");
         beat(&app, &id, json!({"status": status})).await;
-        expected.insert(0, id);
+        expected.push(id);
         app.state.clock.advance(Duration::from_millis(5));
     }
     assert_eq!(all_pages(&app, "/v1/agents?limit=2").await, expected);
+}
+
+/// Agents beat while a client pages through them: each beat moves an
+/// agent behind the cursor, so every agent is still listed.
+async fn paging_never_misses_an_agent_that_beats_meanwhile(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let all: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+    for id in &all {
+        beat(&app, id, json!({})).await;
+        app.state.clock.advance(Duration::from_millis(5));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut path = "/v1/agents?limit=3".to_owned();
+    for page in 0.. {
+        assert!(page < 20, "paging does not end");
+        let (status, body) = app.get(&path).await;
+        assert_eq!(status, 200, "{body}");
+        seen.extend(ids(&body));
+        // Every agent not listed yet beats now (and one that was).
+        for id in all
+            .iter()
+            .filter(|id| !seen.contains(*id))
+            .chain(seen.first())
+        {
+            beat(&app, id, json!({})).await;
+            app.state.clock.advance(Duration::from_millis(5));
+        }
+        match body["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/agents?limit=3&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), {
+        let mut sorted = all.clone();
+        sorted.sort();
+        sorted
+    });
 }
 
 /// A page reads a bounded stretch of its index: a filter that matches
@@ -433,12 +537,12 @@ async fn listing_everything_pages_newest_first_across_states(kind: Kind) {
 /// cursor reaches every match once.
 async fn a_page_examines_a_bounded_stretch_of_its_index(kind: Kind) {
     let app = TestApp::spawn(kind).await;
-    beat(&app, "rare", json!({"status": "starting"})).await;
     for i in 0..30 {
-        app.state.clock.advance(Duration::from_millis(2));
         beat(&app, &format!("common-{i}"), json!({})).await;
+        app.state.clock.advance(Duration::from_millis(2));
     }
-    // Newest first: the one match is the 31st entry.
+    beat(&app, "rare", json!({"status": "starting"})).await;
+    // Oldest first: the one match is the 31st entry.
     let (status, first) = app.get("/v1/agents?status=starting&limit=1").await;
     assert_eq!(status, 200, "{first}");
     assert!(ids(&first).is_empty(), "{first}");
@@ -634,7 +738,8 @@ async fn redis_counts_an_agent_past_its_grace_as_late_until_the_sweeper_marks_it
 
 conformance!(
     metrics_count_agents_per_state,
-    listing_everything_pages_newest_first_across_states,
+    listing_everything_pages_oldest_first_across_states,
+    paging_never_misses_an_agent_that_beats_meanwhile,
     a_page_examines_a_bounded_stretch_of_its_index,
     beats_queued_together_apply_in_order,
     runs_started_in_the_same_millisecond_are_counted_apart,
@@ -652,6 +757,8 @@ conformance!(
     bad_heartbeats_are_422s_naming_the_field,
     keys_scoped_to_ci_agents_can_beat_only_as_ci_agents,
     only_admins_delete_agents,
+    deleting_an_agent_ends_its_open_run_as_lost,
+    a_retried_start_is_the_same_run,
     listing_filters_by_state_and_status,
 );
 

@@ -184,6 +184,43 @@ async fn a_malformed_since_is_a_422(kind: Kind) {
     }
 }
 
+async fn the_largest_possible_since_is_an_empty_page(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    publish(&app, "test.max", 1).await;
+    let max = "18446744073709551615-18446744073709551615";
+    let (status, body) = app.get(&format!("/v1/events?since={max}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"], json!([]), "{body}");
+}
+
+async fn sse_blames_the_parameter_that_is_wrong(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let problem = |last_event_id: &'static str, query: &'static str| {
+        let app = &app;
+        async move {
+            let resp = app
+                .client
+                .get(app.url(&format!("/v1/events/sse{query}")))
+                .header("Last-Event-ID", last_event_id)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap();
+            (status, body["errors"][0]["field"].clone())
+        }
+    };
+    assert_eq!(
+        problem("1-0", "?agent_id=a:b").await,
+        (422, json!("agent_id"))
+    );
+    assert_eq!(
+        problem("1-0", "?types=Bad%20Type").await,
+        (422, json!("types"))
+    );
+    assert_eq!(problem("x-y", "").await, (422, json!("Last-Event-ID")));
+}
+
 async fn custom_events_are_validated_and_reserved_types_refused(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     let (status, _) = app
@@ -435,6 +472,8 @@ conformance!(
     a_stream_filters_by_type_prefix_and_agent,
     a_trimmed_cursor_starts_with_a_stream_reset,
     a_malformed_since_is_a_422,
+    the_largest_possible_since_is_an_empty_page,
+    sse_blames_the_parameter_that_is_wrong,
     custom_events_are_validated_and_reserved_types_refused,
     sse_sends_id_lines_and_resumes_from_last_event_id,
     websockets_close_with_going_away_on_shutdown,
@@ -653,4 +692,91 @@ async fn the_redis_tailer_switches_streams_without_errors_while_idle() {
         !metrics.contains("op=\"tail\""),
         "the tailer failed a read: {metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_written_without_waiting_out_the_interval_between_batches() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory).configure(|c| c.ws_write_interval = Duration::from_millis(600)),
+    )
+    .await;
+    let mut socket = connect(&app, "?types=test.backlog").await;
+    // 640 frames are ten full batches: paced at one batch per interval they
+    // would take over five seconds after the first.
+    for n in 0..640 {
+        publish(&app, "test.backlog", n).await;
+    }
+    let first = next_json(&mut socket).await.expect("first frame");
+    assert_eq!(first["data"]["n"], 0);
+    let started = std::time::Instant::now();
+    for n in 1..640 {
+        let frame = next_json(&mut socket).await.expect("a frame");
+        assert_eq!(frame["data"]["n"], n);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "the backlog took {took:?} after the first frame"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let mut socket = connect(&app, "").await;
+    socket.close(None).await.expect("close sent");
+    let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("an answer within 5 s");
+    assert!(
+        matches!(reply, Some(Ok(Message::Close(_)))),
+        "expected the server's close frame, got {reply:?}"
+    );
+}
+
+/// The `attune_event_subscribers` gauge of `/metrics`.
+async fn subscribers(app: &TestApp) -> u64 {
+    let text = app.metrics_text().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("attune_event_subscribers "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("the subscriber gauge") as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    // A connection that stays open but never reads, with a small window so
+    // that the server's writes back up quickly.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let stream = tcp.connect(app.addr).await.unwrap();
+    let request = app
+        .ws_url("/v1/events/ws?types=test.stuck")
+        .into_client_request()
+        .unwrap();
+    let (_socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("websocket connects");
+    eventually(Duration::from_secs(5), || async {
+        (subscribers(&app).await == 1).then_some(())
+    })
+    .await;
+    // More than the kernel buffers a connection (4 MiB here).
+    let big = "x".repeat(60 * 1024);
+    for n in 0..160 {
+        let (status, _) = app
+            .post(
+                "/v1/events",
+                json!({"type": "test.stuck", "data": {"n": n, "pad": big}}),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    // 9.6 MB the client never reads: the write stalls, and after the
+    // write timeout (10 s) the server lets the socket go.
+    eventually(Duration::from_secs(20), || async {
+        (subscribers(&app).await == 0).then_some(())
+    })
+    .await;
 }

@@ -324,6 +324,14 @@ async fn agents_write_feedback_and_read_recommendations_and_viewers_read_summari
         .post_as("/v1/feedback", body.clone(), Some(&keys.viewer))
         .await;
     assert_eq!(status, 403);
+    // A key limited to some agents writes only for them, so it names one.
+    let (status, problem) = app
+        .post_as("/v1/feedback", body.clone(), Some(&keys.ci_agent))
+        .await;
+    assert_eq!(
+        (status, problem_field(&problem).as_str()),
+        (422, "agent_id")
+    );
     let mut scoped = body;
     scoped["agent_id"] = json!("prod-1");
     let (status, _) = app

@@ -528,6 +528,12 @@ async fn agent_keys_record_usage_only_for_their_agents_and_viewers_read_it(kind:
         .post_as("/v1/usage", mine.clone(), Some(&keys.ci_agent))
         .await;
     assert_eq!(status, 201);
+    // A key limited to some agents writes only for them, so it names one.
+    let (status, body) = app
+        .post_as("/v1/usage", simple("nobodys"), Some(&keys.ci_agent))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(problem_field(&body).ends_with("agent_id"), "{body}");
     let (status, _) = app.post_as("/v1/usage", mine, Some(&keys.viewer)).await;
     assert_eq!(status, 403);
     for path in [

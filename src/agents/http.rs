@@ -28,6 +28,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_agent_alive))
 }
 
+/// Agent ids that are paths of their own under `/v1/agents/`.
+const RESERVED_IDS: [&str; 2] = ["stale", "performance"];
+
 /// Record a heartbeat.
 ///
 /// Creates the agent on its first beat. `metadata` and `display_name` persist
@@ -52,6 +55,14 @@ async fn post_heartbeat(
     ValidJson(req): ValidJson<HeartbeatRequest>,
 ) -> ApiResult<Json<AgentView>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
+    if RESERVED_IDS.contains(&agent_id.as_str()) {
+        return Err(ApiError::invalid(
+            "agent_id",
+            format!(
+                "is reserved: /v1/agents/{agent_id} is a listing, so such an agent could not be read or deleted"
+            ),
+        ));
+    }
     record_heartbeat(&state, &caller, agent_id, req)
         .await
         .map(Json)
@@ -81,9 +92,10 @@ pub struct AgentList {
 
 /// List agents.
 ///
-/// Without `state`, the most recently seen first; with `state=up|late`,
+/// Without `state`, the least recently seen first; with `state=up|late`,
 /// by the moment they stop being alive; with `state=down|finished`, oldest
-/// beat first.
+/// beat first. A beat only moves an agent later in these orders, so paging
+/// never skips an agent; one that beats while you page can come again.
 #[utoipa::path(
     get, path = "/v1/agents", tag = "agents", params(ListQuery),
     responses(

@@ -190,9 +190,12 @@ impl MemoryEngine {
             record.down = false;
 
             let terminal = beat.status.is_terminal();
-            let opens = (run_key.is_none() && !terminal)
-                || beat.status == crate::agents::AgentStatus::Starting
-                || (new_run_id.is_some() && new_run_id != previous_run_id);
+            let names_other_run = new_run_id.is_some() && new_run_id != previous_run_id;
+            // `starting` opens a run, unless it names the open one again:
+            // a retried start is the same run.
+            let restarts = beat.status == crate::agents::AgentStatus::Starting
+                && (run_key.is_none() || new_run_id.is_none() || names_other_run);
+            let opens = (run_key.is_none() && !terminal) || restarts || names_other_run;
             let agents = &mut s.agents;
             let mut events = Vec::new();
             if opens {
@@ -269,7 +272,13 @@ impl MemoryEngine {
         Ok(self.write(|s| {
             let existed = s.agents.agents.contains_key(id);
             s.agents.unindex(id);
-            s.agents.agents.remove(id);
+            let open_run = s.agents.agents.remove(id).and_then(|e| e.run_key);
+            // Nothing will close its open run now: it ends as lost.
+            if let Some(run) = open_run.and_then(|k| s.agents.runs.get_mut(&k))
+                && run.outcome.is_none()
+            {
+                run.lost = true;
+            }
             if existed {
                 emit(s, event);
             }

@@ -233,7 +233,7 @@ pub struct AgentView {
 /// Which agents a listing wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentSelection {
-    /// Every retained agent, most recent beat first.
+    /// Every retained agent, least recent beat first.
     All,
     /// Agents in one state (`up`/`late` by deadline, `down`/`finished` by
     /// last beat, oldest first).
@@ -263,6 +263,13 @@ pub const LISTING_ROUNDS: usize = 4;
 /// Where a listing reads: every selection is one range of one index, except
 /// all agents — every agent is either active or finished, both indexes
 /// scored by last beat, so those two are merged.
+///
+/// Every listing reads its index in ascending order. A beat only ever moves
+/// an agent to a later score (a later beat, a later deadline) or out of the
+/// selection, so an agent that beats while a client pages lands after the
+/// cursor, never before it: paging never skips an agent, though one that
+/// beats meanwhile can come again. (Most recent first, such an agent would
+/// jump ahead of the cursor and be missed.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexRange {
     pub indexes: &'static [AgentIndex],
@@ -277,7 +284,7 @@ impl AgentSelection {
     pub fn index_range(self, now_ms: i64) -> IndexRange {
         use AgentIndex::*;
         let (indexes, ascending, min, max): (&'static [AgentIndex], _, _, _) = match self {
-            AgentSelection::All => (&[Active, Finished], false, i64::MIN, i64::MAX),
+            AgentSelection::All => (&[Active, Finished], true, i64::MIN, i64::MAX),
             AgentSelection::StaleBefore(cutoff) => (&[Active], true, i64::MIN, cutoff - 1),
             AgentSelection::State(AgentState::Up) => (&[LateDue], true, now_ms, i64::MAX),
             AgentSelection::State(AgentState::Late) => (&[LateDue], true, i64::MIN, now_ms - 1),
@@ -363,7 +370,8 @@ pub struct RunRecord {
     pub ended_ms: Option<i64>,
     /// `completed`, `failed` or `cancelled` once closed.
     pub outcome: Option<String>,
-    /// The agent went down during this run and has not come back.
+    /// The agent went down during this run and has not come back, or was
+    /// deleted before the run closed.
     pub lost: bool,
 }
 

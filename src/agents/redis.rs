@@ -149,6 +149,9 @@ local function full_beat(rec, a, prev, renew, token)
   if ARGV[a + 8] ~= '' then metadata = ARGV[a + 8]; set('metadata', metadata) end
   if ARGV[a + 9] ~= '' then display_name = ARGV[a + 9]; set('display_name', display_name) end
   local new_run_id = ARGV[a + 10] ~= '' and ARGV[a + 10] ~= run_id
+  -- `starting` opens a run, unless it names the open one again: a retried
+  -- start is the same run.
+  local restarts = status == 'starting' and (not run_key or ARGV[a + 10] == '' or new_run_id)
   if ARGV[a + 10] ~= '' then run_id = ARGV[a + 10]; set('run_id', run_id) end
   -- When the record expires, by the service's clock: decides renewals.
   if renew then
@@ -156,7 +159,7 @@ local function full_beat(rec, a, prev, renew, token)
     set('expires', expires)
   end
 
-  if (not run_key and not terminal) or status == 'starting' or new_run_id then
+  if (not run_key and not terminal) or restarts or new_run_id then
     if run_key then
       update_run(run_key, function(r) if r.outcome == nil then r.lost = true end end)
     end
@@ -802,10 +805,19 @@ return n + #runs
 });
 
 /// Deletes an agent: KEYS as in [`RedisEngine::agent_keys`]; ARGV: 2 agent id,
-/// 3 event.
+/// 3 event. Nothing will close the agent's open run now: it ends as lost.
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
+local run_key = redis.call('HGET', KEYS[2], 'run_key')
+local raw = run_key and redis.call('HGET', KEYS[8], run_key)
+if raw then
+  local run = cjson.decode(raw)
+  if run.outcome == nil then
+    run.lost = true
+    redis.call('HSET', KEYS[8], run_key, cjson.encode(run))
+  end
+end
 local existed = redis.call('DEL', KEYS[2])
 for i = 3, 7 do redis.call('ZREM', KEYS[i], ARGV[2]) end
 if existed == 1 then emit('agent.deleted', ARGV[2], '', ARGV[3]) end

@@ -71,13 +71,8 @@ impl MemoryEngine {
             let result = f(&mut state);
             (result, state.events.newest(), state.events.newest_wake())
         };
-        let advance = |watch: &watch::Sender<StreamId>, id: StreamId| {
-            watch.send_if_modified(|current| {
-                let changed = *current != id;
-                *current = id;
-                changed
-            });
-        };
+        // Sent after the lock is released, so two writers may get here in
+        // either order: a watch only ever moves forward.
         if let Some(newest) = newest {
             advance(&self.newest, newest);
         }
@@ -138,4 +133,39 @@ async fn wait_past(newest: &watch::Sender<StreamId>, after: StreamId, block: Dur
     let mut newest = newest.subscribe();
     let _ = tokio::time::timeout(block, newest.wait_for(|id| *id > after)).await;
     *newest.borrow() > after
+}
+
+/// Moves `watch` to `id` if that is newer, waking its receivers; an older
+/// id (from a writer that released the lock earlier but got here later)
+/// leaves it alone, so readers never see the log go back and miss a wake-up.
+fn advance(watch: &watch::Sender<StreamId>, id: StreamId) {
+    watch.send_if_modified(|current| {
+        let newer = id > *current;
+        if newer {
+            *current = id;
+        }
+        newer
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_writer_never_moves_the_newest_id_back() {
+        let watch = watch::Sender::new(StreamId::ZERO);
+        let mut seen = watch.subscribe();
+        let (older, newer) = (StreamId { ms: 5, seq: 0 }, StreamId { ms: 5, seq: 1 });
+        advance(&watch, newer);
+        assert!(seen.has_changed().unwrap());
+        assert_eq!(*seen.borrow_and_update(), newer);
+        // The writer of `older` released the lock first but wakes readers
+        // last: the readers must still see `newer`, and not be woken.
+        advance(&watch, older);
+        assert!(!seen.has_changed().unwrap());
+        assert_eq!(*watch.borrow(), newer);
+        advance(&watch, newer);
+        assert!(!seen.has_changed().unwrap());
+    }
 }

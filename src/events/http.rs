@@ -76,16 +76,7 @@ async fn post_event(
             format!("{kind:?} is written by the service itself; choose another type"),
         ));
     }
-    match &req.agent_id {
-        Some(agent) => caller.ensure_may_act_as(agent, "agent_id")?,
-        None if caller.is_agent() && !caller.may_act_as_any() => {
-            return Err(ApiError::invalid(
-                "agent_id",
-                "required for keys limited to some agents",
-            ));
-        }
-        None => {}
-    }
+    caller.ensure_may_write_for(req.agent_id.as_ref(), "agent_id")?;
     let body = EventBody::new(
         kind,
         &caller.name,

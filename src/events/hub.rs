@@ -45,6 +45,9 @@ const WAKE_BLOCK: Duration = Duration::from_millis(100);
 /// What the tailer reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tailing {
+    /// Nothing yet: the tailer has not found the end of the log, so it
+    /// does not know where live events start.
+    Starting,
     /// Every event: for subscribers and waiters.
     Log,
     /// Only wake-ups (while no client subscribes): for waiters.
@@ -78,7 +81,7 @@ impl Hub {
             waiters: Waiters::default(),
             subscribers: AtomicUsize::new(0),
             shutdown,
-            tailing: watch::Sender::new(Tailing::Log),
+            tailing: watch::Sender::new(Tailing::Starting),
             gate: Mutex::new(()),
         })
     }
@@ -93,8 +96,11 @@ impl Hub {
     }
 
     /// Joins the live stream: every event the tailer reads from now on.
-    /// If the tailer reads only wake-ups, waits (at most `within`) until it
-    /// reads the log.
+    /// If the tailer reads only wake-ups, or has not found the end of the
+    /// log yet (the engine was unreachable when it started), waits (at most
+    /// `within`) until it reads the log: a subscriber that joined earlier
+    /// would miss what is appended between its replay and the tailer's
+    /// start.
     pub async fn subscribe(
         &self,
         within: Duration,
@@ -157,6 +163,10 @@ impl Hub {
         };
         backoff.reset();
         tracing::debug!(from = %last, "event tailer started");
+        {
+            let _gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+            self.tailing.send_replace(Tailing::Log);
+        }
         loop {
             let read = match self.choose_tailing() {
                 Tailing::Wakes => {
@@ -165,7 +175,8 @@ impl Hub {
                         read = self.follow_wakes(&engine, &mut last) => read,
                     }
                 }
-                Tailing::Log => {
+                // `Starting` ended before the loop.
+                Tailing::Log | Tailing::Starting => {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         read = engine.wait_events(last, BATCH, BLOCK) => read.map(|events| {
@@ -403,6 +414,20 @@ mod tests {
             hub.waiters.is_empty(),
             "registrations are removed when waiters leave"
         );
+    }
+
+    #[tokio::test]
+    async fn subscribers_wait_until_the_tailer_knows_where_the_log_ends() {
+        let shutdown = CancellationToken::new();
+        let hub = Hub::new(16, shutdown.clone());
+        // No tailer yet (as while the engine is unreachable at start).
+        let early = hub.subscribe(Duration::from_millis(10)).await;
+        assert!(matches!(early, Err(EngineError::Unavailable(_))));
+        let engine = Engine::Memory(Arc::new(crate::engine::memory::MemoryEngine::new(100)));
+        let tailer = hub.spawn_tailer(engine, shutdown.clone());
+        assert!(hub.subscribe(Duration::from_secs(5)).await.is_ok());
+        shutdown.cancel();
+        tailer.await.unwrap();
     }
 
     #[tokio::test]

@@ -54,6 +54,11 @@ const MAX_CLIENT_FRAME: usize = 64 * 1024;
 const REPLAY_BATCH: usize = 500;
 /// Most frames written to one socket with one flush.
 const WRITE_BATCH: usize = 64;
+/// Longest a write to one socket may take. A client that stops reading
+/// (while its connection stays open) would otherwise hold its socket and
+/// task for as long as the kernel keeps the connection, never reaching
+/// the lag check; after this it is dropped and reconnects with `since`.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames are buffered up to this size before being written (the flush
 /// after each batch writes the rest), so a batch is a few large writes.
 const WRITE_BUFFER: usize = 16 * 1024;
@@ -311,7 +316,9 @@ async fn get_events_ws(
 /// together, while a frame after a quiet spell is written at once. Each
 /// write costs a system call and a trip through the TCP stack; with
 /// thousands of sockets and hundreds of events a second, that, not the
-/// frames, is what a fan-out spends its CPU on.
+/// frames, is what a fan-out spends its CPU on. A write that took a full
+/// [`WRITE_BATCH`] left more waiting: the next one goes at once, so the
+/// interval never caps how fast a subscriber can read.
 async fn run_socket(
     socket: WebSocket,
     mut subscription: Subscription,
@@ -335,12 +342,17 @@ async fn run_socket(
                     if let Some(due) = due.filter(|due| *due > tokio::time::Instant::now()) {
                         tokio::time::sleep_until(due).await;
                     }
-                    let sent = send_ready(&mut sink, &mut subscription, frame).await;
-                    last_write = Some(tokio::time::Instant::now());
+                    let sent = tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        send_ready(&mut sink, &mut subscription, frame),
+                    )
+                    .await;
                     match sent {
-                        Ok(None) => {}
-                        Ok(Some(ended)) => break ended,
-                        Err(_) => return,
+                        Ok(Ok(Sent { ended: None, full })) => {
+                            last_write = (!full).then(tokio::time::Instant::now);
+                        }
+                        Ok(Ok(Sent { ended: Some(ended), .. })) => break ended,
+                        Ok(Err(_)) | Err(_) => return,
                     }
                 }
                 Err(ended) => break ended,
@@ -352,7 +364,8 @@ async fn run_socket(
                 return;
             }
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default())));
+                if !matches!(sent.await, Ok(Ok(()))) {
                     return;
                 }
             }
@@ -370,7 +383,7 @@ async fn run_socket(
             close(1011, "storage unavailable; reconnect with since".into())
         }
     };
-    let _ = sink.send(message).await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await;
 }
 
 /// How the client side of a socket ended.
@@ -382,11 +395,12 @@ enum ClientEnd {
 }
 
 /// Reads (and discards) client frames until the client goes; answering
-/// pings is done by the protocol layer while reading.
+/// pings is done by the protocol layer while reading. After a client's
+/// close frame, the next read sends the protocol's reply and ends the
+/// stream, so the client sees a clean close.
 async fn read_client(mut stream: SplitStream<WebSocket>) -> ClientEnd {
     while let Some(incoming) = stream.next().await {
         match incoming {
-            Ok(Message::Close(_)) => return ClientEnd::Gone,
             Ok(_) => {}
             Err(err) => {
                 // Frames over the limit surface as capacity errors.
@@ -412,29 +426,42 @@ fn close(code: u16, reason: String) -> Message {
     }))
 }
 
+/// What one [`send_ready`] did.
+struct Sent {
+    /// How the subscription ended, if it did while draining.
+    ended: Option<Ended>,
+    /// It wrote a full [`WRITE_BATCH`]: more may be waiting.
+    full: bool,
+}
+
 /// Writes `first` and every frame already waiting behind it, up to
 /// [`WRITE_BATCH`], with one flush: a subscriber that fell behind catches up
-/// in a few large writes instead of one system call per event. Returns how
-/// the subscription ended if it did while draining.
+/// in a few large writes instead of one system call per event.
 async fn send_ready(
     socket: &mut SplitSink<WebSocket, Message>,
     subscription: &mut Subscription,
     first: Frame,
-) -> Result<Option<Ended>, axum::Error> {
+) -> Result<Sent, axum::Error> {
     socket.feed(Message::Text(first.json())).await?;
-    let mut ended = None;
+    let mut sent = Sent {
+        ended: None,
+        full: true,
+    };
     for _ in 1..WRITE_BATCH {
         match subscription.try_next() {
-            None => break,
+            None => {
+                sent.full = false;
+                break;
+            }
             Some(Ok(frame)) => socket.feed(Message::Text(frame.json())).await?,
             Some(Err(end)) => {
-                ended = Some(end);
+                sent.ended = Some(end);
                 break;
             }
         }
     }
     socket.flush().await?;
-    Ok(ended)
+    Ok(sent)
 }
 
 /// Live events as Server-Sent Events.
@@ -456,18 +483,23 @@ async fn get_events_sse(
     crate::extract::ValidQuery(q): crate::extract::ValidQuery<StreamQuery>,
 ) -> ApiResult<Response> {
     check_origin(&state, &headers)?;
+    let (since, filter) = parse_position(
+        q.since.as_deref(),
+        q.types.as_deref(),
+        q.agent_id.as_deref(),
+    )?;
+    // A reconnecting browser sends where it stopped; that wins over `since`.
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let since = last_event_id.as_deref().or(q.since.as_deref());
-    let (since, filter) = parse_position(since, q.types.as_deref(), q.agent_id.as_deref())
-        .map_err(|e| match (&e, last_event_id.is_some()) {
-            (ApiError::Validation(_), true) => {
-                ApiError::invalid("Last-Event-ID", "is not an event id")
-            }
-            _ => e,
-        })?;
+        .filter(|s| !s.is_empty());
+    let since = match last_event_id {
+        Some(id) => Some(
+            id.parse::<StreamId>()
+                .map_err(|_| ApiError::invalid("Last-Event-ID", "is not an event id"))?,
+        ),
+        None => since,
+    };
     let subscription = Subscription::start(&state, since, filter).await?;
     let guard = state.hub.client_guard();
     let shutdown = state.shutdown.clone();

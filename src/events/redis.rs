@@ -79,6 +79,10 @@ impl RedisEngine {
     }
 
     pub async fn read_events(&self, after: StreamId, count: usize) -> EngineResult<Vec<Event>> {
+        // Redis refuses an exclusive range that starts past the last id.
+        if after == StreamId::MAX {
+            return Ok(Vec::new());
+        }
         let mut conn = self.conn();
         let entries: Vec<Entry> = self
             .run(

@@ -418,9 +418,7 @@ pub async fn record_feedback(
     caller: &Identity,
     req: FeedbackIn,
 ) -> ApiResult<FeedbackRecorded> {
-    if let Some(agent) = &req.agent_id {
-        caller.ensure_may_act_as(agent, "agent_id")?;
-    }
+    caller.ensure_may_write_for(req.agent_id.as_ref(), "agent_id")?;
     let now = state.clock.now();
     let id = uuid::Uuid::now_v7().to_string();
     let score = req.quality_score.get();

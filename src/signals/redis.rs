@@ -158,16 +158,20 @@ while #out < limit do
     break
   end
   local id = entry[1]
-  local f = redis.call('HMGET', SIG .. id, 'type', 'source', 'expires', 'json')
-  if not f[4] then
-    -- The hash expired (by Redis's clock) before the queue said so.
-    dead[#dead + 1] = { id, broadcast and '' or agent }
-  elseif tonumber(f[3]) > NOW
-    and (want_type == '' or f[1] == want_type)
-    and (want_source == '' or f[2] == want_source)
-    and not (broadcast and redis.call('SISMEMBER', SIG .. id .. ':consumed', agent) == 1) then
-    out[#out + 1] = f[4]
-    taken[#taken + 1] = { id, broadcast, f[3] }
+  -- A broadcast this agent consumed is skipped before anything of it is
+  -- read, and a payload (up to 64 KiB) is read only for a match: an inbox
+  -- read walks every live broadcast, most of them consumed long ago.
+  if not (broadcast and redis.call('SISMEMBER', SIG .. id .. ':consumed', agent) == 1) then
+    local f = redis.call('HMGET', SIG .. id, 'type', 'source', 'expires')
+    if not f[3] then
+      -- The hash expired (by Redis's clock) before the queue said so.
+      dead[#dead + 1] = { id, broadcast and '' or agent }
+    elseif tonumber(f[3]) > NOW
+      and (want_type == '' or f[1] == want_type)
+      and (want_source == '' or f[2] == want_source) then
+      out[#out + 1] = redis.call('HGET', SIG .. id, 'json')
+      taken[#taken + 1] = { id, broadcast, f[3] }
+    end
   end
 end
 for _, d in ipairs(dead) do drop(d[1], d[2]) end

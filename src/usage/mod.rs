@@ -633,9 +633,7 @@ fn prepare(
             ),
         ));
     }
-    if let Some(agent) = &r.agent_id {
-        caller.ensure_may_act_as(agent, &at("agent_id"))?;
-    }
+    caller.ensure_may_write_for(r.agent_id.as_ref(), &at("agent_id"))?;
     let tokens = r.tokens.counts();
     let prices = &settings.prices;
     let rates = prices.rates(r.model.as_str());
