@@ -231,16 +231,20 @@ async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String
     }
 }
 
-/// Hides a password in a Redis URL for logs.
+/// Hides a password in a Redis URL for logs: everything between the user
+/// name's `:` and the host's `@` (the last one: a password written with an
+/// `@` or a `:` in it hides whole).
 fn redact(url: &str) -> String {
-    match url.split_once('@') {
-        Some((head, tail)) => match head.rsplit_once(':') {
-            Some((scheme_user, _)) if scheme_user.contains("//") => {
-                format!("{scheme_user}:***@{tail}")
-            }
-            _ => format!("***@{tail}"),
+    let Some((head, host)) = url.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match head.split_once("//") {
+        Some((scheme, userinfo)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}//{user}:***@{host}"),
+            // A user name alone: no password to hide.
+            None => url.to_owned(),
         },
-        None => url.to_owned(),
+        None => format!("***@{host}"),
     }
 }
 
@@ -261,7 +265,11 @@ pub fn router(state: AppState) -> Router {
     .fallback(fallback)
     .method_not_allowed_fallback(method_not_allowed)
     .route_layer(middleware::from_fn_with_state(
-        config.request_timeout,
+        RouteSettings {
+            timeout: config.request_timeout,
+            anonymous_origins: (!state.keys.requires_keys())
+                .then(|| Arc::new(config.allowed_origins.clone())),
+        },
         per_route,
     ))
     // One layer made of the whole stack: the router boxes each layer it is
@@ -356,31 +364,79 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal(format!("handler panicked: {detail}")).into_response()
 }
 
+/// What [`per_route`] needs.
+#[derive(Clone)]
+struct RouteSettings {
+    /// `--request-timeout-seconds`.
+    timeout: Duration,
+    /// Without a keys file, the origins besides the service's own from
+    /// which a browser may call it (`--allowed-origins`); `None` with keys.
+    anonymous_origins: Option<Arc<Vec<String>>>,
+}
+
+impl RouteSettings {
+    /// Refuses a browser's request from another site when no keys file is
+    /// loaded. Every caller is then an administrator, and a browser sends
+    /// requests to a service on 127.0.0.1 from any page its user opens: a
+    /// WebSocket (which no CORS rule covers) would hand the page the whole
+    /// event log, and a form-like POST, which needs no CORS either, would
+    /// forge heartbeats or cancel approvals. Browsers name the page's origin
+    /// in `Origin` on exactly those requests; curl, SDKs and the CLI send
+    /// none, and same-origin pages (the service's own `/docs`) pass.
+    fn refuse_cross_site(&self, req: &Request) -> Option<ApiError> {
+        let allowed = self.anonymous_origins.as_ref()?;
+        let origin = req.headers().get(header::ORIGIN)?.to_str().unwrap_or("");
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let same_origin = origin
+            .split_once("://")
+            .is_some_and(|(_, authority)| !host.is_empty() && authority.eq_ignore_ascii_case(host));
+        let listed = allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
+        (!same_origin && !listed).then(|| {
+            ApiError::Forbidden(format!(
+                "origin {origin:?} may not call this service: without a keys file every caller \
+                 is an administrator, so browsers may call only from the service's own origin \
+                 or one in --allowed-origins"
+            ))
+        })
+    }
+}
+
 /// Per-route work, in one layer: the time limit, then the request counter
 /// and latency histogram by matched route (timeouts included).
 ///
 /// The time limit is `--request-timeout-seconds` plus the `wait_seconds` a
 /// request asked for (long polls may wait up to 60 s by design). WebSocket
 /// and SSE responses return at once, so their streams are not limited by it.
-async fn per_route(State(timeout): State<Duration>, req: Request, next: Next) -> Response {
+async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().cloned();
     let method = req.method().clone();
-    let wait = req
-        .uri()
-        .query()
-        .and_then(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "wait_seconds")
-                .and_then(|(_, v)| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        .min(60);
     let started = Instant::now();
-    let response =
-        match tokio::time::timeout(timeout + Duration::from_secs(wait), next.run(req)).await {
+    let response = if let Some(refusal) = settings.refuse_cross_site(&req) {
+        refusal.into_response()
+    } else {
+        let wait = req
+            .uri()
+            .query()
+            .and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "wait_seconds")
+                    .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            .min(60);
+        let limit = settings.timeout + Duration::from_secs(wait);
+        match tokio::time::timeout(limit, next.run(req)).await {
             Ok(response) => response,
             Err(_) => ApiError::Timeout.into_response(),
-        };
+        }
+    };
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let (count, duration) = request_metrics(method, route, response.status());
     count.increment(1);
@@ -546,6 +602,9 @@ mod tests {
             "redis://:***@host:6379"
         );
         assert_eq!(redact("redis://user:secret@host"), "redis://user:***@host");
+        assert_eq!(redact("redis://default:pa:ss@h"), "redis://default:***@h");
+        assert_eq!(redact("redis://:p@ss@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact("redis://user@host"), "redis://user@host");
     }
 }

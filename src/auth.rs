@@ -359,7 +359,7 @@ impl KeyRing {
 const RESERVED_KEY_NAMES: [&str; 2] = [crate::approvals::SYSTEM, "anonymous"];
 
 /// Refuses a key name that would pass for one of the service's own.
-pub fn check_key_name(name: &str) -> Result<(), String> {
+fn check_key_name(name: &str) -> Result<(), String> {
     if RESERVED_KEY_NAMES.contains(&name) {
         return Err(format!(
             "key name {name:?} is reserved: the service uses it for itself"

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::Role;
@@ -119,7 +120,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ATTUNE_KEYS_FILE")]
     pub keys_file: Option<PathBuf>,
     /// Allow anonymous access on a non-loopback address.
-    #[arg(long, env = "ATTUNE_INSECURE_ALLOW_ANONYMOUS")]
+    #[arg(long, env = "ATTUNE_INSECURE_ALLOW_ANONYMOUS", value_parser = BoolishValueParser::new())]
     pub insecure_allow_anonymous: bool,
     /// Comma-separated origins allowed for CORS and WebSocket `Origin`
     /// (`*` for any). Empty: no CORS, any WebSocket origin.
@@ -153,7 +154,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ATTUNE_WS_WRITE_INTERVAL_MS", default_value_t = 20)]
     pub ws_write_interval_ms: u64,
     /// Do not write an `agent.heartbeat` event for every beat.
-    #[arg(long, env = "ATTUNE_NO_HEARTBEAT_EVENTS")]
+    #[arg(long, env = "ATTUNE_NO_HEARTBEAT_EVENTS", value_parser = BoolishValueParser::new())]
     pub no_heartbeat_events: bool,
     /// How long an agent record is kept after its last beat.
     #[arg(long, env = "ATTUNE_AGENT_RETENTION_SECONDS", default_value_t = 86_400)]
@@ -241,6 +242,10 @@ impl ServeArgs {
         if self.body_limit_bytes < 1024 {
             return Err("--body-limit-bytes must be at least 1024".into());
         }
+        if self.down_grace_seconds.is_some_and(|g| g > 3600) {
+            // Like a ttl: ttl + grace must stay within the retention below.
+            return Err("--down-grace-seconds must be at most 3600".into());
+        }
         if self.agent_retention_seconds < 3600 * 2 {
             // A record must outlive ttl + grace (at most 2 h) to ever be `down`.
             return Err("--agent-retention-seconds must be at least 7200".into());
@@ -312,5 +317,19 @@ impl ServeArgs {
             serve: ServeArgs,
         }
         Wrapper::parse_from(args).serve
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_down_grace_over_an_hour_is_refused() {
+        let grace = |g: &'static str| {
+            ServeArgs::parse_from(["serve", "--down-grace-seconds", g]).into_config()
+        };
+        assert!(grace("3600").is_ok());
+        assert!(grace("3601").unwrap_err().contains("--down-grace-seconds"));
     }
 }

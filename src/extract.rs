@@ -117,6 +117,35 @@ fn data_error(path: &str, message: &str) -> ApiError {
     ApiError::Validation(vec![FieldError::new(field, message)])
 }
 
+/// Path parameters. axum's own rejection is plain text; a parameter that
+/// is not UTF-8 once percent-decoded (`/v1/agents/%FF`) is a 422 naming it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ValidPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ValidPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::Path;
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ValidPath(value)),
+            Err(PathRejection::FailedToDeserializePathParams(err)) => match err.kind() {
+                ErrorKind::InvalidUtf8InPathParam { key } => {
+                    Err(ApiError::invalid(key.as_str(), "is not valid UTF-8"))
+                }
+                _ => Err(ApiError::BadRequest(err.body_text())),
+            },
+            Err(other) => Err(ApiError::BadRequest(other.body_text())),
+        }
+    }
+}
+
 /// Query parameters, deserialized with field-level errors.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ValidQuery<T>(pub T);

@@ -25,8 +25,9 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
         Some(Command::Migrate(args)) => runtime.block_on(migrate(args)),
         Some(Command::Keys(KeysCommand::New { name, role, agents })) => {
-            attune_telemetry::auth::check_key_name(&name).map(|()| {
-                let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
+            let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
+            // The entry must load as the server will load it.
+            attune_telemetry::auth::KeyRing::parse(&entry).map(|_| {
                 eprintln!("Secret (shown once; give it to the key's holder):");
                 println!("{secret}");
                 eprintln!("\nAdd this entry to the keys file:\n");

@@ -330,6 +330,19 @@ async fn bad_heartbeats_are_422s_naming_the_field(kind: Kind) {
         assert_eq!(status, 422, "{id} -> {problem}");
         assert_eq!(problem_field(&problem), "agent_id");
     }
+    // Not UTF-8 once percent-decoded: still a problem naming the field.
+    for path in ["/v1/agents/%FF", "/v1/agents/%FF/heartbeats"] {
+        let (status, problem) = if path.ends_with("heartbeats") {
+            app.post(path, json!({})).await
+        } else {
+            app.get(path).await
+        };
+        assert_eq!(
+            (status, problem_field(&problem).as_str()),
+            (422, "agent_id"),
+            "{path}"
+        );
+    }
     let (status, _) = app.get("/v1/agents?state=sideways").await;
     assert_eq!(status, 422);
     let (status, _) = app.get("/v1/agents?cursor=garbage").await;

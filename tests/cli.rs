@@ -361,3 +361,53 @@ async fn tail_prints_one_line_per_event() {
     }
     assert_eq!(types, vec!["agent.started", "agent.heartbeat"]);
 }
+
+/// Runs the binary with `args` and `env`, no server needed.
+fn run_bin(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_attune-telemetry"));
+    cmd.args(args).envs(env.iter().copied());
+    cmd.output().expect("binary runs")
+}
+
+#[test]
+fn keys_new_refuses_an_entry_the_server_would_refuse() {
+    let ok = run_bin(
+        &[
+            "keys", "new", "--name", "ci", "--role", "agent", "--agents", "ci-*",
+        ],
+        &[],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).starts_with("atk_"), "{}", stdout(&ok));
+    for args in [
+        [
+            "keys", "new", "--name", "dash", "--role", "viewer", "--agents", "ci-*",
+        ]
+        .as_slice(),
+        ["keys", "new", "--name", "system", "--role", "approver"].as_slice(),
+    ] {
+        let out = run_bin(args, &[]);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stdout(&out).is_empty(), "no secret for a refused entry");
+        assert!(stderr(&out).contains("error:"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn boolean_settings_read_1_and_yes_from_the_environment() {
+    for value in ["1", "yes", "true", "0", "off"] {
+        let out = run_bin(
+            &["openapi"],
+            &[
+                ("ATTUNE_NO_HEARTBEAT_EVENTS", value),
+                ("ATTUNE_INSECURE_ALLOW_ANONYMOUS", value),
+            ],
+        );
+        assert!(out.status.success(), "{value}: {}", stderr(&out));
+    }
+    let out = run_bin(&["openapi"], &[("ATTUNE_NO_HEARTBEAT_EVENTS", "maybe")]);
+    assert!(
+        !out.status.success(),
+        "a value that is no boolean is refused"
+    );
+}

@@ -780,3 +780,132 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_that_overtakes_a_replay_is_announced_with_a_reset() {
+    let app =
+        TestApp::spawn_with(Options::new(Kind::Memory).configure(|c| c.stream_max_len = 600)).await;
+    // Events large enough that a replay batch (500) outgrows the socket's
+    // buffers: the replay waits for this client while the log moves on.
+    let big = "x".repeat(60 * 1024);
+    let send = |n: usize| {
+        let app = &app;
+        let big = big.clone();
+        async move {
+            let (status, body) = app
+                .post(
+                    "/v1/events",
+                    json!({"type": "test.long", "data": {"n": n, "pad": big}}),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+        }
+    };
+    for n in 0..600 {
+        send(n).await;
+    }
+    let mut socket = connect(&app, "?since=0&types=test.long").await;
+    for n in 0..10 {
+        let frame = next_json(&mut socket).await.expect("a replayed frame");
+        assert_eq!(frame["data"]["n"], n);
+    }
+    // Trims every event of the first 600 the replay has not read yet.
+    for n in 600..1300 {
+        send(n).await;
+    }
+    let mut next = 10;
+    let reset = loop {
+        let frame = next_json(&mut socket).await.expect("a frame");
+        if frame["type"] == "stream.reset" {
+            break frame;
+        }
+        assert_eq!(
+            frame["data"]["n"], next,
+            "in order, no gap before the reset"
+        );
+        next += 1;
+    };
+    assert!(
+        next <= 500,
+        "the reset comes where the first batch ends ({next})"
+    );
+    let after = next_json(&mut socket).await.expect("replay goes on");
+    assert_eq!(after["id"], reset["oldest_id"], "{reset}");
+    assert_eq!(after["data"]["n"], 700, "the oldest event left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_log_entry_is_passed_over_not_a_stop() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let mut socket = connect(&app, "?types=test.*").await;
+    // An entry no version of the service wrote: no type, no body.
+    let mut conn = app.redis.as_ref().unwrap().conn();
+    let _: String = ::redis::cmd("XADD")
+        .arg(format!("{{{}}}:events", app.prefix))
+        .arg("*")
+        .arg("x")
+        .arg("1")
+        .query(&mut conn)
+        .unwrap();
+    let id = publish(&app, "test.after-junk", 0).await;
+    let frame = next_json(&mut socket)
+        .await
+        .expect("the live stream goes on");
+    assert_eq!(frame["id"], id.as_str());
+    let (status, page) = app.get("/v1/events?since=0&types=test.after-junk").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"][0]["id"], id.as_str());
+}
+
+/// Without a keys file every caller is an administrator: a page on another
+/// site must not be able to read the log or write through the user's
+/// browser. Clients that send no `Origin` (curl, SDKs) and the service's
+/// own pages are not affected; with keys, credentials protect instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_browsers_on_other_sites_are_refused() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let ws_status = |origin: &'static str| {
+        let app = &app;
+        async move {
+            let mut req = app.ws_url("/v1/events/ws").into_client_request().unwrap();
+            req.headers_mut().insert("Origin", origin.parse().unwrap());
+            match tokio_tungstenite::connect_async(req).await {
+                Ok(_) => 101,
+                Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    assert_eq!(ws_status("https://evil.example").await, 403);
+    let own: &'static str = Box::leak(format!("http://{}", app.addr).into_boxed_str());
+    assert_eq!(ws_status(own).await, 101);
+    let beat = |origin: Option<&str>| {
+        let mut req = app
+            .client
+            .post(app.url("/v1/agents/forged/heartbeats"))
+            .json(&json!({}));
+        if let Some(origin) = origin {
+            req = req.header("Origin", origin);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(beat(Some("https://evil.example")).await, 403);
+    assert_eq!(beat(Some("null")).await, 403);
+    assert_eq!(beat(Some(own)).await, 200);
+    assert_eq!(beat(None).await, 200);
+
+    // With keys, a key is what it takes, wherever the request comes from.
+    let keys = TestKeys::new();
+    let keyed = TestApp::spawn_with(Options::new(Kind::Memory).keys(&keys.toml)).await;
+    let status = keyed
+        .client
+        .post(keyed.url("/v1/agents/a/heartbeats"))
+        .bearer_auth(&keys.agent)
+        .header("Origin", "https://evil.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}

@@ -307,6 +307,14 @@ async fn template_confidence_is_the_share_of_good_ratings(kind: Kind) {
         }
         assert_eq!(seen.len(), 3, "{order}: {seen:?}");
     }
+    // A forged cursor far past the end is a 422, not an overflow.
+    use base64::Engine as _;
+    let forged =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("offset:{}", usize::MAX));
+    let (status, problem) = app
+        .get(&format!("/v1/templates?order=confidence&cursor={forged}"))
+        .await;
+    assert_eq!((status, problem_field(&problem).as_str()), (422, "cursor"));
     let events = app.events_of("feedback.recorded").await;
     assert_eq!(events.len(), 5);
     assert_eq!(events[0]["data"]["kind"], "template");

@@ -474,10 +474,11 @@ async fn cors_answers_configured_origins_only() {
         "https://dash.example"
     );
 
-    // Without --allowed-origins no origin is granted.
+    // Without --allowed-origins no origin is granted; without keys either,
+    // another site's page is refused outright.
     let plain = TestApp::spawn(Kind::Memory).await;
     let resp = get_from_dash(&plain).await;
-    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.status(), 403);
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
 

@@ -1,7 +1,7 @@
 //! HTTP handlers for heartbeats and liveness.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -15,7 +15,7 @@ use crate::app::AppState;
 use crate::auth::{Admin, AgentWrite, AnyRole, Caller};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::EventBody;
-use crate::extract::{ValidJson, ValidQuery};
+use crate::extract::{ValidJson, ValidPath, ValidQuery};
 use crate::types::{Bounded, DEFAULT_LIMIT, Id, Limit};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -51,7 +51,7 @@ const RESERVED_IDS: [&str; 2] = ["stale", "performance"];
 async fn post_heartbeat(
     caller: Caller<AgentWrite>,
     State(state): State<AppState>,
-    Path(agent_id): Path<String>,
+    ValidPath(agent_id): ValidPath<String>,
     ValidJson(req): ValidJson<HeartbeatRequest>,
 ) -> ApiResult<Json<AgentView>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
@@ -189,7 +189,7 @@ async fn page(
 async fn get_agent(
     _caller: Caller<AnyRole>,
     State(state): State<AppState>,
-    Path(agent_id): Path<String>,
+    ValidPath(agent_id): ValidPath<String>,
 ) -> ApiResult<Json<AgentView>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
     let record = state
@@ -223,7 +223,7 @@ pub struct Alive {
 async fn get_agent_alive(
     _caller: Caller<AnyRole>,
     State(state): State<AppState>,
-    Path(agent_id): Path<String>,
+    ValidPath(agent_id): ValidPath<String>,
 ) -> ApiResult<Json<Alive>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
     let now_ms = state.clock.now_ms();
@@ -253,7 +253,7 @@ async fn get_agent_alive(
 async fn delete_agent(
     caller: Caller<Admin>,
     State(state): State<AppState>,
-    Path(agent_id): Path<String>,
+    ValidPath(agent_id): ValidPath<String>,
 ) -> ApiResult<StatusCode> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
     let event = EventBody::new(

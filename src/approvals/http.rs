@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -17,7 +17,7 @@ use crate::approvals::{
 };
 use crate::auth::{AgentWrite, AnyRole, Caller, Decide};
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::extract::{ValidJson, ValidQuery};
+use crate::extract::{ValidJson, ValidPath, ValidQuery};
 use crate::types::{DEFAULT_LIMIT, Id, Limit};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -214,7 +214,7 @@ async fn list_approvals(
 async fn get_approval(
     caller: Caller<AnyRole>,
     State(state): State<AppState>,
-    Path(request_id): Path<String>,
+    ValidPath(request_id): ValidPath<String>,
     ValidQuery(q): ValidQuery<WaitQuery>,
 ) -> ApiResult<Json<Approval>> {
     let id = parse_id(&request_id)?;
@@ -247,7 +247,7 @@ async fn get_approval(
 async fn decide_approval(
     caller: Caller<Decide>,
     State(state): State<AppState>,
-    Path(request_id): Path<String>,
+    ValidPath(request_id): ValidPath<String>,
     ValidJson(req): ValidJson<DecisionRequest>,
 ) -> ApiResult<Json<Approval>> {
     let id = parse_id(&request_id)?;
@@ -274,7 +274,7 @@ async fn decide_approval(
 async fn cancel_approval(
     caller: Caller<AgentWrite>,
     State(state): State<AppState>,
-    Path(request_id): Path<String>,
+    ValidPath(request_id): ValidPath<String>,
     ValidJson(req): ValidJson<CancelRequest>,
 ) -> ApiResult<Json<Approval>> {
     let id = parse_id(&request_id)?;

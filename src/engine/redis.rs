@@ -19,7 +19,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::io::tcp::TcpSettings;
+use redis::{
+    AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind,
+};
 use tokio::sync::Mutex;
 
 use crate::engine::keys::Keys;
@@ -76,6 +79,25 @@ pub struct RedisEngine {
     pub(crate) beat_batcher: std::sync::OnceLock<crate::agents::redis::BeatBatcher>,
 }
 
+/// Sockets to Redis: no Nagle delay (script calls and their answers are
+/// small writes that must not wait for the previous one's acknowledgement),
+/// and a bound on unacknowledged data. The connection manager reconnects
+/// when its socket fails, not when calls time out; if Redis's host
+/// vanishes without closing the connection (a crash, a failover that moves
+/// its address), the kernel would keep retransmitting for a quarter of an
+/// hour, every call a 503 until then. With the bound the socket fails
+/// after [`UNACKED_LIMIT`] and the manager reconnects.
+fn tcp_settings() -> TcpSettings {
+    let settings = TcpSettings::default().set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout(UNACKED_LIMIT);
+    settings
+}
+
+/// How long data sent to Redis may go unacknowledged by its host's kernel
+/// (which acknowledges at once, however busy Redis is).
+const UNACKED_LIMIT: Duration = Duration::from_secs(10);
+
 impl RedisEngine {
     /// Connects to `url`. Fails (without hanging) if Redis does not answer
     /// within `timeout`.
@@ -85,7 +107,10 @@ impl RedisEngine {
         timeout: Duration,
         stream_max_len: usize,
     ) -> EngineResult<Self> {
-        let client = redis::Client::open(url)
+        let info = url
+            .into_connection_info()
+            .map_err(|e| EngineError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        let client = redis::Client::open(info.set_tcp_settings(tcp_settings()))
             .map_err(|e| EngineError::Unavailable(format!("invalid Redis URL: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))

@@ -6,7 +6,8 @@
 //! means no event can fall between the two phases; comparing ids means none
 //! is sent twice. If `since` has been trimmed away, the first frame is a
 //! `stream.reset` naming the oldest id still there, and replay starts from
-//! the beginning of what is left.
+//! the beginning of what is left; the same frame comes mid-replay if
+//! trimming overtakes a replay in progress.
 //!
 //! A subscriber that falls more than `--subscriber-buffer` events behind the
 //! live stream is disconnected (WebSocket close code 4008, or a final SSE
@@ -128,6 +129,8 @@ pub struct Subscription {
     filter: EventFilter,
     /// The last id sent (or skipped by the filter); `None` before any.
     last: Option<StreamId>,
+    /// Where replay started (checked for trimming by [`Subscription::start`]).
+    since: Option<StreamId>,
     replaying: bool,
     pending: VecDeque<Frame>,
 }
@@ -154,6 +157,7 @@ impl Subscription {
             live,
             filter,
             last: since,
+            since,
             replaying: since.is_some(),
             pending,
         })
@@ -167,11 +171,24 @@ impl Subscription {
             }
             if self.replaying {
                 let after = self.last.unwrap_or(StreamId::ZERO);
+                // A long replay of a busy log can be overtaken by trimming:
+                // the client is told, as when `since` itself was trimmed,
+                // and replay goes on from what is left.
+                let mut reset = None;
+                if self.last != self.since {
+                    let bounds = self.engine.log_bounds().await.map_err(Ended::Engine)?;
+                    if bounds.trimmed_after(after) {
+                        reset = Some(Frame::Reset {
+                            oldest: bounds.oldest,
+                        });
+                    }
+                }
                 let batch = self
                     .engine
                     .read_events(after, REPLAY_BATCH)
                     .await
                     .map_err(Ended::Engine)?;
+                self.pending.extend(reset);
                 if batch.len() < REPLAY_BATCH {
                     self.replaying = false;
                 }

@@ -24,15 +24,29 @@ static PUBLISH: LazyLock<Script> =
     LazyLock::new(|| script("return emit(ARGV[2], ARGV[3], ARGV[4], ARGV[5])"));
 
 fn decode_wakes(entries: Vec<Entry>) -> EngineResult<Vec<Wake>> {
-    entries
-        .into_iter()
-        .map(|(id, fields)| {
-            let id: StreamId = id.parse().map_err(EngineError::Corrupt)?;
-            let key = fields
-                .into_iter()
-                .find_map(|(name, value)| (name == "w").then_some(value))
-                .ok_or_else(|| EngineError::Corrupt(format!("wake-up {id} lacks its key")))?;
-            Ok((id, key))
+    Ok(skip_unreadable(entries.into_iter().map(|(id, fields)| {
+        let id: StreamId = id.parse().map_err(EngineError::Corrupt)?;
+        let key = fields
+            .into_iter()
+            .find_map(|(name, value)| (name == "w").then_some(value))
+            .ok_or_else(|| EngineError::Corrupt(format!("wake-up {id} lacks its key")))?;
+        Ok((id, key))
+    })))
+}
+
+/// The entries that decode. One that does not (written by hand, or by a
+/// future version) is logged, counted and passed over: failing the whole
+/// read would stop the tailer at it for good, and every subscriber and
+/// waiter with it, until trimming removed it.
+fn skip_unreadable<T>(decoded: impl Iterator<Item = EngineResult<T>>) -> Vec<T> {
+    decoded
+        .filter_map(|entry| {
+            entry
+                .inspect_err(|err| {
+                    metrics::counter!("attune_events_unreadable_total").increment(1);
+                    tracing::warn!(error = %err, "skipping an unreadable event log entry");
+                })
+                .ok()
         })
         .collect()
 }
@@ -95,7 +109,7 @@ impl RedisEngine {
                     .query_async(&mut conn),
             )
             .await?;
-        entries.into_iter().map(decode).collect()
+        Ok(skip_unreadable(entries.into_iter().map(decode)))
     }
 
     pub async fn log_bounds(&self) -> EngineResult<LogBounds> {
@@ -184,7 +198,7 @@ impl RedisEngine {
         let entries = self
             .blocking_read(self.keys.events(), after, count, block)
             .await?;
-        entries.into_iter().map(decode).collect()
+        Ok(skip_unreadable(entries.into_iter().map(decode)))
     }
 
     /// Wake-ups after `after` up to and including `through`, oldest first.

@@ -6,7 +6,7 @@
 //! for viewers and above.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -15,7 +15,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::app::AppState;
 use crate::auth::{AgentWrite, AnyRole, Caller, Viewer};
 use crate::error::{ApiResult, Problem};
-use crate::extract::{ValidJson, ValidQuery};
+use crate::extract::{ValidJson, ValidPath, ValidQuery};
 use crate::feedback::{
     FeedbackIn, FeedbackRecorded, MIN_SAMPLES, QualityStats, Rating, Recommendation,
     TemplateCursor, TemplateOrder, TemplateRating, quality_stats, rate_template, recommendation,
@@ -212,7 +212,7 @@ pub struct TemplateFeedbackIn {
 async fn post_template_feedback(
     caller: Caller<AgentWrite>,
     State(state): State<AppState>,
-    Path(template_id): Path<String>,
+    ValidPath(template_id): ValidPath<String>,
     ValidJson(req): ValidJson<TemplateFeedbackIn>,
 ) -> ApiResult<Json<TemplateRating>> {
     let id = Id::parse("template_id", &template_id)?;
@@ -236,7 +236,7 @@ async fn post_template_feedback(
 async fn get_template(
     _caller: Caller<AnyRole>,
     State(state): State<AppState>,
-    Path(template_id): Path<String>,
+    ValidPath(template_id): ValidPath<String>,
 ) -> ApiResult<Json<TemplateRating>> {
     let id = Id::parse("template_id", &template_id)?;
     let (good, bad) = state.engine.template_counts(&id).await?;

@@ -356,7 +356,12 @@ impl TemplateCursor {
             (
                 TemplateOrder::Confidence | TemplateOrder::ConfidenceAscending,
                 Some(("offset", n)),
-            ) => Ok(Self::Offset(n.parse().map_err(|_| bad())?)),
+            ) => {
+                // No cursor of ours is past u32::MAX rows; a larger one
+                // would overflow the range arithmetic downstream.
+                let n: u32 = n.parse().map_err(|_| bad())?;
+                Ok(Self::Offset(n as usize))
+            }
             _ => Err(bad()),
         }
     }

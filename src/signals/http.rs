@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -13,7 +13,7 @@ use crate::agents::IndexCursor;
 use crate::app::AppState;
 use crate::auth::{AgentWrite, AnyRole, Caller, Viewer};
 use crate::error::{ApiResult, Problem};
-use crate::extract::{ValidJson, ValidQuery};
+use crate::extract::{ValidJson, ValidPath, ValidQuery};
 use crate::signals::{
     InboxQuery, Signal, SignalFilter, SignalRequest, WaitSeconds, clear_inbox, read_inbox,
     send_signal,
@@ -124,7 +124,7 @@ pub struct Inbox {
 async fn get_inbox(
     caller: Caller<AnyRole>,
     State(state): State<AppState>,
-    Path(agent_id): Path<String>,
+    ValidPath(agent_id): ValidPath<String>,
     ValidQuery(q): ValidQuery<InboxParams>,
 ) -> ApiResult<Json<Inbox>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
@@ -174,7 +174,7 @@ pub struct Cleared {
 async fn delete_inbox(
     caller: Caller<AgentWrite>,
     State(state): State<AppState>,
-    Path(agent_id): Path<String>,
+    ValidPath(agent_id): ValidPath<String>,
     ValidQuery(q): ValidQuery<ClearParams>,
 ) -> ApiResult<Json<Cleared>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
