@@ -346,7 +346,12 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     Some(layer)
 }
 
-async fn fallback(uri: axum::http::Uri) -> ApiError {
+/// A path no route matches. Counted here under the route `unmatched`: the
+/// per-route layer only wraps routes (a 405 on a known path goes through it).
+async fn fallback(method: Method, uri: axum::http::Uri) -> ApiError {
+    request_metrics(method, "unmatched", axum::http::StatusCode::NOT_FOUND)
+        .0
+        .increment(1);
     ApiError::NotFound(format!("no route for {}", uri.path()))
 }
 

@@ -231,7 +231,17 @@ async fn metrics_count_requests_by_route() {
         .post("/v1/agents/m-1/heartbeats", json!({"progress": 1.5}))
         .await;
     assert_eq!(status, 422);
+    let (status, _) = app.get("/no/such/path").await;
+    assert_eq!(status, 404);
     let text = app.metrics_text().await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("attune_http_requests_total{")
+                && l.contains("route=\"unmatched\"")
+                && l.contains("status=\"404\"")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
     // One series per method, route and status, each with its own count.
     let count = |status: &str| {
         text.lines()

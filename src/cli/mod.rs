@@ -123,6 +123,9 @@ pub enum ApprovalAction {
         approval_type: Option<String>,
         #[arg(long)]
         agent: Option<String>,
+        /// Most requests to show (1–1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
     /// Approve a request.
     Approve {
@@ -353,14 +356,16 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                 status: "pending".into(),
                 approval_type: None,
                 agent: None,
+                limit: 100,
             });
             match action {
                 ApprovalAction::List {
                     status,
                     approval_type,
                     agent,
+                    limit,
                 } => {
-                    let mut path = format!("/v1/approvals?status={}", q(&status));
+                    let mut path = format!("/v1/approvals?status={}&limit={limit}", q(&status));
                     if let Some(t) = approval_type {
                         path.push_str(&format!("&type={}", q(&t)));
                     }
@@ -494,12 +499,11 @@ async fn tail(
     let path = format!("/v1/events/sse?{}", query.join("&"));
     let resp = api.send(api.request(Method::GET, &path)).await?;
     let mut stream = resp.bytes_stream();
-    let mut buffer = String::new();
+    let mut buffer = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| format!("the event stream broke: {e}"))?;
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
+        buffer.extend_from_slice(&chunk);
+        while let Some(block) = next_sse_block(&mut buffer) {
             let is_error = block.lines().any(|l| l.trim() == "event: error");
             let data: String = block
                 .lines()
@@ -526,4 +530,32 @@ async fn tail(
         }
     }
     Ok(())
+}
+
+/// Takes the next complete Server-Sent Events block (up to its blank line)
+/// off `buffer`. A block is decoded whole, so a character that arrived
+/// split across two network chunks is never mangled.
+fn next_sse_block(buffer: &mut Vec<u8>) -> Option<String> {
+    let end = buffer.windows(2).position(|w| w == b"\n\n")?;
+    let block: Vec<u8> = buffer.drain(..end + 2).collect();
+    Some(String::from_utf8_lossy(&block).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_sse_block_split_inside_a_character_is_decoded_whole() {
+        let text = "data: {\"who\":\"José\"}\n\n".as_bytes();
+        let split = text.iter().position(|&b| b >= 0x80).unwrap() + 1;
+        let mut buffer = text[..split].to_vec();
+        assert_eq!(next_sse_block(&mut buffer), None);
+        buffer.extend_from_slice(&text[split..]);
+        assert_eq!(
+            next_sse_block(&mut buffer).as_deref(),
+            Some("data: {\"who\":\"José\"}\n\n")
+        );
+        assert!(buffer.is_empty());
+    }
 }

@@ -299,6 +299,9 @@ pub fn approvals(body: &Value) {
         ]);
     }
     table.print();
+    if body["next_cursor"].is_string() {
+        println!("(more: raise --limit)");
+    }
 }
 
 pub fn signals(body: &Value) {
