@@ -392,6 +392,23 @@ async fn only_admins_delete_agents(kind: Kind) {
     assert!(ids(&all).is_empty());
 }
 
+/// `performance?hours=1`, and a lookup of one agent's row in it.
+async fn performance_rows(app: &TestApp) -> (Value, impl Fn(&str) -> Value) {
+    let (status, perf) = app.get("/v1/agents/performance?hours=1").await;
+    assert_eq!(status, 200, "{perf}");
+    let rows = perf.clone();
+    let row = move |id: &str| {
+        rows["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["agent_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {id}: {rows}"))
+    };
+    (perf, row)
+}
+
 /// A `starting` beat sent twice for the same run (a client retrying after
 /// an error, say) is one run; `starting` without a `run_id`, or with
 /// another, opens a new one.
@@ -406,17 +423,7 @@ async fn a_retried_start_is_the_same_run(kind: Kind) {
         app.state.clock.advance(Duration::from_millis(5));
     }
     beat(&app, "anew", json!({"status": "starting", "run_id": "x"})).await;
-    let (status, perf) = app.get("/v1/agents/performance?hours=1").await;
-    assert_eq!(status, 200, "{perf}");
-    let row = |id: &str| {
-        perf["agents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["agent_id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("no row for {id}: {perf}"))
-    };
+    let (perf, row) = performance_rows(&app).await;
     let counts = |id: &str| {
         let r = row(id);
         (r["runs"].clone(), r["completed"].clone(), r["lost"].clone())
@@ -437,17 +444,7 @@ async fn deleting_an_agent_ends_its_open_run_as_lost(kind: Kind) {
         let (status, _) = app.delete(&format!("/v1/agents/{id}")).await;
         assert_eq!(status, 204);
     }
-    let (status, perf) = app.get("/v1/agents/performance?hours=1").await;
-    assert_eq!(status, 200, "{perf}");
-    let row = |id: &str| {
-        perf["agents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["agent_id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("no row for {id}: {perf}"))
-    };
+    let (perf, row) = performance_rows(&app).await;
     assert_eq!(
         (row("gone")["runs"].clone(), row("gone")["lost"].clone()),
         (json!(1), json!(1))
