@@ -352,7 +352,6 @@ impl KeyRing {
     }
 }
 
-/// A fresh secret and the `[[keys]]` entry that admits it.
 /// Names the service gives callers itself, which no key may take: an
 /// approval decided by `system` timed out, and `anonymous` is every caller
 /// when no keys file is loaded.
@@ -368,6 +367,7 @@ fn check_key_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A fresh secret and the `[[keys]]` entry that admits it.
 pub fn new_key(name: &str, role: Role, agents: &[String]) -> (String, String) {
     let bytes: [u8; 32] = rand::random();
     let secret = format!("atk_{}", hex::encode(bytes));
