@@ -787,19 +787,19 @@ async fn trimming_that_overtakes_a_replay_is_announced_with_a_reset() {
         TestApp::spawn_with(Options::new(Kind::Memory).configure(|c| c.stream_max_len = 600)).await;
     // Events large enough that a replay batch (500) outgrows the socket's
     // buffers: the replay waits for this client while the log moves on.
+    // Appended through the engine, not HTTP, so that the client's pause
+    // below stays far shorter than the server's write timeout.
     let big = "x".repeat(60 * 1024);
     let send = |n: usize| {
-        let app = &app;
-        let big = big.clone();
-        async move {
-            let (status, body) = app
-                .post(
-                    "/v1/events",
-                    json!({"type": "test.long", "data": {"n": n, "pad": big}}),
-                )
-                .await;
-            assert_eq!(status, 201, "{body}");
-        }
+        let engine = app.state.engine.clone();
+        let body = attune_telemetry::events::EventBody::new(
+            "test.long",
+            "test",
+            None,
+            chrono::Utc::now(),
+            json!({"n": n, "pad": big}),
+        );
+        async move { engine.publish(body).await.expect("appended") }
     };
     for n in 0..600 {
         send(n).await;
