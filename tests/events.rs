@@ -702,9 +702,17 @@ async fn a_backlog_is_written_without_waiting_out_the_interval_between_batches()
     .await;
     let mut socket = connect(&app, "?types=test.backlog").await;
     // 640 frames are ten full batches: paced at one batch per interval they
-    // would take over five seconds after the first.
+    // would take over five seconds after the first. Appended through the
+    // engine, so that the backlog is there at once.
     for n in 0..640 {
-        publish(&app, "test.backlog", n).await;
+        let body = attune_telemetry::events::EventBody::new(
+            "test.backlog",
+            "test",
+            None,
+            chrono::Utc::now(),
+            json!({"n": n}),
+        );
+        app.state.engine.publish(body).await.expect("appended");
     }
     let first = next_json(&mut socket).await.expect("first frame");
     assert_eq!(first["data"]["n"], 0);
