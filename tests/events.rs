@@ -865,6 +865,17 @@ async fn an_unreadable_log_entry_is_passed_over_not_a_stop() {
     assert_eq!(page["events"][0]["id"], id.as_str());
 }
 
+/// The status of a WebSocket handshake sent with `Origin: origin`.
+async fn ws_status_from(app: &TestApp, origin: &str) -> u16 {
+    let mut req = app.ws_url("/v1/events/ws").into_client_request().unwrap();
+    req.headers_mut().insert("Origin", origin.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => 101,
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Without a keys file every caller is an administrator: a page on another
 /// site must not be able to read the log or write through the user's
 /// browser. Clients that send no `Origin` (curl, SDKs) and the service's
@@ -872,21 +883,9 @@ async fn an_unreadable_log_entry_is_passed_over_not_a_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_keys_browsers_on_other_sites_are_refused() {
     let app = TestApp::spawn(Kind::Memory).await;
-    let ws_status = |origin: &'static str| {
-        let app = &app;
-        async move {
-            let mut req = app.ws_url("/v1/events/ws").into_client_request().unwrap();
-            req.headers_mut().insert("Origin", origin.parse().unwrap());
-            match tokio_tungstenite::connect_async(req).await {
-                Ok(_) => 101,
-                Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
-    assert_eq!(ws_status("https://evil.example").await, 403);
-    let own: &'static str = Box::leak(format!("http://{}", app.addr).into_boxed_str());
-    assert_eq!(ws_status(own).await, 101);
+    assert_eq!(ws_status_from(&app, "https://evil.example").await, 403);
+    let own = format!("http://{}", app.addr);
+    assert_eq!(ws_status_from(&app, &own).await, 101);
     let beat = |origin: Option<&str>| {
         let mut req = app
             .client
@@ -899,7 +898,7 @@ async fn without_keys_browsers_on_other_sites_are_refused() {
     };
     assert_eq!(beat(Some("https://evil.example")).await, 403);
     assert_eq!(beat(Some("null")).await, 403);
-    assert_eq!(beat(Some(own)).await, 200);
+    assert_eq!(beat(Some(&own)).await, 200);
     assert_eq!(beat(None).await, 200);
 
     // With keys, a key is what it takes, wherever the request comes from.
