@@ -24,6 +24,25 @@ use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
 use crate::types::{Id, from_millis, rfc3339};
 
+/// [`script`] with the agents' Lua helpers in front.
+fn agent_script(body: &str) -> Script {
+    script(&format!("{RUNS_PRELUDE}\n{body}"))
+}
+
+/// `update_run(runs, key, fn)` rewrites one run's JSON record in the runs
+/// hash `runs` with `fn`, if it is still there: beats open, close and
+/// recover runs; the sweeper and deletes mark them lost.
+const RUNS_PRELUDE: &str = r#"
+local function update_run(runs, key, fn)
+  local raw = redis.call('HGET', runs, key)
+  if raw then
+    local run = cjson.decode(raw)
+    fn(run)
+    redis.call('HSET', runs, key, cjson.encode(run))
+  end
+end
+"#;
+
 /// Applies a batch of beats, each exactly as if alone, in order.
 ///
 /// KEYS: 2 active, 3 late-due, 4 down-due, 5 down, 6 finished, 7 runs,
@@ -82,7 +101,7 @@ use crate::types::{Id, from_millis, rfc3339};
 /// it is set `slack` beyond that, so an agent beating often renews it once
 /// per slack rather than on every beat.
 static BEATS: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    agent_script(
         &r#"
 local retention, slack, nonce = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 -- Relative, so that the lifetime does not depend on how the clocks of
@@ -124,14 +143,6 @@ local function run_data(run_id, status)
   local rid = run_id and ('"' .. run_id .. '"') or 'null'
   return '{"run_id":' .. rid .. ',"status":"' .. status .. '"}'
 end
-local function update_run(key, fn)
-  local raw = redis.call('HGET', KEYS[7], key)
-  if raw then
-    local run = cjson.decode(raw)
-    fn(run)
-    redis.call('HSET', KEYS[7], key, cjson.encode(run))
-  end
-end
 
 -- Any beat that may change state: runs, recovery, finishing, new metadata,
 -- a first beat, an expiry to renew. Returns the stored metadata,
@@ -161,7 +172,7 @@ local function full_beat(rec, a, prev, renew, token)
 
   if (not run_key and not terminal) or restarts or new_run_id then
     if run_key then
-      update_run(run_key, function(r) if r.outcome == nil then r.lost = true end end)
+      update_run(KEYS[7], run_key, function(r) if r.outcome == nil then r.lost = true end end)
     end
     -- Keyed by agent and start; a second run started in the same
     -- millisecond gets a suffix instead of overwriting the first.
@@ -179,13 +190,13 @@ local function full_beat(rec, a, prev, renew, token)
     emit('agent.started', id, '', event(a, 'agent.started', run_data(run_id, status)))
   end
   if was_down then
-    if run_key then update_run(run_key, function(r) r.lost = false end) end
+    if run_key then update_run(KEYS[7], run_key, function(r) r.lost = false end) end
     emit('agent.recovered', id, '', event(a, 'agent.recovered', '{"status":"' .. status .. '"}'))
   end
   redis.call('HSET', rec, unpack(fields))
   if renew then redis.call('PEXPIRE', rec, lifetime) end
   if terminal and run_key then
-    update_run(run_key, function(r) r.ended_ms = now; r.outcome = status; r.lost = false end)
+    update_run(KEYS[7], run_key, function(r) r.ended_ms = now; r.outcome = status; r.lost = false end)
     redis.call('HDEL', rec, 'run_key')
     emit('agent.finished', id, '', event(a, 'agent.finished', run_data(run_id, status)))
   end
@@ -750,7 +761,7 @@ fn record_after(beat: Beat, stored: Stored) -> AgentRecord {
 /// The record keys are derived from the prefix inside the script; they share
 /// the deployment's hash tag, so they live in the same slot as the declared keys.
 static SWEEP_DOWN: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    agent_script(
         r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(due) do
@@ -761,14 +772,7 @@ for _, id in ipairs(due) do
   if f[1] and f[4] ~= 'completed' and f[4] ~= 'failed' and f[4] ~= 'cancelled' then
     redis.call('HSET', rec, 'down', '1')
     redis.call('ZADD', KEYS[6], f[1], id)
-    if f[3] then
-      local raw = redis.call('HGET', KEYS[8], f[3])
-      if raw then
-        local run = cjson.decode(raw)
-        run.lost = true
-        redis.call('HSET', KEYS[8], f[3], cjson.encode(run))
-      end
-    end
+    if f[3] then update_run(KEYS[8], f[3], function(r) r.lost = true end) end
     emit('agent.down', id, '',
       '{"type":"agent.down","ts":"' .. ARGV[5] .. '","source":"system","agent_id":"' .. id
       .. '","data":{"ttl_seconds":' .. f[2] .. '}}')
@@ -807,16 +811,11 @@ return n + #runs
 /// Deletes an agent: KEYS as in [`RedisEngine::agent_keys`]; ARGV: 2 agent id,
 /// 3 event. Nothing will close the agent's open run now: it ends as lost.
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
-    script(
+    agent_script(
         r#"
 local run_key = redis.call('HGET', KEYS[2], 'run_key')
-local raw = run_key and redis.call('HGET', KEYS[8], run_key)
-if raw then
-  local run = cjson.decode(raw)
-  if run.outcome == nil then
-    run.lost = true
-    redis.call('HSET', KEYS[8], run_key, cjson.encode(run))
-  end
+if run_key then
+  update_run(KEYS[8], run_key, function(r) if r.outcome == nil then r.lost = true end end)
 end
 local existed = redis.call('DEL', KEYS[2])
 for i = 3, 7 do redis.call('ZREM', KEYS[i], ARGV[2]) end
