@@ -1045,3 +1045,63 @@ async fn redis_a_running_beat_after_starting_is_stored_as_running() {
     let (_, starting) = app.get("/v1/agents?status=starting").await;
     assert!(ids(&starting).is_empty(), "{starting}");
 }
+
+/// A record the service cannot decode (written by hand, or by another
+/// version of the service) costs only itself: beats of that agent still
+/// apply, listings and the performance report pass over it and count it,
+/// and reading that one agent is an error.
+#[tokio::test]
+async fn redis_an_unreadable_record_does_not_fail_beats_listings_or_reports() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    for id in ["good", "broken", "mangled"] {
+        beat(&app, id, json!({"status": "starting"})).await;
+    }
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let record = |id: &str| format!("{{{}}}:agent:{id}", app.prefix);
+    let run_key: String = ::redis::cmd("HGET")
+        .arg(record("broken"))
+        .arg("run_key")
+        .query(&mut conn)
+        .expect("HGET");
+    let _: () = ::redis::pipe()
+        .cmd("HSET")
+        .arg(format!("{{{}}}:runs", app.prefix))
+        .arg(&run_key)
+        .arg("{not json")
+        .cmd("HSET")
+        .arg(record("mangled"))
+        .arg("status")
+        .arg("dozing")
+        .query(&mut conn)
+        .expect("HSET");
+
+    // Closing the run rewrites its record: the beat applies all the same.
+    let view = beat(&app, "broken", json!({"status": "completed"})).await;
+    assert_eq!(view["state"], "finished");
+    beat(&app, "good", json!({"status": "completed"})).await;
+
+    let (status, list) = app.get("/v1/agents?limit=10").await;
+    assert_eq!(status, 200, "{list}");
+    let mut listed = ids(&list);
+    listed.sort();
+    assert_eq!(listed, ["broken", "good"]);
+
+    let (perf, row) = performance_rows(&app).await;
+    assert_eq!(row("good")["completed"], 1);
+    assert_eq!(
+        perf["total"]["runs"], 2,
+        "the mangled agent's run and good's: {perf}"
+    );
+
+    let (status, problem) = app.get("/v1/agents/mangled").await;
+    assert_eq!(status, 500, "{problem}");
+    let metrics = app.metrics_text().await;
+    for kind in ["agent", "run"] {
+        assert!(
+            metrics.contains(&format!(
+                "attune_records_unreadable_total{{kind=\"{kind}\"}}"
+            )),
+            "{kind}: {metrics}"
+        );
+    }
+}

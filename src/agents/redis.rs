@@ -32,13 +32,21 @@ fn agent_script(body: &str) -> Script {
 /// `update_run(runs, key, fn)` rewrites one run's JSON record in the runs
 /// hash `runs` with `fn`, if it is still there: beats open, close and
 /// recover runs; the sweeper and deletes mark them lost.
+///
+/// A record that does not decode (written by hand or by another program) is
+/// left as it is: an error would abort the script partway, failing every
+/// beat of the batch and leaving the ones before it applied. The
+/// performance report passes over such records (see
+/// [`RedisEngine::runs_since`]).
 const RUNS_PRELUDE: &str = r#"
 local function update_run(runs, key, fn)
   local raw = redis.call('HGET', runs, key)
   if raw then
-    local run = cjson.decode(raw)
-    fn(run)
-    redis.call('HSET', runs, key, cjson.encode(run))
+    local ok, run = pcall(cjson.decode, raw)
+    if ok and type(run) == 'table' then
+      fn(run)
+      redis.call('HSET', runs, key, cjson.encode(run))
+    end
   end
 end
 "#;
@@ -875,7 +883,7 @@ impl RedisEngine {
         let mut records = self
             .get_agents(std::slice::from_ref(&id.to_string()))
             .await?;
-        Ok(records.pop().flatten())
+        records.pop().flatten().transpose()
     }
 
     pub async fn delete_agent(&self, id: &Id, event: EventBody) -> EngineResult<bool> {
@@ -939,6 +947,7 @@ impl RedisEngine {
                     score: *score,
                     member: member.clone(),
                 });
+                let record = record.and_then(|r| readable("agent", r));
                 if let Some(r) = record.filter(|r| query.admits(r, now_ms)) {
                     out.push(r);
                 }
@@ -1027,8 +1036,12 @@ impl RedisEngine {
         }
     }
 
-    /// Fetches several records in one round trip.
-    async fn get_agents(&self, ids: &[String]) -> EngineResult<Vec<Option<AgentRecord>>> {
+    /// Fetches several records in one round trip; each is `None` when it
+    /// does not exist and an error when it does not decode.
+    async fn get_agents(
+        &self,
+        ids: &[String],
+    ) -> EngineResult<Vec<Option<EngineResult<AgentRecord>>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1039,16 +1052,16 @@ impl RedisEngine {
         }
         let mut conn = self.conn();
         let replies: Vec<Vec<String>> = self.run(pipe.query_async(&mut conn)).await?;
-        replies
+        Ok(replies
             .iter()
             .map(|f| {
                 if f.is_empty() {
-                    Ok(None)
+                    None
                 } else {
-                    decode_record(f).map(Some)
+                    Some(decode_record(f))
                 }
             })
-            .collect()
+            .collect())
     }
 
     pub async fn sweep_down_agents(&self, now_ms: i64, limit: usize) -> EngineResult<usize> {
@@ -1095,11 +1108,11 @@ impl RedisEngine {
                         .query_async(&mut conn),
                 )
                 .await?;
-            for json in raw.into_iter().flatten() {
-                runs.push(
-                    serde_json::from_str(&json).map_err(|e| EngineError::Corrupt(e.to_string()))?,
-                );
-            }
+            runs.extend(raw.into_iter().flatten().filter_map(|json| {
+                let run = serde_json::from_str(&json)
+                    .map_err(|e| EngineError::Corrupt(format!("run record: {e}")));
+                readable("run", run)
+            }));
         }
         Ok(runs)
     }
@@ -1127,6 +1140,19 @@ impl RedisEngine {
             (AgentState::Finished, finished),
         ])
     }
+}
+
+/// A record that decodes. One that does not (written by hand, or by another
+/// version of the service) is logged, counted and passed over, so that it
+/// cannot fail every listing page or performance report it falls in;
+/// reading that one agent still answers with the error.
+fn readable<T>(kind: &'static str, record: EngineResult<T>) -> Option<T> {
+    record
+        .inspect_err(|err| {
+            metrics::counter!("attune_records_unreadable_total", "kind" => kind).increment(1);
+            tracing::warn!(error = %err, kind, "skipping an unreadable record");
+        })
+        .ok()
 }
 
 /// Decodes an `HGETALL` reply into a record.
