@@ -156,7 +156,48 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document the server serves (and `openapi/openapi.json` holds).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().split_for_parts().1
+    api_parts().1
+}
+
+/// The API routes and their document, finished.
+fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api_router().split_for_parts();
+    problems_as_problem_json(&mut doc);
+    (router, doc)
+}
+
+/// Declares every error answer with the media type it is sent with,
+/// `application/problem+json` (the annotations say `body = Problem`, which
+/// utoipa files under `application/json`). Modifiers cannot do this: they
+/// run before the routers add their paths.
+fn problems_as_problem_json(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    const PROBLEM: &str = "#/components/schemas/Problem";
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for response in operation.responses.responses.values_mut() {
+                let RefOr::T(response) = response else {
+                    continue;
+                };
+                let is_problem = response.content.get("application/json").is_some_and(
+                    |c| matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location == PROBLEM),
+                );
+                if is_problem {
+                    let content = response.content.shift_remove("application/json");
+                    response
+                        .content
+                        .extend(content.map(|c| ("application/problem+json".to_owned(), c)));
+                }
+            }
+        }
+    }
 }
 
 /// Connects the engine, applies migrations and loads keys.
@@ -250,7 +291,7 @@ fn redact(url: &str) -> String {
 
 /// Builds the router with every layer.
 pub fn router(state: AppState) -> Router {
-    let (api, spec) = api_router().split_for_parts();
+    let (api, spec) = api_parts();
     let spec = Arc::new(spec);
     let x_request_id = HeaderName::from_static("x-request-id");
     let config = state.config.clone();

@@ -162,8 +162,14 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX>
                     .map_err(|_| E::custom(range_msg(MIN, MAX)))
                     .and_then(|v| self.visit_u64(v))
             }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Err(E::custom(range_msg(MIN, MAX)))
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                // `30.0` is an integer to JSON Schema, and so to the API
+                // description: take it as one.
+                if v.fract() == 0.0 && (0.0..=MAX as f64).contains(&v) {
+                    self.visit_u64(v as u64)
+                } else {
+                    Err(E::custom(range_msg(MIN, MAX)))
+                }
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 v.trim()
@@ -181,9 +187,22 @@ fn range_msg(min: u64, max: u64) -> String {
 }
 
 /// A fraction in `0.0..=1.0` (progress, quality scores).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize, ToSchema)]
-#[schema(value_type = f64)]
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize)]
 pub struct Fraction(f64);
+
+impl utoipa::PartialSchema for Fraction {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Number)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Double)))
+            .minimum(Some(0.0))
+            .maximum(Some(1.0))
+            .into()
+    }
+}
+
+impl ToSchema for Fraction {}
 
 impl Fraction {
     pub fn new(value: f64) -> Result<Self, String> {
@@ -449,12 +468,17 @@ mod tests {
     }
 
     #[test]
-    fn bounded_numbers_reject_out_of_range_and_fractions() {
+    fn bounded_numbers_reject_out_of_range_and_fractions_and_take_integral_floats() {
         type Ttl = Bounded<1, 3600>;
         assert!(serde_json::from_str::<Ttl>("0").is_err());
         assert!(serde_json::from_str::<Ttl>("1.5").is_err());
         assert!(serde_json::from_str::<Ttl>("-3").is_err());
+        assert!(serde_json::from_str::<Ttl>("3601.0").is_err());
+        assert!(serde_json::from_str::<Ttl>("1e99").is_err());
         assert_eq!(serde_json::from_str::<Ttl>("3600").unwrap().get(), 3600);
+        // What JSON Schema calls an integer.
+        assert_eq!(serde_json::from_str::<Ttl>("30.0").unwrap().get(), 30);
+        assert_eq!(serde_json::from_str::<Ttl>("3e3").unwrap().get(), 3000);
     }
 
     #[test]

@@ -1105,3 +1105,25 @@ async fn redis_an_unreadable_record_does_not_fail_beats_listings_or_reports() {
         );
     }
 }
+
+/// The simplest beat is `curl -X POST …/heartbeats`: no body, or a JSON
+/// `null`, is a beat with every field left out.
+#[tokio::test]
+async fn a_beat_needs_no_body() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let url = app.url("/v1/agents/bare/heartbeats");
+    let none = app.client.post(&url).send().await.expect("no body");
+    assert_eq!(none.status(), 200);
+    let null = app
+        .client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("null")
+        .send()
+        .await
+        .expect("null body");
+    assert_eq!(null.status(), 200);
+    let view: Value = null.json().await.expect("a view");
+    assert_eq!(view["status"], "running");
+    assert_eq!(view["ttl_seconds"], 30);
+}

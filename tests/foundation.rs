@@ -54,6 +54,32 @@ async fn the_served_openapi_document_equals_the_committed_one() {
     );
 }
 
+/// Clients generated from the document must expect errors with the media
+/// type they come with: every answer documented as a `Problem` is
+/// `application/problem+json`, and nothing else is.
+#[tokio::test]
+async fn the_openapi_document_declares_problems_as_problem_json() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let (_, spec) = app.get("/openapi.json").await;
+    let mut problems = 0;
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("path item") {
+            for (status, response) in operation["responses"].as_object().into_iter().flatten() {
+                for (media, content) in response["content"].as_object().into_iter().flatten() {
+                    let is_problem = content["schema"]["$ref"] == "#/components/schemas/Problem";
+                    assert_eq!(
+                        is_problem,
+                        media == "application/problem+json",
+                        "{method} {path} {status}: {media}"
+                    );
+                    problems += usize::from(is_problem);
+                }
+            }
+        }
+    }
+    assert!(problems > 100, "{problems} problem answers documented");
+}
+
 #[tokio::test]
 async fn every_failure_is_problem_json() {
     let app = TestApp::spawn(Kind::Memory).await;

@@ -38,8 +38,8 @@ const RESERVED_IDS: [&str; 2] = ["stale", "performance"];
 /// run and a terminal status closes it.
 #[utoipa::path(
     post, path = "/v1/agents/{agent_id}/heartbeats", tag = "agents",
-    params(("agent_id" = String, Path, description = "The agent's id")),
-    request_body(content = HeartbeatRequest, description = "Every field is optional"),
+    params(("agent_id" = Id, Path, description = "The agent's id")),
+    request_body(content = Option<HeartbeatRequest>, description = "Every field is optional; no body (or `null`) is an empty object"),
     responses(
         (status = 200, description = "The agent after this beat", body = AgentView),
         (status = 400, body = Problem), (status = 401, body = Problem),
@@ -52,7 +52,7 @@ async fn post_heartbeat(
     caller: Caller<AgentWrite>,
     State(state): State<AppState>,
     ValidPath(agent_id): ValidPath<String>,
-    ValidJson(req): ValidJson<HeartbeatRequest>,
+    ValidJson(req): ValidJson<Option<HeartbeatRequest>>,
 ) -> ApiResult<Json<AgentView>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
     if RESERVED_IDS.contains(&agent_id.as_str()) {
@@ -63,7 +63,7 @@ async fn post_heartbeat(
             ),
         ));
     }
-    record_heartbeat(&state, &caller, agent_id, req)
+    record_heartbeat(&state, &caller, agent_id, req.unwrap_or_default())
         .await
         .map(Json)
 }
@@ -76,7 +76,7 @@ struct ListQuery {
     /// Only agents reporting this status.
     status: Option<AgentStatus>,
     /// Page size, 1–1000 (default 100).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -116,9 +116,9 @@ async fn list_agents(
 #[into_params(parameter_in = Query)]
 struct StaleQuery {
     /// Seconds since the last beat (default 60, at most the retention period).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 31_536_000)]
     threshold_seconds: Option<Bounded<1, 31_536_000>>,
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     cursor: Option<String>,
 }
@@ -179,7 +179,7 @@ async fn page(
 /// Get one agent.
 #[utoipa::path(
     get, path = "/v1/agents/{agent_id}", tag = "agents",
-    params(("agent_id" = String, Path, description = "The agent's id")),
+    params(("agent_id" = Id, Path, description = "The agent's id")),
     responses(
         (status = 200, body = AgentView), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 422, body = Problem),
@@ -214,7 +214,7 @@ pub struct Alive {
 /// that are silent, finished long ago, or unknown.
 #[utoipa::path(
     get, path = "/v1/agents/{agent_id}/alive", tag = "agents",
-    params(("agent_id" = String, Path, description = "The agent's id")),
+    params(("agent_id" = Id, Path, description = "The agent's id")),
     responses(
         (status = 200, body = Alive), (status = 401, body = Problem),
         (status = 422, body = Problem), (status = 503, body = Problem),
@@ -243,7 +243,7 @@ async fn get_agent_alive(
 /// Removes its record and index entries; its past runs stay in `performance`.
 #[utoipa::path(
     delete, path = "/v1/agents/{agent_id}", tag = "agents",
-    params(("agent_id" = String, Path, description = "The agent's id")),
+    params(("agent_id" = Id, Path, description = "The agent's id")),
     responses(
         (status = 204, description = "Deleted"), (status = 401, body = Problem),
         (status = 403, body = Problem), (status = 404, body = Problem),
@@ -274,7 +274,7 @@ async fn delete_agent(
 #[into_params(parameter_in = Query)]
 struct PerformanceQuery {
     /// Window in hours, 1–720 (default 168).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 720)]
     hours: Option<Bounded<1, 720>>,
 }
 

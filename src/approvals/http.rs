@@ -75,8 +75,9 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     post, path = "/v1/approvals", tag = "approvals",
     params(
         WaitQuery,
-        ("Idempotency-Key" = Option<String>, Header,
-         description = "Makes retries safe: the same key and body return the same request"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$",
+         description = "Makes retries safe: the same key and body return the same request \
+                        (1 to 255 visible ASCII characters)"),
     ),
     request_body = NewApprovalRequest,
     responses(
@@ -137,13 +138,12 @@ struct ListQuery {
     status: Option<StatusFilter>,
     /// Only requests of this `approval_type`.
     #[serde(rename = "type")]
-    #[param(rename = "type", value_type = Option<String>)]
+    #[param(rename = "type")]
     approval_type: Option<Id>,
     /// Only requests from this agent.
-    #[param(value_type = Option<String>)]
     agent_id: Option<Id>,
     /// Page size, 1–1000 (default 100).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -204,7 +204,7 @@ async fn list_approvals(
 /// or when the wait ends, with the then current (still pending) state.
 #[utoipa::path(
     get, path = "/v1/approvals/{request_id}", tag = "approvals",
-    params(("request_id" = String, Path, description = "The request's id"), WaitQuery),
+    params(("request_id" = Uuid, Path, description = "The request's id"), WaitQuery),
     responses(
         (status = 200, body = Approval), (status = 401, body = Problem),
         (status = 404, description = "Unknown, past its retention, or another agent's", body = Problem),
@@ -232,7 +232,7 @@ async fn get_approval(
 /// responder. The key that requested an approval may not decide it.
 #[utoipa::path(
     post, path = "/v1/approvals/{request_id}/decision", tag = "approvals",
-    params(("request_id" = String, Path, description = "The request's id")),
+    params(("request_id" = Uuid, Path, description = "The request's id")),
     request_body = DecisionRequest,
     responses(
         (status = 200, description = "The decided request", body = Approval),
@@ -259,7 +259,7 @@ async fn decide_approval(
 /// Moves a pending request to `cancelled`; 409 if it is no longer pending.
 #[utoipa::path(
     post, path = "/v1/approvals/{request_id}/cancel", tag = "approvals",
-    params(("request_id" = String, Path, description = "The request's id")),
+    params(("request_id" = Uuid, Path, description = "The request's id")),
     request_body(content = CancelRequest, description = "Optional"),
     responses(
         (status = 200, description = "The cancelled request", body = Approval),

@@ -76,10 +76,16 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
-    /// Replay every event after this id, then go live.
+    /// Replay every event after this id (`<ms>-<seq>`), then go live.
+    #[param(pattern = r"^([0-9]{1,20}(-[0-9]{1,20})?)?$")]
     since: Option<String>,
     /// Comma-separated types; `prefix.*` matches a prefix.
+    #[param(
+        pattern = r"^\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?)?\s*(,\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?)?\s*)*$"
+    )]
     types: Option<String>,
+    /// Only events about this agent.
+    #[param(pattern = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")]
     agent_id: Option<String>,
     /// The API key, for clients that cannot set headers (browsers).
     /// Read by the auth extractor; declared here for the API description.
@@ -291,6 +297,7 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     get, path = "/v1/events/ws", tag = "events", params(StreamQuery),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket handshake", body = Problem),
         (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 422, body = Problem), (status = 503, body = Problem),
     )

@@ -61,9 +61,7 @@ async fn post_feedback(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct StatsQuery {
-    #[param(value_type = String)]
     workflow: Id,
-    #[param(value_type = String)]
     stage: Id,
     /// One tier; absent: every tier together.
     tier: Option<Tier>,
@@ -94,9 +92,7 @@ async fn get_feedback_stats(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct RecommendationQuery {
-    #[param(value_type = String)]
     workflow: Id,
-    #[param(value_type = String)]
     stage: Id,
     /// The tier the stage runs on now.
     current_tier: Tier,
@@ -130,7 +126,6 @@ async fn get_feedback_recommendation(
 #[into_params(parameter_in = Query)]
 struct UnderperformingQuery {
     /// One workflow; absent: every workflow with recent feedback.
-    #[param(value_type = Option<String>)]
     workflow: Option<Id>,
     /// Averages below this are listed (default 0.7).
     #[param(value_type = Option<f64>, minimum = 0.0, maximum = 1.0)]
@@ -199,7 +194,7 @@ pub struct TemplateFeedbackIn {
 /// confidence. Emits `feedback.recorded`.
 #[utoipa::path(
     post, path = "/v1/templates/{template_id}/feedback", tag = "feedback",
-    params(("template_id" = String, Path, description = "The template's id")),
+    params(("template_id" = Id, Path, description = "The template's id")),
     request_body = TemplateFeedbackIn,
     responses(
         (status = 200, body = TemplateRating),
@@ -227,7 +222,7 @@ async fn post_template_feedback(
 /// other: this never answers 404. Any key may ask.
 #[utoipa::path(
     get, path = "/v1/templates/{template_id}", tag = "feedback",
-    params(("template_id" = String, Path, description = "The template's id")),
+    params(("template_id" = Id, Path, description = "The template's id")),
     responses(
         (status = 200, body = TemplateRating), (status = 401, body = Problem),
         (status = 422, body = Problem), (status = 503, body = Problem),
@@ -248,7 +243,6 @@ async fn get_template(
 struct TemplatesQuery {
     /// `template_id` (default), `confidence` (highest first) or
     /// `-confidence` (lowest first).
-    #[param(value_type = Option<String>)]
     order: Option<TemplateOrder>,
     /// Page size, 1–1000 (default 100).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]

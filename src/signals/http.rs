@@ -80,10 +80,9 @@ async fn post_broadcast(
 struct InboxParams {
     /// Only signals of this `signal_type`.
     #[serde(rename = "type")]
-    #[param(rename = "type", value_type = Option<String>)]
+    #[param(rename = "type")]
     signal_type: Option<Id>,
     /// Only signals from this `source_agent`.
-    #[param(value_type = Option<String>)]
     source: Option<Id>,
     /// Remove what is returned from this inbox (default false). A broadcast
     /// is removed for this agent only.
@@ -93,7 +92,7 @@ struct InboxParams {
     #[param(value_type = Option<u64>, minimum = 0, maximum = 60)]
     wait_seconds: Option<WaitSeconds>,
     /// At most this many signals, 1–1000 (default 100).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
 }
 
@@ -113,7 +112,7 @@ pub struct Inbox {
 /// only the inboxes of agents in their scope; any other inbox is a 404.
 #[utoipa::path(
     get, path = "/v1/agents/{agent_id}/signals", tag = "signals",
-    params(("agent_id" = String, Path, description = "The agent's id"), InboxParams),
+    params(("agent_id" = Id, Path, description = "The agent's id"), InboxParams),
     responses(
         (status = 200, body = Inbox), (status = 401, body = Problem),
         (status = 403, description = "Consuming needs an agent or admin key", body = Problem),
@@ -144,7 +143,7 @@ async fn get_inbox(
 struct ClearParams {
     /// Clear only signals of this `signal_type`.
     #[serde(rename = "type")]
-    #[param(rename = "type", value_type = Option<String>)]
+    #[param(rename = "type")]
     signal_type: Option<Id>,
 }
 
@@ -163,7 +162,7 @@ pub struct Cleared {
 /// to the agent itself (an agent key in scope) and to admins.
 #[utoipa::path(
     delete, path = "/v1/agents/{agent_id}/signals", tag = "signals",
-    params(("agent_id" = String, Path, description = "The agent's id"), ClearParams),
+    params(("agent_id" = Id, Path, description = "The agent's id"), ClearParams),
     responses(
         (status = 200, body = Cleared), (status = 401, body = Problem),
         (status = 403, body = Problem),
@@ -190,16 +189,14 @@ async fn delete_inbox(
 struct ListParams {
     /// Only signals of this `signal_type`.
     #[serde(rename = "type")]
-    #[param(rename = "type", value_type = Option<String>)]
+    #[param(rename = "type")]
     signal_type: Option<Id>,
     /// Only signals from this `source_agent`.
-    #[param(value_type = Option<String>)]
     source: Option<Id>,
     /// Only signals targeted at this agent (broadcasts are left out).
-    #[param(value_type = Option<String>)]
     target: Option<Id>,
     /// Page size, 1–1000 (default 100).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page (empty: the first page).
     cursor: Option<String>,
