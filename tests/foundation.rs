@@ -56,9 +56,10 @@ async fn the_served_openapi_document_equals_the_committed_one() {
 
 /// Clients generated from the document must expect errors with the media
 /// type they come with: every answer documented as a `Problem` is
-/// `application/problem+json`, and nothing else is.
+/// `application/problem+json`, and nothing else is. And every reference
+/// in it resolves.
 #[tokio::test]
-async fn the_openapi_document_declares_problems_as_problem_json() {
+async fn the_openapi_document_is_whole_and_declares_problems_as_problem_json() {
     let app = TestApp::spawn(Kind::Memory).await;
     let (_, spec) = app.get("/openapi.json").await;
     let mut problems = 0;
@@ -78,6 +79,15 @@ async fn the_openapi_document_declares_problems_as_problem_json() {
         }
     }
     assert!(problems > 100, "{problems} problem answers documented");
+    // And every schema it refers to is in it.
+    let text = spec.to_string();
+    for name in text.split("\"#/components/schemas/").skip(1) {
+        let name = name.split('"').next().unwrap_or_default();
+        assert!(
+            spec["components"]["schemas"].get(name).is_some(),
+            "#/components/schemas/{name} is referred to but missing"
+        );
+    }
 }
 
 #[tokio::test]

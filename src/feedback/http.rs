@@ -243,6 +243,7 @@ async fn get_template(
 struct TemplatesQuery {
     /// `template_id` (default), `confidence` (highest first) or
     /// `-confidence` (lowest first).
+    #[param(inline)]
     order: Option<TemplateOrder>,
     /// Page size, 1–1000 (default 100).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
