@@ -738,3 +738,37 @@ async fn two_sweepers_on_one_memory_engine_time_a_request_out_once() {
     state.shutdown.cancel();
     second.await.unwrap();
 }
+
+/// An approval record the service cannot decode (written by hand, or by
+/// another version) is passed over and counted by listings, so the queue a
+/// human works from still shows; reading that one approval is an error.
+#[tokio::test]
+async fn redis_an_unreadable_approval_does_not_fail_the_listing() {
+    let (app, keys) = spawn(Kind::Redis).await;
+    let kept = create(&app, &keys.agent, request("agent-1", 300)).await;
+    let broken = create(&app, &keys.agent, request("agent-2", 300)).await;
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let _: () = ::redis::cmd("HSET")
+        .arg(format!("{{{}}}:approval:{broken}", app.prefix))
+        .arg("status")
+        .arg("mulling")
+        .query(&mut conn)
+        .expect("HSET");
+
+    let (status, page) = app.get("/v1/approvals").await;
+    assert_eq!(status, 200, "{page}");
+    let listed: Vec<&str> = page["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .map(|a| a["request"]["request_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(listed, [kept.as_str()]);
+    let (status, _) = app.get(&format!("/v1/approvals/{broken}")).await;
+    assert_eq!(status, 500);
+    assert!(
+        app.metrics_text()
+            .await
+            .contains("attune_records_unreadable_total{kind=\"approval\"}")
+    );
+}

@@ -19,7 +19,7 @@ use crate::agents::{
     AgentIndex, AgentQuery, AgentRecord, AgentState, AgentStatus, Beat, IndexCursor, IndexRange,
     LISTING_ROUNDS, RunRecord,
 };
-use crate::engine::redis::{RedisEngine, args, script};
+use crate::engine::redis::{RedisEngine, args, readable, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
 use crate::types::{Id, from_millis, rfc3339};
@@ -1140,19 +1140,6 @@ impl RedisEngine {
             (AgentState::Finished, finished),
         ])
     }
-}
-
-/// A record that decodes. One that does not (written by hand, or by another
-/// version of the service) is logged, counted and passed over, so that it
-/// cannot fail every listing page or performance report it falls in;
-/// reading that one agent still answers with the error.
-fn readable<T>(kind: &'static str, record: EngineResult<T>) -> Option<T> {
-    record
-        .inspect_err(|err| {
-            metrics::counter!("attune_records_unreadable_total", "kind" => kind).increment(1);
-            tracing::warn!(error = %err, kind, "skipping an unreadable record");
-        })
-        .ok()
 }
 
 /// Decodes an `HGETALL` reply into a record.

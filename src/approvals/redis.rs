@@ -27,7 +27,7 @@ use crate::approvals::{
     Approval, ApprovalRequest, ApprovalResponse, ApprovalStatus, Created, NewApproval, Settled,
     Settlement,
 };
-use crate::engine::redis::{RedisEngine, args, script};
+use crate::engine::redis::{RedisEngine, args, readable, script};
 use crate::engine::{EngineError, EngineResult};
 
 /// Shared by every approval script.
@@ -321,7 +321,7 @@ impl RedisEngine {
                 let approval = if fields.is_empty() {
                     None
                 } else {
-                    Some(decode(&fields)?)
+                    readable("approval", decode(&fields))
                 };
                 Ok((id, approval))
             })

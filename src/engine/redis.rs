@@ -56,6 +56,20 @@ macro_rules! args {
 pub(crate) use args;
 
 /// Builds a script with the event prelude.
+/// A stored record that decodes. One that does not (written by hand, or by
+/// another version of the service) is logged, counted by `kind` and
+/// passed over, so that it cannot fail every listing page or report it
+/// falls in; reading that one record by itself still answers with the
+/// error.
+pub fn readable<T>(kind: &'static str, record: EngineResult<T>) -> Option<T> {
+    record
+        .inspect_err(|err| {
+            metrics::counter!("attune_records_unreadable_total", "kind" => kind).increment(1);
+            tracing::warn!(error = %err, kind, "skipping an unreadable record");
+        })
+        .ok()
+}
+
 pub fn script(body: &str) -> Script {
     Script::new(&format!("{EMIT_PRELUDE}\n{body}"))
 }

@@ -318,10 +318,9 @@ impl TestApp {
         decode(resp).await
     }
 
-    /// The text of `/metrics`.
+    /// The text of `/metrics`, read with the app's token if it has one.
     pub async fn metrics_text(&self) -> String {
-        self.client
-            .get(self.url("/metrics"))
+        self.auth(self.client.get(self.url("/metrics")), None)
             .send()
             .await
             .expect("GET /metrics")
