@@ -92,7 +92,7 @@ async fn post_event(
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Only events after this id (`<ms>-<seq>`, exclusive).
-    #[param(pattern = r"^([0-9]{1,20}(-[0-9]{1,20})?)?$")]
+    #[param(pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$")]
     pub since: Option<String>,
     /// Comma-separated types; `prefix.*` matches a prefix.
     #[param(
@@ -105,7 +105,7 @@ pub struct HistoryQuery {
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     pub limit: Option<Limit>,
     /// `next_cursor` of the previous page (same as `since`).
-    #[param(pattern = r"^([0-9]{1,20}(-[0-9]{1,20})?)?$")]
+    #[param(pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$")]
     pub cursor: Option<String>,
 }
 

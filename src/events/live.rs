@@ -77,7 +77,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// Replay every event after this id (`<ms>-<seq>`), then go live.
-    #[param(pattern = r"^([0-9]{1,20}(-[0-9]{1,20})?)?$")]
+    #[param(pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$")]
     since: Option<String>,
     /// Comma-separated types; `prefix.*` matches a prefix.
     #[param(
