@@ -488,6 +488,21 @@ async fn send_ready(
     Ok(sent)
 }
 
+/// One event of `GET /v1/events/sse`, as its fields arrive on the wire (for
+/// the API description; the stream is written by axum's SSE support).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct SseEvent {
+    /// The frame's JSON: an event envelope, `stream.reset`, or, on an
+    /// `error` event, why the stream ends (`stream.lagged` with
+    /// `resume_from`, `stream.closed`, `stream.unavailable`).
+    data: String,
+    /// The event's id, for `Last-Event-ID` (absent on other frames).
+    id: Option<String>,
+    /// `error` on the last event of a stream that ends; absent otherwise.
+    event: Option<String>,
+}
+
 /// Live events as Server-Sent Events.
 ///
 /// The same stream as the WebSocket, as `text/event-stream` with `id:` lines,
@@ -495,7 +510,8 @@ async fn send_ready(
 #[utoipa::path(
     get, path = "/v1/events/sse", tag = "events", params(StreamQuery),
     responses(
-        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream, one `SseEvent` per event",
+         content_type = "text/event-stream", body = SseEvent),
         (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 422, body = Problem), (status = 503, body = Problem),
     )
