@@ -1127,3 +1127,21 @@ async fn a_beat_needs_no_body() {
     assert_eq!(view["status"], "running");
     assert_eq!(view["ttl_seconds"], 30);
 }
+
+/// A key of another type where an agent's record belongs (another program
+/// sharing the key prefix) is a 500 to look into, not a 503 that tells
+/// clients to retry.
+#[tokio::test]
+async fn redis_a_key_of_another_type_is_an_error_not_an_outage() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let _: () = ::redis::cmd("SET")
+        .arg(format!("{{{}}}:agent:squatter", app.prefix))
+        .arg("not a hash")
+        .query(&mut conn)
+        .expect("SET");
+    let (status, problem) = app.get("/v1/agents/squatter").await;
+    assert_eq!(status, 500, "{problem}");
+    let (status, _) = app.get("/readyz").await;
+    assert_eq!(status, 200, "the engine itself answers");
+}

@@ -256,15 +256,59 @@ fn unavailable(err: RedisError) -> EngineError {
     EngineError::Unavailable(err.to_string())
 }
 
-/// Errors that mean "our code or data is wrong" become [`EngineError::Corrupt`];
-/// everything else (I/O, timeouts, loading, failover, …) is an outage.
+/// Errors that mean "our code, data or configuration is wrong" become
+/// [`EngineError::Corrupt`] (500, logged as errors): retrying will not
+/// help, and an operator must look — a key of another type where ours
+/// should be (`WRONGTYPE`: another program shares the key prefix), a Redis
+/// user not allowed our commands (`NOPERM`). Everything else (I/O,
+/// timeouts, loading, failover, a busy script, out of memory, …) is an
+/// outage (503).
 fn classify(err: RedisError) -> EngineError {
     match err.kind() {
         ErrorKind::Parse
         | ErrorKind::UnexpectedReturnType
-        | ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::CrossSlot) => {
+        | ErrorKind::Server(
+            ServerErrorKind::ResponseError | ServerErrorKind::CrossSlot | ServerErrorKind::NoPerm,
+        ) => EngineError::Corrupt(err.to_string()),
+        ErrorKind::Extension if server_code(&err).as_deref() == Some("WRONGTYPE") => {
             EngineError::Corrupt(err.to_string())
         }
         _ => EngineError::Unavailable(err.to_string()),
+    }
+}
+
+/// The code Redis answered with (`WRONGTYPE`, …); for a pipeline, that of
+/// its first failure.
+fn server_code(err: &RedisError) -> Option<String> {
+    err.code().map(str::to_owned).or_else(|| {
+        let failures = err.clone().into_server_errors()?;
+        failures
+            .first()
+            .map(|(_, failure)| failure.code().to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_errors_are_not_outages() {
+        let corrupt = |err| matches!(classify(err), EngineError::Corrupt(_));
+        assert!(corrupt(RedisError::from((
+            ErrorKind::Server(ServerErrorKind::NoPerm),
+            "this user has no permissions to run the 'evalsha' command"
+        ))));
+        assert!(corrupt(redis::make_extension_error(
+            "WRONGTYPE".into(),
+            None
+        )));
+        // Transient conditions stay retryable.
+        assert!(!corrupt(redis::make_extension_error("BUSY".into(), None)));
+        assert!(!corrupt(redis::make_extension_error("OOM".into(), None)));
+        assert!(!corrupt(RedisError::from((
+            ErrorKind::Server(ServerErrorKind::BusyLoading),
+            "loading"
+        ))));
     }
 }
