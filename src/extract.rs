@@ -12,7 +12,24 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{StatusCode, header, request::Parts};
 use serde::de::DeserializeOwned;
 
-use crate::error::{ApiError, FieldError};
+use crate::error::{ApiError, ApiResult, FieldError};
+
+/// The header that makes a request safe to retry (creating an approval,
+/// consuming from an inbox).
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// The `Idempotency-Key` header, if sent: 1–255 visible ASCII characters.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let bad = || ApiError::invalid(IDEMPOTENCY_KEY, "must be 1 to 255 visible ASCII characters");
+    let key = value.to_str().map_err(|_| bad())?.trim();
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(key.to_owned()))
+}
 
 /// A JSON body, deserialized with field-level errors.
 ///

@@ -668,6 +668,90 @@ async fn live_signals_are_listed_oldest_first_with_filters_and_pages(kind: Kind)
     );
 }
 
+/// A consuming read with an `Idempotency-Key`, and the ids it answered.
+async fn take(app: &TestApp, agent: &str, key: &str, query: &str) -> (u16, Value) {
+    let resp = app
+        .client
+        .get(app.url(&format!("/v1/agents/{agent}/signals?consume=true{query}")))
+        .header("Idempotency-Key", key)
+        .send()
+        .await
+        .expect("inbox read");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("a JSON answer"))
+}
+
+fn taken_ids(answer: &Value) -> Vec<String> {
+    ids(answer["signals"].as_array().expect("signals"))
+}
+
+/// An agent whose consuming read lost its answer (a timeout, a dropped
+/// connection) retries it with the same `Idempotency-Key` and gets the same
+/// signals, targeted and broadcast; the retry takes nothing more. Another
+/// key reads afresh; the same key with another query is a 422.
+async fn a_consuming_read_retried_with_its_key_gets_the_same_signals(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let task = send(
+        &app,
+        json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker"}),
+    )
+    .await;
+    let pause = send(
+        &app,
+        json!({"signal_type": "pause", "source_agent": "boss"}),
+    )
+    .await;
+    let first = [&task, &pause].map(|s| s["signal_id"].as_str().unwrap().to_owned());
+
+    let (status, answer) = take(&app, "worker", "read-1", "").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(taken_ids(&answer), first);
+    let later = send(
+        &app,
+        json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker"}),
+    )
+    .await;
+    for _ in 0..2 {
+        let (status, again) = take(&app, "worker", "read-1", "").await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again, answer, "a retry gets the first answer, whole");
+    }
+    assert_eq!(
+        ids(&inbox(&app, "worker", "").await),
+        [later["signal_id"].as_str().unwrap()],
+        "the retries took nothing more"
+    );
+
+    let (status, problem) = take(&app, "worker", "read-1", "&type=task").await;
+    assert_eq!(
+        (status, problem_field(&problem)),
+        (422, "Idempotency-Key".to_owned())
+    );
+    let (_, fresh) = take(&app, "worker", "read-2", "").await;
+    assert_eq!(taken_ids(&fresh), [later["signal_id"].as_str().unwrap()]);
+    // A read that does not consume ignores the key.
+    let (status, peeked) = app.get("/v1/agents/worker/signals?consume=false").await;
+    assert_eq!(
+        (status, peeked["signals"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+}
+
+/// Only a read that took something keeps its answer: a retry of one that
+/// found nothing (a long poll whose client gave up) reads afresh.
+async fn a_consuming_read_that_took_nothing_keeps_nothing(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let (status, empty) = take(&app, "worker", "poll-1", "").await;
+    assert_eq!((status, taken_ids(&empty).len()), (200, 0));
+    let task = send(
+        &app,
+        json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker"}),
+    )
+    .await;
+    let (_, answer) = take(&app, "worker", "poll-1", "").await;
+    assert_eq!(taken_ids(&answer), [task["signal_id"].as_str().unwrap()]);
+}
+
 conformance!(
     a_send_answers_201_with_the_full_signal,
     a_signal_for_one_agent_is_invisible_to_another,
@@ -685,4 +769,47 @@ conformance!(
     clearing_an_inbox_hides_broadcasts_for_that_agent_only,
     every_send_emits_signal_sent_with_the_signal,
     live_signals_are_listed_oldest_first_with_filters_and_pages,
+    a_consuming_read_retried_with_its_key_gets_the_same_signals,
+    a_consuming_read_that_took_nothing_keeps_nothing,
 );
+
+/// The kept answer lives ten minutes: on Redis, by the key's own expiry.
+#[tokio::test]
+async fn redis_a_kept_answer_expires_after_ten_minutes() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    send(
+        &app,
+        json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker"}),
+    )
+    .await;
+    take(&app, "worker", "read-1", "").await;
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg(format!("{{{}}}:receipt:worker:read-1", app.prefix))
+        .query(&mut conn)
+        .expect("PTTL");
+    assert!((590_000..=600_000).contains(&ttl), "PTTL {ttl}");
+}
+
+/// On the memory engine, by the service's clock.
+#[tokio::test]
+async fn memory_a_kept_answer_expires_after_ten_minutes() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let send_task = || {
+        send(
+            &app,
+            json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker",
+                   "ttl_seconds": 3600}),
+        )
+    };
+    let first = send_task().await;
+    let (_, answer) = take(&app, "worker", "read-1", "").await;
+    assert_eq!(taken_ids(&answer), [first["signal_id"].as_str().unwrap()]);
+    let second = send_task().await;
+    app.state.clock.advance(Duration::from_secs(599));
+    let (_, again) = take(&app, "worker", "read-1", "").await;
+    assert_eq!(again, answer);
+    app.state.clock.advance(Duration::from_secs(2));
+    let (_, fresh) = take(&app, "worker", "read-1", "").await;
+    assert_eq!(taken_ids(&fresh), [second["signal_id"].as_str().unwrap()]);
+}

@@ -17,7 +17,7 @@ use crate::approvals::{
 };
 use crate::auth::{AgentWrite, AnyRole, Caller, Decide};
 use crate::error::{ApiError, ApiResult, Problem};
-use crate::extract::{ValidJson, ValidPath, ValidQuery};
+use crate::extract::{ValidJson, ValidPath, ValidQuery, idempotency_key};
 use crate::types::{DEFAULT_LIMIT, Id, Limit};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -27,9 +27,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(decide_approval))
         .routes(routes!(cancel_approval))
 }
-
-/// The header that makes creation safe to retry.
-const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -49,19 +46,6 @@ impl WaitQuery {
 /// A request id from the path; one that is not a UUID names no approval.
 fn parse_id(raw: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found(format!("no approval {raw:?}")))
-}
-
-/// The `Idempotency-Key` header, if sent: 1–255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
-        return Ok(None);
-    };
-    let bad = || ApiError::invalid(IDEMPOTENCY_KEY, "must be 1 to 255 visible ASCII characters");
-    let key = value.to_str().map_err(|_| bad())?.trim();
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad());
-    }
-    Ok(Some(key.to_owned()))
 }
 
 /// Request an approval.

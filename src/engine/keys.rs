@@ -155,6 +155,15 @@ impl Keys {
         self.key(&format!("inbox:{agent}"))
     }
 
+    /// What a consuming read with an `Idempotency-Key` took from `agent`'s
+    /// inbox: a string, the read's query and a newline, then the signals'
+    /// JSON as a JSON array of strings. Expires after
+    /// [`crate::signals::RECEIPT_TTL`]. Agent ids hold no `:`, so the key
+    /// (any visible ASCII) cannot make two receipts' names collide.
+    pub fn signal_receipt(&self, agent: &Id, key: &str) -> String {
+        self.key(&format!("receipt:{agent}:{key}"))
+    }
+
     /// Prefix of [`Keys::inbox`] keys, completed with a target agent id by
     /// the scripts that drop expired signals from every inbox.
     pub fn inbox_prefix(&self) -> String {

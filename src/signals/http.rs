@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -13,7 +13,7 @@ use crate::agents::IndexCursor;
 use crate::app::AppState;
 use crate::auth::{AgentWrite, AnyRole, Caller, Viewer};
 use crate::error::{ApiResult, Problem};
-use crate::extract::{ValidJson, ValidPath, ValidQuery};
+use crate::extract::{ValidJson, ValidPath, ValidQuery, idempotency_key};
 use crate::signals::{
     InboxQuery, Signal, SignalFilter, SignalRequest, WaitSeconds, clear_inbox, read_inbox,
     send_signal,
@@ -110,9 +110,22 @@ pub struct Inbox {
 /// `wait_seconds`, an empty answer is held until a matching signal arrives
 /// (answered at once) or the wait ends (an empty list). Agent keys may read
 /// only the inboxes of agents in their scope; any other inbox is a 404.
+///
+/// A consuming read with an `Idempotency-Key` keeps what it took for ten
+/// minutes: repeating the read with the same key and query returns those
+/// signals again and takes nothing more, so a read whose answer was lost
+/// can be retried without losing signals. The same key with another
+/// `type`, `source` or `limit` is a 422. A read that took nothing keeps
+/// nothing: its retry reads afresh.
 #[utoipa::path(
     get, path = "/v1/agents/{agent_id}/signals", tag = "signals",
-    params(("agent_id" = Id, Path, description = "The agent's id"), InboxParams),
+    params(
+        ("agent_id" = Id, Path, description = "The agent's id"),
+        InboxParams,
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$",
+         description = "With `consume=true`, makes the read safe to retry \
+                        (1 to 255 visible ASCII characters); ignored otherwise"),
+    ),
     responses(
         (status = 200, body = Inbox), (status = 401, body = Problem),
         (status = 403, description = "Consuming needs an agent or admin key", body = Problem),
@@ -125,6 +138,7 @@ async fn get_inbox(
     State(state): State<AppState>,
     ValidPath(agent_id): ValidPath<String>,
     ValidQuery(q): ValidQuery<InboxParams>,
+    headers: HeaderMap,
 ) -> ApiResult<Json<Inbox>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
     let query = InboxQuery {
@@ -132,6 +146,7 @@ async fn get_inbox(
         source: q.source,
         limit: q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize,
         consume: q.consume.unwrap_or(false),
+        receipt: idempotency_key(&headers)?,
     };
     let wait = Duration::from_secs(q.wait_seconds.map_or(0, WaitSeconds::get));
     let signals = read_inbox(&state, &caller, agent_id, query, wait).await?;

@@ -10,7 +10,7 @@ use crate::agents::IndexCursor;
 use crate::engine::EngineResult;
 use crate::engine::memory::MemoryEngine;
 use crate::events::EventBody;
-use crate::signals::{InboxQuery, Signal, SignalFilter, SignalRecord};
+use crate::signals::{InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord};
 use crate::types::Id;
 
 /// A stored signal.
@@ -37,10 +37,21 @@ pub struct SignalTable {
     inboxes: HashMap<Id, BTreeSet<Position>>,
     /// `(expires ms, signal id)` of every live signal.
     expiry: BTreeSet<(i64, String)>,
+    /// What consuming reads with an `Idempotency-Key` took, by agent and key.
+    receipts: HashMap<(Id, String), Receipt>,
+    /// `(expires ms, agent, key)` of every receipt.
+    receipt_expiry: BTreeSet<(i64, Id, String)>,
+}
+
+/// The answer a consuming read kept for its retries.
+#[derive(Debug)]
+struct Receipt {
+    fingerprint: String,
+    signals: Vec<Signal>,
 }
 
 impl SignalTable {
-    /// Drops every signal whose expiry has passed.
+    /// Drops every signal and receipt whose expiry has passed.
     fn prune(&mut self, now_ms: i64) {
         while let Some((expires, _)) = self.expiry.first() {
             if *expires > now_ms {
@@ -48,6 +59,13 @@ impl SignalTable {
             }
             let (_, id) = self.expiry.pop_first().expect("checked above");
             self.remove(&id);
+        }
+        while let Some((expires, ..)) = self.receipt_expiry.first() {
+            if *expires > now_ms {
+                break;
+            }
+            let (_, agent, key) = self.receipt_expiry.pop_first().expect("checked above");
+            self.receipts.remove(&(agent, key));
         }
     }
 
@@ -141,12 +159,20 @@ impl MemoryEngine {
         agent: &Id,
         query: &InboxQuery,
         now_ms: i64,
-    ) -> EngineResult<Vec<Signal>> {
+    ) -> EngineResult<InboxAnswer> {
         // One critical section: two consumers never both receive the same
         // targeted signal, and an agent never receives a broadcast twice.
         Ok(self.write(|s| {
             let t = &mut s.signals;
             t.prune(now_ms);
+            let receipt = query.receipt().map(|key| (agent.clone(), key.to_owned()));
+            if let Some(kept) = receipt.as_ref().and_then(|r| t.receipts.get(r)) {
+                return if kept.fingerprint == query.fingerprint() {
+                    InboxAnswer::Signals(kept.signals.clone())
+                } else {
+                    InboxAnswer::KeyReused
+                };
+            }
             let picked: Vec<String> = t
                 .inbox_ids(agent)
                 .into_iter()
@@ -172,7 +198,17 @@ impl MemoryEngine {
                     }
                 }
             }
-            out
+            if let Some((agent, key)) = receipt.filter(|_| !out.is_empty()) {
+                let expires = now_ms.saturating_add(RECEIPT_TTL.as_millis() as i64);
+                t.receipt_expiry
+                    .insert((expires, agent.clone(), key.clone()));
+                let kept = Receipt {
+                    fingerprint: query.fingerprint(),
+                    signals: out.clone(),
+                };
+                t.receipts.insert((agent, key), kept);
+            }
+            InboxAnswer::Signals(out)
         }))
     }
 

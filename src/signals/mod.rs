@@ -21,6 +21,14 @@
 //! with the wake-up key of its inbox ([`wake_key`]) in the same atomic step,
 //! and every replica's event tailer wakes its own waiters
 //! ([`crate::events::hub::wait_for`]).
+//!
+//! A consuming read takes its signals in the same atomic step that answers
+//! it, so an answer lost on the way (the client gave up, the connection
+//! broke, Redis answered after the service stopped waiting) would lose
+//! them. A consuming read may therefore carry an `Idempotency-Key`: the
+//! step that takes signals also keeps what it took under that key for
+//! [`RECEIPT_TTL`], and a retry with the same key and query gets the same
+//! signals again instead of taking more.
 
 pub mod http;
 pub mod memory;
@@ -47,6 +55,10 @@ const DEFAULT_TTL: SignalTtl = SignalTtl::constant(60);
 
 /// `wait_seconds` of an inbox read: 0–60.
 pub type WaitSeconds = Bounded<0, 60>;
+
+/// How long a consuming read with an `Idempotency-Key` keeps its answer
+/// for a retry.
+pub const RECEIPT_TTL: Duration = Duration::from_secs(600);
 
 /// The wake-up key of waiters on the broadcast inbox. `*` cannot occur in an
 /// [`Id`], so it never collides with an agent's key.
@@ -136,6 +148,38 @@ pub struct InboxQuery {
     pub limit: usize,
     /// Remove what is returned from this agent's inbox.
     pub consume: bool,
+    /// The `Idempotency-Key` of a consuming read (ignored otherwise): what
+    /// the read takes is kept under it, and a read with the same key gets
+    /// that again.
+    pub receipt: Option<String>,
+}
+
+impl InboxQuery {
+    /// The key a consuming read keeps its answer under, if it has one.
+    pub fn receipt(&self) -> Option<&str> {
+        self.receipt.as_deref().filter(|_| self.consume)
+    }
+
+    /// What a retry must ask again to be answered from the receipt.
+    pub fn fingerprint(&self) -> String {
+        let text = |id: &Option<Id>| id.as_ref().map_or("", Id::as_str).to_owned();
+        format!(
+            "type={} source={} limit={}",
+            text(&self.signal_type),
+            text(&self.source),
+            self.limit
+        )
+    }
+}
+
+/// What an inbox read answered.
+#[derive(Debug)]
+pub enum InboxAnswer {
+    /// The signals: those just read, or, for a retried consuming read,
+    /// those its key's first read took.
+    Signals(Vec<Signal>),
+    /// The `Idempotency-Key` belongs to a read with another query.
+    KeyReused,
 }
 
 /// Which live signals `GET /v1/signals` lists.
@@ -167,13 +211,14 @@ impl Engine {
     }
 
     /// The live signals in `agent`'s inbox (targeted at it, plus broadcasts
-    /// it has not consumed), oldest first; consumes them atomically if asked.
+    /// it has not consumed), oldest first; consumes them atomically if asked,
+    /// keeping a non-empty answer under the query's receipt key.
     pub async fn read_inbox(
         &self,
         agent: &Id,
         query: &InboxQuery,
         now_ms: i64,
-    ) -> EngineResult<Vec<Signal>> {
+    ) -> EngineResult<InboxAnswer> {
         dispatch!(self, read_inbox(agent, query, now_ms))
     }
 
@@ -264,11 +309,19 @@ pub async fn read_inbox(
     }
     let engine = &state.engine;
     let read = || async {
-        let signals = engine
+        match engine
             .read_inbox(&agent, &query, state.clock.now_ms())
-            .await?;
-        let found = !signals.is_empty();
-        Ok::<_, ApiError>((signals, found))
+            .await?
+        {
+            InboxAnswer::Signals(signals) => {
+                let found = !signals.is_empty();
+                Ok((signals, found))
+            }
+            InboxAnswer::KeyReused => Err(ApiError::invalid(
+                crate::extract::IDEMPOTENCY_KEY,
+                "was used by a consuming read with another type, source or limit",
+            )),
+        }
     };
     if wait.is_zero() {
         return read().await.map(|(signals, _)| signals);

@@ -29,7 +29,7 @@ use crate::agents::IndexCursor;
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
-use crate::signals::{InboxQuery, Signal, SignalFilter, SignalRecord};
+use crate::signals::{InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord};
 use crate::types::Id;
 
 /// Shared by every signal script.
@@ -136,10 +136,25 @@ return 1
 
 /// Reads (and with `consume`, takes) an inbox: the targeted set and the
 /// broadcasts, merged oldest first. ARGV: 5 agent, 6 type or '', 7 source
-/// or '', 8 limit, 9 consume (0/1). Returns the signals' JSON.
+/// or '', 8 limit, 9 consume (0/1), 10 receipt key or '', 11 the query's
+/// fingerprint, 12 receipt lifetime (ms). Returns `{ 'read', signals' JSON }`,
+/// or `{ 'reused', {} }` when the receipt key holds another query's answer.
+///
+/// A consuming read with a receipt key first looks for an answer kept under
+/// it (a retry) and returns that; otherwise it keeps what it takes there,
+/// in the same step that takes it.
 static READ: LazyLock<Script> = LazyLock::new(|| {
     signal_script(
         r#"
+local receipt, fingerprint = ARGV[10], ARGV[11]
+if receipt ~= '' then
+  local kept = redis.call('GET', receipt)
+  if kept then
+    local newline = string.find(kept, '\n', 1, true)
+    if string.sub(kept, 1, newline - 1) ~= fingerprint then return { 'reused', {} } end
+    return { 'read', cjson.decode(string.sub(kept, newline + 1)) }
+  end
+end
 prune(10 * BATCH)
 local agent, want_type, want_source = ARGV[5], ARGV[6], ARGV[7]
 local limit, consume = tonumber(ARGV[8]), ARGV[9] == '1'
@@ -185,8 +200,11 @@ if consume then
       drop(x[1], agent)
     end
   end
+  if receipt ~= '' and #out > 0 then
+    redis.call('SET', receipt, fingerprint .. '\n' .. cjson.encode(out), 'PX', ARGV[12])
+  end
 end
-return out
+return { 'read', out }
 "#,
     )
 });
@@ -333,8 +351,12 @@ impl RedisEngine {
         agent: &Id,
         query: &InboxQuery,
         now_ms: i64,
-    ) -> EngineResult<Vec<Signal>> {
-        let raw: Vec<String> = self
+    ) -> EngineResult<InboxAnswer> {
+        let receipt = query
+            .receipt()
+            .map(|key| self.keys.signal_receipt(agent, key))
+            .unwrap_or_default();
+        let (outcome, raw): (String, Vec<String>) = self
             .invoke_signals(
                 &READ,
                 Some(agent),
@@ -345,10 +367,23 @@ impl RedisEngine {
                     optional(query.source.as_ref()),
                     query.limit,
                     u8::from(query.consume),
+                    receipt,
+                    query.fingerprint(),
+                    RECEIPT_TTL.as_millis(),
                 ],
             )
             .await?;
-        raw.iter().map(|json| decode(json)).collect()
+        match outcome.as_str() {
+            "read" => raw
+                .iter()
+                .map(|json| decode(json))
+                .collect::<EngineResult<_>>()
+                .map(InboxAnswer::Signals),
+            "reused" => Ok(InboxAnswer::KeyReused),
+            other => Err(EngineError::Corrupt(format!(
+                "unexpected answer to an inbox read: {other:?}"
+            ))),
+        }
     }
 
     pub async fn list_signals(
