@@ -33,8 +33,9 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<Stri
 
 /// A JSON body, deserialized with field-level errors.
 ///
-/// An empty body with no `Content-Type` is read as `{}`, so endpoints whose
-/// fields are all optional (heartbeats) can be called with a bare `POST`.
+/// An empty body (with no `Content-Type`, or a JSON one) is read as `{}`, so
+/// endpoints whose fields are all optional (heartbeats) can be called with
+/// a bare `POST`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ValidJson<T>(pub T);
 
@@ -67,7 +68,8 @@ where
             }
         })?;
         let body: &[u8] = match content_type {
-            None if bytes.is_empty() => b"{}",
+            // No body at all, with or without a JSON content type.
+            _ if bytes.is_empty() => b"{}",
             None => {
                 return Err(ApiError::UnsupportedMediaType(
                     "expected Content-Type: application/json".into(),

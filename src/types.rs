@@ -198,6 +198,7 @@ impl utoipa::PartialSchema for Fraction {
             .format(Some(SchemaFormat::KnownFormat(KnownFormat::Double)))
             .minimum(Some(0.0))
             .maximum(Some(1.0))
+            .description(Some("A fraction in 0.0–1.0."))
             .into()
     }
 }

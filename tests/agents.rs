@@ -1053,44 +1053,62 @@ async fn redis_a_running_beat_after_starting_is_stored_as_running() {
 #[tokio::test]
 async fn redis_an_unreadable_record_does_not_fail_beats_listings_or_reports() {
     let app = TestApp::spawn(Kind::Redis).await;
-    for id in ["good", "broken", "mangled"] {
+    for id in ["good", "broken", "binary", "mangled", "squatter"] {
         beat(&app, id, json!({"status": "starting"})).await;
     }
     let mut conn = app.redis.as_ref().expect("redis").conn();
     let record = |id: &str| format!("{{{}}}:agent:{id}", app.prefix);
-    let run_key: String = ::redis::cmd("HGET")
-        .arg(record("broken"))
-        .arg("run_key")
-        .query(&mut conn)
-        .expect("HGET");
+    let run_key = |conn: &mut ::redis::Connection, id: &str| -> String {
+        ::redis::cmd("HGET")
+            .arg(record(id))
+            .arg("run_key")
+            .query(conn)
+            .expect("HGET")
+    };
+    let runs = format!("{{{}}}:runs", app.prefix);
+    let (broken_run, binary_run) = (run_key(&mut conn, "broken"), run_key(&mut conn, "binary"));
     let _: () = ::redis::pipe()
+        // Runs that are not JSON, or not even UTF-8.
         .cmd("HSET")
-        .arg(format!("{{{}}}:runs", app.prefix))
-        .arg(&run_key)
+        .arg(&runs)
+        .arg(&broken_run)
         .arg("{not json")
+        .cmd("HSET")
+        .arg(&runs)
+        .arg(&binary_run)
+        .arg(&b"\xff\xfe{"[..])
+        // A record with a status no version wrote.
         .cmd("HSET")
         .arg(record("mangled"))
         .arg("status")
         .arg("dozing")
+        // Another program's key where a listed agent's record belongs.
+        .cmd("DEL")
+        .arg(record("squatter"))
+        .cmd("SET")
+        .arg(record("squatter"))
+        .arg("not a hash")
         .query(&mut conn)
         .expect("HSET");
 
-    // Closing the run rewrites its record: the beat applies all the same.
-    let view = beat(&app, "broken", json!({"status": "completed"})).await;
-    assert_eq!(view["state"], "finished");
+    // Closing a run rewrites its record: the beats apply all the same.
+    for id in ["broken", "binary"] {
+        let view = beat(&app, id, json!({"status": "completed"})).await;
+        assert_eq!(view["state"], "finished");
+    }
     beat(&app, "good", json!({"status": "completed"})).await;
 
     let (status, list) = app.get("/v1/agents?limit=10").await;
     assert_eq!(status, 200, "{list}");
     let mut listed = ids(&list);
     listed.sort();
-    assert_eq!(listed, ["broken", "good"]);
+    assert_eq!(listed, ["binary", "broken", "good"]);
 
     let (perf, row) = performance_rows(&app).await;
     assert_eq!(row("good")["completed"], 1);
     assert_eq!(
-        perf["total"]["runs"], 2,
-        "the mangled agent's run and good's: {perf}"
+        perf["total"]["runs"], 3,
+        "good's, mangled's and squatter's runs: {perf}"
     );
 
     let (status, problem) = app.get("/v1/agents/mangled").await;
@@ -1114,6 +1132,14 @@ async fn a_beat_needs_no_body() {
     let url = app.url("/v1/agents/bare/heartbeats");
     let none = app.client.post(&url).send().await.expect("no body");
     assert_eq!(none.status(), 200);
+    let empty = app
+        .client
+        .post(&url)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .expect("an empty JSON body");
+    assert_eq!(empty.status(), 200);
     let null = app
         .client
         .post(&url)

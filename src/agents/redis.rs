@@ -1037,7 +1037,9 @@ impl RedisEngine {
     }
 
     /// Fetches several records in one round trip; each is `None` when it
-    /// does not exist and an error when it does not decode.
+    /// does not exist and an error when it cannot be read: an index member
+    /// that is not an agent id, a key of another type, a record that does
+    /// not decode (Redis's own failures still fail the whole call).
     async fn get_agents(
         &self,
         ids: &[String],
@@ -1045,20 +1047,28 @@ impl RedisEngine {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let ids: Vec<Result<Id, String>> = ids.iter().map(|id| Id::new(id.as_str())).collect();
         let mut pipe = redis::pipe();
-        for id in ids {
-            let id = Id::new(id.as_str()).map_err(EngineError::Corrupt)?;
-            pipe.cmd("HGETALL").arg(self.keys.agent(&id));
+        pipe.ignore_errors();
+        for id in ids.iter().flatten() {
+            pipe.cmd("HGETALL").arg(self.keys.agent(id));
         }
         let mut conn = self.conn();
-        let replies: Vec<Vec<String>> = self.run(pipe.query_async(&mut conn)).await?;
-        Ok(replies
-            .iter()
-            .map(|f| {
-                if f.is_empty() {
-                    None
-                } else {
-                    Some(decode_record(f))
+        let replies: Vec<redis::RedisResult<Vec<String>>> =
+            self.run(pipe.query_async(&mut conn)).await?;
+        let mut replies = replies.into_iter();
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let corrupt =
+                    |e: String| Some(Err(EngineError::Corrupt(format!("agent record: {e}"))));
+                // Only valid ids were fetched, one reply each.
+                match id.map(|_| replies.next()) {
+                    Err(e) => corrupt(format!("index member: {e}")),
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => corrupt(e.to_string()),
+                    Ok(Some(Ok(fields))) if fields.is_empty() => None,
+                    Ok(Some(Ok(fields))) => Some(decode_record(&fields)),
                 }
             })
             .collect())
@@ -1100,7 +1110,8 @@ impl RedisEngine {
             .await?;
         let mut runs = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(1000) {
-            let raw: Vec<Option<String>> = self
+            // Bytes: one record that is not UTF-8 must not fail the rest.
+            let raw: Vec<Option<Vec<u8>>> = self
                 .run(
                     redis::cmd("HMGET")
                         .arg(self.keys.runs())
@@ -1109,7 +1120,7 @@ impl RedisEngine {
                 )
                 .await?;
             runs.extend(raw.into_iter().flatten().filter_map(|json| {
-                let run = serde_json::from_str(&json)
+                let run = serde_json::from_slice(&json)
                     .map_err(|e| EngineError::Corrupt(format!("run record: {e}")));
                 readable("run", run)
             }));

@@ -296,8 +296,9 @@ impl Engine {
     }
 
     /// Up to `count` entries of the index of `status` (every request when
-    /// `None`), oldest first, after `after`. Entries whose record is gone
-    /// come back as `None`.
+    /// `None`), oldest first, after `after`. Entries whose record is gone,
+    /// or cannot be read (see [`crate::engine::redis::readable`]), come
+    /// back as `None`.
     pub async fn approval_page(
         &self,
         status: Option<ApprovalStatus>,

@@ -310,22 +310,30 @@ impl RedisEngine {
                     .map_err(|_| EngineError::Corrupt(format!("approval index member {m:?}")))
             })
             .collect::<EngineResult<Vec<Uuid>>>()?;
+        // Each reply on its own: a key of another type, or a record that is
+        // not UTF-8, is one unreadable record, not a failed page.
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for id in &ids {
             pipe.cmd("HGETALL").arg(self.keys.approval(id));
         }
-        let replies: Vec<Vec<String>> = self.run(pipe.query_async(&mut conn)).await?;
-        ids.into_iter()
+        let replies: Vec<redis::RedisResult<Vec<String>>> =
+            self.run(pipe.query_async(&mut conn)).await?;
+        Ok(ids
+            .into_iter()
             .zip(replies)
-            .map(|(id, fields)| {
-                let approval = if fields.is_empty() {
-                    None
-                } else {
-                    readable("approval", decode(&fields))
+            .map(|(id, reply)| {
+                let approval = match reply {
+                    Ok(fields) if fields.is_empty() => None,
+                    Ok(fields) => readable("approval", decode(&fields)),
+                    Err(err) => readable(
+                        "approval",
+                        Err(EngineError::Corrupt(format!("approval record: {err}"))),
+                    ),
                 };
-                Ok((id, approval))
+                (id, approval)
             })
-            .collect()
+            .collect())
     }
 
     pub async fn sweep_expired_approvals(

@@ -55,7 +55,6 @@ macro_rules! args {
 }
 pub(crate) use args;
 
-/// Builds a script with the event prelude.
 /// A stored record that decodes. One that does not (written by hand, or by
 /// another version of the service) is logged, counted by `kind` and
 /// passed over, so that it cannot fail every listing page or report it
@@ -70,6 +69,7 @@ pub fn readable<T>(kind: &'static str, record: EngineResult<T>) -> Option<T> {
         .ok()
 }
 
+/// Builds a script with the event prelude.
 pub fn script(body: &str) -> Script {
     Script::new(&format!("{EMIT_PRELUDE}\n{body}"))
 }

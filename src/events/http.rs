@@ -96,7 +96,7 @@ pub struct HistoryQuery {
     pub since: Option<String>,
     /// Comma-separated types; `prefix.*` matches a prefix.
     #[param(
-        pattern = r"^\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?)?\s*(,\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?)?\s*)*$"
+        pattern = r"^\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?(,\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?)*$"
     )]
     pub types: Option<String>,
     /// Only events about this agent.

@@ -85,8 +85,10 @@ impl FromStr for StreamId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("{s:?} is not an event id (expected <ms>-<seq>)");
         let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        // At most 19 digits a part, which any id Redis makes fits in (its
+        // milliseconds have 13), and so does the API description's pattern.
         let digits =
-            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+            |p: &str| !p.is_empty() && p.len() <= 19 && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(ms) || !digits(seq) {
             return Err(bad());
         }
@@ -303,9 +305,17 @@ mod tests {
             "1-2-3",
             "1 2",
             "99999999999999999999999",
+            // 20 digits: beyond the documented pattern, though a u64.
+            "10000000000000000000-0",
+            "1-10000000000000000000",
         ] {
             assert!(bad.parse::<StreamId>().is_err(), "{bad}");
         }
+        let widest: StreamId = "9999999999999999999-9999999999999999999".parse().unwrap();
+        assert_eq!(
+            widest.to_string(),
+            "9999999999999999999-9999999999999999999"
+        );
     }
 
     #[test]
