@@ -491,7 +491,10 @@ async fn send_ready(
 /// One event of `GET /v1/events/sse`, as its fields arrive on the wire (for
 /// the API description; the stream is written by axum's SSE support).
 #[derive(utoipa::ToSchema)]
-#[expect(dead_code, reason = "only described, never built: axum writes the stream")]
+#[expect(
+    dead_code,
+    reason = "only described, never built: axum writes the stream"
+)]
 struct SseEvent {
     /// The frame's JSON: an event envelope, `stream.reset`, or, on an
     /// `error` event, why the stream ends (`stream.lagged` with
