@@ -200,6 +200,35 @@ async fn approvals_are_listed_and_decided_from_the_command_line() {
     assert_eq!(listed["approvals"].as_array().unwrap().len(), 1);
 }
 
+/// The client's consuming read carries an `Idempotency-Key`, so the service
+/// keeps what it took for a retry (seen as the receipt on Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consuming_read_from_the_command_line_can_be_retried() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let (status, _) = app
+        .post(
+            "/v1/signals",
+            json!({"signal_type": "ready", "source_agent": "planner", "target_agent": "coder"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let out = cli(
+        &app,
+        None,
+        &["signals", "inbox", "coder", "--consume", "--json"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(read["signals"].as_array().map(Vec::len), Some(1));
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let receipts: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{}}}:receipt:coder:*", app.prefix))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_are_sent_and_read_from_the_command_line() {
     let app = TestApp::spawn(Kind::Memory).await;

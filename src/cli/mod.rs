@@ -163,7 +163,8 @@ pub enum SignalAction {
     /// Read an agent's inbox.
     Inbox {
         agent: String,
-        /// Remove what is returned from the inbox.
+        /// Remove what is returned from the inbox (retried safely, with an
+        /// Idempotency-Key, if the answer is lost).
         #[arg(long)]
         consume: bool,
         /// Wait up to N seconds for a signal when the inbox is empty.
@@ -173,6 +174,9 @@ pub enum SignalAction {
         signal_type: Option<String>,
     },
 }
+
+/// How often the client asks for a consuming read whose answer it did not get.
+const TAKE_ATTEMPTS: u32 = 3;
 
 /// A thin HTTP client that turns failures into one-line reasons.
 struct Api {
@@ -204,6 +208,11 @@ impl Api {
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
         let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+        self.check(resp).await
+    }
+
+    /// The response if it succeeded; otherwise the server's reason, in one line.
+    async fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, String> {
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -260,6 +269,36 @@ impl Api {
 
     async fn get(&self, path: &str) -> Result<Value, String> {
         self.json(self.request(Method::GET, path)).await
+    }
+
+    /// A consuming read (`GET path`), made safe to retry with an
+    /// `Idempotency-Key`: when its answer may have been lost on the way (no
+    /// answer, or a 503), it is asked again, up to [`TAKE_ATTEMPTS`] times a
+    /// second apart, with the same key — and gets what the first attempt
+    /// took instead of losing it.
+    async fn take(&self, path: &str) -> Result<Value, String> {
+        let key = uuid::Uuid::now_v7().to_string();
+        let mut attempt = 1;
+        loop {
+            let req = self
+                .request(Method::GET, path)
+                .header("Idempotency-Key", &key);
+            let retry =
+                match req.send().await {
+                    Ok(resp) if resp.status() != StatusCode::SERVICE_UNAVAILABLE => {
+                        return self.check(resp).await?.json().await.map_err(|e| {
+                            format!("the server sent something that is not JSON: {e}")
+                        });
+                    }
+                    Ok(resp) => self.check(resp).await.err().unwrap_or_default(),
+                    Err(err) => self.unreachable(err),
+                };
+            if attempt == TAKE_ATTEMPTS {
+                return Err(retry);
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
@@ -434,7 +473,11 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     if let Some(t) = signal_type {
                         path.push_str(&format!("&type={}", q(&t)));
                     }
-                    let body = api.get(&path).await?;
+                    let body = if consume {
+                        api.take(&path).await?
+                    } else {
+                        api.get(&path).await?
+                    };
                     if client.json {
                         return print_json(&body);
                     }
