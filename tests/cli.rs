@@ -227,6 +227,27 @@ async fn a_consuming_read_from_the_command_line_can_be_retried() {
         .query(&mut conn)
         .expect("KEYS");
     assert_eq!(receipts.len(), 1, "{receipts:?}");
+
+    // A key given by hand: the same key again gets the same answer.
+    app.post(
+        "/v1/signals",
+        json!({"signal_type": "go", "source_agent": "planner", "target_agent": "coder"}),
+    )
+    .await;
+    let by_hand = [
+        "signals",
+        "inbox",
+        "coder",
+        "--consume",
+        "--idempotency-key",
+        "k-1",
+        "--json",
+    ];
+    let first = stdout(&cli(&app, None, &by_hand).await);
+    let again = stdout(&cli(&app, None, &by_hand).await);
+    let read: Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(read["signals"][0]["signal_type"], "go", "{again}");
+    assert_eq!(first, again);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -737,6 +737,41 @@ async fn a_consuming_read_retried_with_its_key_gets_the_same_signals(kind: Kind)
     );
 }
 
+/// Reads racing with one key (a client that retried before its first read
+/// answered) take once between them and answer alike; a retry after a
+/// signal's TTL leaves it out, as every read does.
+async fn reads_racing_with_one_key_take_once_and_expired_signals_stay_out(kind: Kind) {
+    let app = Arc::new(TestApp::spawn(kind).await);
+    let short = send(
+        &app,
+        json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker",
+               "ttl_seconds": 5}),
+    )
+    .await;
+    let long = send(
+        &app,
+        json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker",
+               "ttl_seconds": 3600}),
+    )
+    .await;
+    let both = [&short, &long].map(|s| s["signal_id"].as_str().unwrap().to_owned());
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { take(&app, "worker", "race", "").await })
+        })
+        .collect();
+    for racer in racers {
+        let (status, answer) = racer.await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(taken_ids(&answer), both);
+    }
+    assert!(inbox(&app, "worker", "").await.is_empty());
+    app.state.clock.advance(Duration::from_secs(6));
+    let (_, again) = take(&app, "worker", "race", "").await;
+    assert_eq!(taken_ids(&again), [both[1].clone()]);
+}
+
 /// Only a read that took something keeps its answer: a retry of one that
 /// found nothing (a long poll whose client gave up) reads afresh.
 async fn a_consuming_read_that_took_nothing_keeps_nothing(kind: Kind) {
@@ -771,6 +806,7 @@ conformance!(
     live_signals_are_listed_oldest_first_with_filters_and_pages,
     a_consuming_read_retried_with_its_key_gets_the_same_signals,
     a_consuming_read_that_took_nothing_keeps_nothing,
+    reads_racing_with_one_key_take_once_and_expired_signals_stay_out,
 );
 
 /// The kept answer lives ten minutes: on Redis, by the key's own expiry.
@@ -784,8 +820,17 @@ async fn redis_a_kept_answer_expires_after_ten_minutes() {
     .await;
     take(&app, "worker", "read-1", "").await;
     let mut conn = app.redis.as_ref().expect("redis").conn();
+    let receipts: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{{{}}}:receipt:worker:*", app.prefix))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+    assert!(
+        !receipts[0].contains("read-1"),
+        "the client's key is hashed"
+    );
     let ttl: i64 = ::redis::cmd("PTTL")
-        .arg(format!("{{{}}}:receipt:worker:read-1", app.prefix))
+        .arg(&receipts[0])
         .query(&mut conn)
         .expect("PTTL");
     assert!((590_000..=600_000).contains(&ttl), "PTTL {ttl}");
@@ -812,4 +857,29 @@ async fn memory_a_kept_answer_expires_after_ten_minutes() {
     app.state.clock.advance(Duration::from_secs(2));
     let (_, fresh) = take(&app, "worker", "read-1", "").await;
     assert_eq!(taken_ids(&fresh), [second["signal_id"].as_str().unwrap()]);
+}
+
+/// A kept answer the service cannot read (not written by it) is dropped,
+/// and the read goes on as a new one instead of failing until it expires.
+#[tokio::test]
+async fn redis_an_unreadable_kept_answer_is_dropped() {
+    use sha2::Digest;
+    let app = TestApp::spawn(Kind::Redis).await;
+    let task = send(
+        &app,
+        json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker"}),
+    )
+    .await;
+    let digest = hex::encode(sha2::Sha256::digest(b"read-1"));
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let _: () = ::redis::cmd("SET")
+        .arg(format!("{{{}}}:receipt:worker:{digest}", app.prefix))
+        .arg("no newline here")
+        .query(&mut conn)
+        .expect("SET");
+    let (status, answer) = take(&app, "worker", "read-1", "").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(taken_ids(&answer), [task["signal_id"].as_str().unwrap()]);
+    let (_, again) = take(&app, "worker", "read-1", "").await;
+    assert_eq!(again, answer, "kept anew");
 }

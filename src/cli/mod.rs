@@ -167,6 +167,10 @@ pub enum SignalAction {
         /// Idempotency-Key, if the answer is lost).
         #[arg(long)]
         consume: bool,
+        /// With --consume: the Idempotency-Key to send (default: a new one);
+        /// the same key again returns what its first read took.
+        #[arg(long, requires = "consume")]
+        idempotency_key: Option<String>,
         /// Wait up to N seconds for a signal when the inbox is empty.
         #[arg(long, default_value_t = 0)]
         wait: u64,
@@ -175,8 +179,9 @@ pub enum SignalAction {
     },
 }
 
-/// How often the client asks for a consuming read whose answer it did not get.
-const TAKE_ATTEMPTS: u32 = 3;
+/// How often the client asks for a consuming read whose answer it did not
+/// get (waiting 1, 2 and 4 s between: a restart or a failover).
+const TAKE_ATTEMPTS: u32 = 4;
 
 /// A thin HTTP client that turns failures into one-line reasons.
 struct Api {
@@ -272,32 +277,43 @@ impl Api {
     }
 
     /// A consuming read (`GET path`), made safe to retry with an
-    /// `Idempotency-Key`: when its answer may have been lost on the way (no
-    /// answer, or a 503), it is asked again, up to [`TAKE_ATTEMPTS`] times a
-    /// second apart, with the same key — and gets what the first attempt
-    /// took instead of losing it.
-    async fn take(&self, path: &str) -> Result<Value, String> {
-        let key = uuid::Uuid::now_v7().to_string();
+    /// `Idempotency-Key` (`key`, or a new one): when its answer may have been
+    /// lost on the way (no answer, a broken body, a 502, 503 or 504), it is
+    /// asked again with the same key, [`TAKE_ATTEMPTS`] times in all with
+    /// waits of 1, 2, 4 … s — and gets what the first attempt took instead
+    /// of losing it. The last error names the key, which keeps the answer
+    /// for ten minutes (`--idempotency-key` to ask again by hand).
+    async fn take(&self, path: &str, key: Option<String>) -> Result<Value, String> {
+        let key = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let mut wait = Duration::from_secs(1);
         let mut attempt = 1;
         loop {
             let req = self
                 .request(Method::GET, path)
                 .header("Idempotency-Key", &key);
-            let retry =
-                match req.send().await {
-                    Ok(resp) if resp.status() != StatusCode::SERVICE_UNAVAILABLE => {
-                        return self.check(resp).await?.json().await.map_err(|e| {
+            let lost = match req.send().await {
+                Ok(resp) if matches!(resp.status().as_u16(), 502..=504) => {
+                    self.check(resp).await.err().unwrap_or_default()
+                }
+                Ok(resp) => match self.check(resp).await?.bytes().await {
+                    Ok(body) => {
+                        return serde_json::from_slice(&body).map_err(|e| {
                             format!("the server sent something that is not JSON: {e}")
                         });
                     }
-                    Ok(resp) => self.check(resp).await.err().unwrap_or_default(),
-                    Err(err) => self.unreachable(err),
-                };
+                    Err(err) => format!("the answer broke off: {err}"),
+                },
+                Err(err) => self.unreachable(err),
+            };
             if attempt == TAKE_ATTEMPTS {
-                return Err(retry);
+                return Err(format!(
+                    "{lost} (what the read took is kept for ten minutes: \
+                     repeat it with --idempotency-key {key})"
+                ));
             }
             attempt += 1;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
     }
 
@@ -463,6 +479,7 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                 SignalAction::Inbox {
                     agent,
                     consume,
+                    idempotency_key,
                     wait,
                     signal_type,
                 } => {
@@ -474,7 +491,7 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                         path.push_str(&format!("&type={}", q(&t)));
                     }
                     let body = if consume {
-                        api.take(&path).await?
+                        api.take(&path, idempotency_key).await?
                     } else {
                         api.get(&path).await?
                     };

@@ -158,10 +158,12 @@ impl Keys {
     /// What a consuming read with an `Idempotency-Key` took from `agent`'s
     /// inbox: a string, the read's query and a newline, then the signals'
     /// JSON as a JSON array of strings. Expires after
-    /// [`crate::signals::RECEIPT_TTL`]. Agent ids hold no `:`, so the key
-    /// (any visible ASCII) cannot make two receipts' names collide.
+    /// [`crate::signals::RECEIPT_TTL`]. The client's key goes in as its
+    /// SHA-256, so key names hold only what the service made.
     pub fn signal_receipt(&self, agent: &Id, key: &str) -> String {
-        self.key(&format!("receipt:{agent}:{key}"))
+        use sha2::{Digest, Sha256};
+        let digest = hex::encode(Sha256::digest(key.as_bytes()));
+        self.key(&format!("receipt:{agent}:{digest}"))
     }
 
     /// Prefix of [`Keys::inbox`] keys, completed with a target agent id by

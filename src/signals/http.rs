@@ -113,10 +113,10 @@ pub struct Inbox {
 ///
 /// A consuming read with an `Idempotency-Key` keeps what it took for ten
 /// minutes: repeating the read with the same key and query returns those
-/// signals again and takes nothing more, so a read whose answer was lost
-/// can be retried without losing signals. The same key with another
-/// `type`, `source` or `limit` is a 422. A read that took nothing keeps
-/// nothing: its retry reads afresh.
+/// signals again (less any that expired since) and takes nothing more, so
+/// a read whose answer was lost can be retried without losing signals. The
+/// same key with another `type`, `source` or `limit` is a 422. A read that
+/// took nothing keeps nothing: its retry reads afresh.
 #[utoipa::path(
     get, path = "/v1/agents/{agent_id}/signals", tag = "signals",
     params(
@@ -141,12 +141,18 @@ async fn get_inbox(
     headers: HeaderMap,
 ) -> ApiResult<Json<Inbox>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
+    let consume = q.consume.unwrap_or(false);
     let query = InboxQuery {
         signal_type: q.signal_type,
         source: q.source,
         limit: q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize,
-        consume: q.consume.unwrap_or(false),
-        receipt: idempotency_key(&headers)?,
+        consume,
+        // Only a consuming read has anything to keep.
+        receipt: if consume {
+            idempotency_key(&headers)?
+        } else {
+            None
+        },
     };
     let wait = Duration::from_secs(q.wait_seconds.map_or(0, WaitSeconds::get));
     let signals = read_inbox(&state, &caller, agent_id, query, wait).await?;

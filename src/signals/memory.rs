@@ -10,7 +10,9 @@ use crate::agents::IndexCursor;
 use crate::engine::EngineResult;
 use crate::engine::memory::MemoryEngine;
 use crate::events::EventBody;
-use crate::signals::{InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord};
+use crate::signals::{
+    InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord, live_only,
+};
 use crate::types::Id;
 
 /// A stored signal.
@@ -168,7 +170,7 @@ impl MemoryEngine {
             let receipt = query.receipt().map(|key| (agent.clone(), key.to_owned()));
             if let Some(kept) = receipt.as_ref().and_then(|r| t.receipts.get(r)) {
                 return if kept.fingerprint == query.fingerprint() {
-                    InboxAnswer::Signals(kept.signals.clone())
+                    InboxAnswer::Signals(live_only(kept.signals.clone(), now_ms))
                 } else {
                     InboxAnswer::KeyReused
                 };

@@ -172,6 +172,15 @@ impl InboxQuery {
     }
 }
 
+/// The signals of a kept answer that have not expired since: a retry never
+/// returns an expired signal either.
+pub fn live_only(mut signals: Vec<Signal>, now_ms: i64) -> Vec<Signal> {
+    let now = rfc3339(from_millis(now_ms));
+    // Both are RFC 3339 UTC with milliseconds: they order as text.
+    signals.retain(|s| s.expires_at > now);
+    signals
+}
+
 /// What an inbox read answered.
 #[derive(Debug)]
 pub enum InboxAnswer {

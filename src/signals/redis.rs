@@ -29,7 +29,9 @@ use crate::agents::IndexCursor;
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
-use crate::signals::{InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord};
+use crate::signals::{
+    InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord, live_only,
+};
 use crate::types::Id;
 
 /// Shared by every signal script.
@@ -138,22 +140,26 @@ return 1
 /// broadcasts, merged oldest first. ARGV: 5 agent, 6 type or '', 7 source
 /// or '', 8 limit, 9 consume (0/1), 10 receipt key or '', 11 the query's
 /// fingerprint, 12 receipt lifetime (ms). Returns `{ 'read', signals' JSON }`,
-/// or `{ 'reused', {} }` when the receipt key holds another query's answer.
+/// `{ 'again', signals' JSON }` for an answer kept under the receipt key, or
+/// `{ 'reused', {} }` when the key holds another query's answer.
 ///
 /// A consuming read with a receipt key first looks for an answer kept under
 /// it (a retry) and returns that; otherwise it keeps what it takes there,
-/// in the same step that takes it.
+/// in the same step that takes it. A kept answer that cannot be read (not
+/// written by this script) is dropped, and the read goes on as a new one.
 static READ: LazyLock<Script> = LazyLock::new(|| {
     signal_script(
         r#"
 local receipt, fingerprint = ARGV[10], ARGV[11]
 if receipt ~= '' then
-  local kept = redis.call('GET', receipt)
-  if kept then
-    local newline = string.find(kept, '\n', 1, true)
+  local kept = redis.pcall('GET', receipt)
+  local newline = type(kept) == 'string' and string.find(kept, '\n', 1, true)
+  if newline then
     if string.sub(kept, 1, newline - 1) ~= fingerprint then return { 'reused', {} } end
-    return { 'read', cjson.decode(string.sub(kept, newline + 1)) }
+    local ok, signals = pcall(cjson.decode, string.sub(kept, newline + 1))
+    if ok and type(signals) == 'table' then return { 'again', signals } end
   end
+  if kept then redis.call('DEL', receipt) end
 end
 prune(10 * BATCH)
 local agent, want_type, want_source = ARGV[5], ARGV[6], ARGV[7]
@@ -373,12 +379,14 @@ impl RedisEngine {
                 ],
             )
             .await?;
-        match outcome.as_str() {
-            "read" => raw
-                .iter()
+        let signals = || {
+            raw.iter()
                 .map(|json| decode(json))
-                .collect::<EngineResult<_>>()
-                .map(InboxAnswer::Signals),
+                .collect::<EngineResult<Vec<_>>>()
+        };
+        match outcome.as_str() {
+            "read" => signals().map(InboxAnswer::Signals),
+            "again" => signals().map(|s| InboxAnswer::Signals(live_only(s, now_ms))),
             "reused" => Ok(InboxAnswer::KeyReused),
             other => Err(EngineError::Corrupt(format!(
                 "unexpected answer to an inbox read: {other:?}"
