@@ -61,12 +61,26 @@ pub(crate) use args;
 /// falls in; reading that one record by itself still answers with the
 /// error.
 pub fn readable<T>(kind: &'static str, record: EngineResult<T>) -> Option<T> {
-    record
-        .inspect_err(|err| {
-            metrics::counter!("attune_records_unreadable_total", "kind" => kind).increment(1);
-            tracing::warn!(error = %err, kind, "skipping an unreadable record");
-        })
-        .ok()
+    passed_over(
+        record,
+        kind,
+        || metrics::counter!("attune_records_unreadable_total", "kind" => kind),
+    )
+}
+
+/// `item` if it decodes; otherwise logs what it is (`what`), counts it
+/// with `counter` and gives `None`: the one policy for whatever stored
+/// data the service cannot read and reads past.
+pub fn passed_over<T>(
+    item: EngineResult<T>,
+    what: &str,
+    counter: impl FnOnce() -> metrics::Counter,
+) -> Option<T> {
+    item.inspect_err(|err| {
+        counter().increment(1);
+        tracing::warn!(error = %err, what, "skipping what cannot be read");
+    })
+    .ok()
 }
 
 /// Builds a script with the event prelude.

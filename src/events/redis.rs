@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis::{Script, Value};
 
-use crate::engine::redis::{RedisEngine, script};
+use crate::engine::redis::{RedisEngine, passed_over, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::events::{Event, EventBody, LogBounds, StreamId, Wake};
 
@@ -41,12 +41,9 @@ fn decode_wakes(entries: Vec<Entry>) -> EngineResult<Vec<Wake>> {
 fn skip_unreadable<T>(decoded: impl Iterator<Item = EngineResult<T>>) -> Vec<T> {
     decoded
         .filter_map(|entry| {
-            entry
-                .inspect_err(|err| {
-                    metrics::counter!("attune_events_unreadable_total").increment(1);
-                    tracing::warn!(error = %err, "skipping an unreadable event log entry");
-                })
-                .ok()
+            passed_over(entry, "event log entry", || {
+                metrics::counter!("attune_events_unreadable_total")
+            })
         })
         .collect()
 }
