@@ -18,6 +18,17 @@ use crate::error::{ApiError, ApiResult, FieldError};
 /// consuming from an inbox).
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
+// The `Idempotency-Key` header for the API description: what
+// `idempotency_key` takes. (A plain comment: a doc comment would become
+// the schema's description.)
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, pattern = r"^[!-~]{1,255}$")]
+#[expect(
+    dead_code,
+    reason = "only described: the header is read by idempotency_key"
+)]
+pub struct IdempotencyKeyParam(String);
+
 /// The `Idempotency-Key` header, if sent: 1–255 visible ASCII characters.
 pub fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<String>> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {

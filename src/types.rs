@@ -23,6 +23,14 @@ pub const MAX_OBJECT_BYTES: usize = 64 * 1024;
 #[schema(value_type = String, pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", example = "agent-1")]
 pub struct Id(String);
 
+// An optional `Id` filter in a query string, for the API description: an
+// id, or empty for none. (A plain comment: a doc comment would become the
+// schema's description.)
+#[derive(ToSchema)]
+#[schema(value_type = String, pattern = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")]
+#[expect(dead_code, reason = "only described: the value is read as an Id")]
+pub struct IdFilterParam(String);
+
 /// Debug-formats as the quoted id (`"agent-1"`), which is what error
 /// messages built with `{id:?}` should show a client.
 impl fmt::Debug for Id {
@@ -381,6 +389,19 @@ pub mod millis_time {
         }
     }
 }
+
+// A `TypeFilter` as a query parameter, for the API description: what
+// `TypeFilter::parse` takes.
+#[derive(ToSchema)]
+#[schema(
+    value_type = String,
+    pattern = r"^\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?(,\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?)*$"
+)]
+#[expect(
+    dead_code,
+    reason = "only described: the value is read by TypeFilter::parse"
+)]
+pub struct TypeFilterParam(String);
 
 /// Parses a comma-separated list of type filters (`approval.*,agent.down`).
 #[derive(Debug, Clone, Default)]

@@ -59,7 +59,7 @@ fn parse_id(raw: &str) -> ApiResult<Uuid> {
     post, path = "/v1/approvals", tag = "approvals",
     params(
         WaitQuery,
-        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$",
+        ("Idempotency-Key" = inline(Option<crate::extract::IdempotencyKeyParam>), Header,
          description = "Makes retries safe: the same key and body return the same request \
                         (1 to 255 visible ASCII characters)"),
     ),

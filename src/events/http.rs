@@ -92,20 +92,18 @@ async fn post_event(
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Only events after this id (`<ms>-<seq>`, exclusive).
-    #[param(pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$")]
+    #[param(value_type = Option<crate::events::EventIdParam>, inline)]
     pub since: Option<String>,
     /// Comma-separated types; `prefix.*` matches a prefix.
-    #[param(
-        pattern = r"^\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?(,\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?)*$"
-    )]
+    #[param(value_type = Option<crate::types::TypeFilterParam>, inline)]
     pub types: Option<String>,
     /// Only events about this agent.
-    #[param(pattern = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")]
+    #[param(value_type = Option<crate::types::IdFilterParam>, inline)]
     pub agent_id: Option<String>,
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     pub limit: Option<Limit>,
     /// `next_cursor` of the previous page (same as `since`).
-    #[param(pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$")]
+    #[param(value_type = Option<crate::events::EventIdParam>, inline)]
     pub cursor: Option<String>,
 }
 

@@ -77,15 +77,13 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// Replay every event after this id (`<ms>-<seq>`), then go live.
-    #[param(pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$")]
+    #[param(value_type = Option<crate::events::EventIdParam>, inline)]
     since: Option<String>,
     /// Comma-separated types; `prefix.*` matches a prefix.
-    #[param(
-        pattern = r"^\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?(,\s*([a-z][a-z0-9_.-]{0,63}(\.\*)?\s*)?)*$"
-    )]
+    #[param(value_type = Option<crate::types::TypeFilterParam>, inline)]
     types: Option<String>,
     /// Only events about this agent.
-    #[param(pattern = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")]
+    #[param(value_type = Option<crate::types::IdFilterParam>, inline)]
     agent_id: Option<String>,
     /// The API key, for clients that cannot set headers (browsers).
     /// Read by the auth extractor; declared here for the API description.

@@ -78,6 +78,14 @@ impl fmt::Display for StreamId {
     }
 }
 
+// An event id as a query parameter, for the API description: what
+// `StreamId::from_str` takes, or empty for none. (A plain comment: a doc
+// comment would become the schema's description.)
+#[derive(ToSchema)]
+#[schema(value_type = String, pattern = r"^([0-9]{1,19}(-[0-9]{1,19})?)?$")]
+#[expect(dead_code, reason = "only described: the value is read as a StreamId")]
+pub struct EventIdParam(String);
+
 impl FromStr for StreamId {
     type Err = String;
 

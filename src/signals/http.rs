@@ -122,7 +122,7 @@ pub struct Inbox {
     params(
         ("agent_id" = Id, Path, description = "The agent's id"),
         InboxParams,
-        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$",
+        ("Idempotency-Key" = inline(Option<crate::extract::IdempotencyKeyParam>), Header,
          description = "With `consume=true`, makes the read safe to retry \
                         (1 to 255 visible ASCII characters); ignored otherwise"),
     ),
