@@ -945,6 +945,82 @@ async fn redis_beats_behind_a_changed_record_still_apply_in_order() {
     assert_eq!(app.events_of("agent.finished").await.len(), 2);
 }
 
+/// Another program's key where an agent's record belongs (a string, not a
+/// hash) fails that agent's beats alone: the beats queued with it, in the
+/// same script call on Redis, apply and answer as usual. Both forms of the
+/// script are covered: "squatter" was never seen by its writer, "shifty"
+/// beat before, so its writer holds a token for it. Deleting the agent
+/// clears such a key.
+#[tokio::test]
+async fn redis_a_key_of_another_type_fails_only_its_own_beats() {
+    use attune_telemetry::agents::AgentStatus::Running;
+    let app = TestApp::spawn(Kind::Redis).await;
+    beat(&app, "shifty", json!({})).await;
+    beat(&app, "shifty", json!({})).await;
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    for id in ["squatter", "shifty"] {
+        let _: () = ::redis::pipe()
+            .cmd("DEL")
+            .arg(format!("{{{}}}:agent:{id}", app.prefix))
+            .cmd("SET")
+            .arg(format!("{{{}}}:agent:{id}", app.prefix))
+            .arg("not a hash")
+            .query(&mut conn)
+            .expect("SET");
+    }
+    let heartbeats_before = app.events_of("agent.heartbeat").await.len();
+
+    let start = app.state.clock.now();
+    let mut agents = Vec::new();
+    for i in 0..30 {
+        agents.push(format!("good-{i}"));
+        if i % 10 == 0 {
+            agents.push("squatter".to_owned());
+            agents.push("shifty".to_owned());
+        }
+    }
+    let beats = agents.iter().enumerate().map(|(k, id)| {
+        let now = start + chrono::Duration::milliseconds(k as i64);
+        let mut beat = engine_beat(id, Running, now);
+        beat.heartbeat_event = Some(attune_telemetry::events::EventBody::new(
+            "agent.heartbeat",
+            "test",
+            Some(&beat.agent_id),
+            now,
+            json!({}),
+        ));
+        beat
+    });
+    // `join_all` polls in order and the test runtime has one thread, so
+    // every beat is queued before the writers take their first batch.
+    let engine = &app.state.engine;
+    let results = futures_util::future::join_all(beats.map(|b| engine.record_beat(b))).await;
+    for (id, result) in agents.iter().zip(&results) {
+        if id.starts_with("good-") {
+            assert!(result.is_ok(), "{id}: {result:?}");
+        } else {
+            let err = result.as_ref().expect_err(id).to_string();
+            assert!(err.contains(id.as_str()), "{id}: {err}");
+        }
+    }
+    let (status, page) = app.get("/v1/agents?state=up&limit=100").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(ids(&page).iter().filter(|id| id.starts_with("good-")).count(), 30);
+    assert_eq!(
+        app.events_of("agent.heartbeat").await.len() - heartbeats_before,
+        30,
+        "one heartbeat event per good beat, none for the failed ones"
+    );
+    let (status, problem) = app.post("/v1/agents/squatter/heartbeats", json!({})).await;
+    assert_eq!(status, 500, "{problem}");
+
+    // Deleting the agent clears the key; its next beat starts afresh.
+    let (status, body) = app.delete("/v1/agents/squatter").await;
+    assert_eq!(status, 204, "{body}");
+    let view = beat(&app, "squatter", json!({})).await;
+    assert_eq!(view["state"], "up", "{view}");
+}
+
 /// Writers that know nothing of the token (earlier versions of the
 /// service during a rolling upgrade) still rewrite `down` whenever they
 /// change an agent's state, which is enough to send the next beat here

@@ -70,7 +70,8 @@ end
 ///   moments as above.
 ///
 /// Returns, per beat, `q` (a quick beat applied), `d` (deferred: not
-/// applied, see below) or `f` followed by the stored `metadata`,
+/// applied, see below), `e` (not applied: the record's key holds another
+/// type) or `f` followed by the stored `metadata`,
 /// `display_name` and `run_id`, the record's token (false when the agent is
 /// not in the typical state: not `running`) and its expiry (ms).
 ///
@@ -225,7 +226,8 @@ for i = 9, #KEYS do
   if ARGV[a] ~= '' then
     -- Quick form.
     local id, now_s = ARGV[a + 1], ARGV[a + 2]
-    if deferred[id] == nil and redis.call('HGET', rec, 'down') == ARGV[a] then
+    -- A key of another type answers an error, which matches no token.
+    if deferred[id] == nil and redis.pcall('HGET', rec, 'down') == ARGV[a] then
       -- Tokens are only issued for `running` records: the status stays.
       redis.call('HSET', rec, 'progress', ARGV[a + 3], 'current_task', ARGV[a + 4], 'last_beat', now_s)
       if ARGV[a + 5] ~= '' then heartbeat(id, ARGV[a + 5]) end
@@ -242,13 +244,17 @@ for i = 9, #KEYS do
     -- Full form; from here on `b` is where its values start.
     local b = a + 1
     local id, now_s, status = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+    local prev = not deferred[id] and redis.pcall('HMGET', rec, 'status', 'down', 'run_key', 'run_id',
+      'metadata', 'display_name', 'expires', 'ttl', 'grace')
     if deferred[id] then
       put('d')
+    elseif prev.err then
+      -- Not a record (another program's key of another type): this beat
+      -- fails alone instead of aborting the call with every beat in it.
+      put('e')
     else
       local now, terminal = tonumber(now_s), ARGV[b + 3] == '1'
       local token = nonce .. '.' .. (i - 8)
-      local prev = redis.call('HMGET', rec, 'status', 'down', 'run_key', 'run_id', 'metadata', 'display_name',
-        'expires', 'ttl', 'grace')
       local expires = tonumber(prev[7])
       local renew = not expires or expires < now + retention or expires > now + retention + slack
       local metadata, display_name, run_id, stored_expires = prev[5], prev[6], prev[4], prev[7]
@@ -423,8 +429,8 @@ struct BatchWriter {
 
 /// How one beat of a call went.
 enum Outcome {
-    /// With the stored fields its answer shows.
-    Applied(EngineResult<Stored>),
+    /// Applied, with the stored fields its answer shows, or failed alone.
+    Answered(EngineResult<Stored>),
     /// To be sent again in the full form.
     Deferred,
 }
@@ -501,7 +507,7 @@ impl BatchWriter {
             let mut again = Vec::new();
             for ((beat, reply), outcome) in batch.into_iter().zip(outcomes) {
                 match outcome {
-                    Outcome::Applied(stored) => {
+                    Outcome::Answered(stored) => {
                         let _ = reply.send(stored.map(|stored| record_after(beat, stored)));
                     }
                     Outcome::Deferred => again.push((beat, reply)),
@@ -572,11 +578,15 @@ impl BatchWriter {
         for ((beat, _), quick) in batch.iter().zip(quick) {
             let kind = values.next().flatten().ok_or_else(corrupt)?;
             let outcome = match (kind.as_str(), quick) {
-                ("q", Some(stored)) => Outcome::Applied(Ok(stored)),
+                ("q", Some(stored)) => Outcome::Answered(Ok(stored)),
                 ("d", _) => {
                     self.known.remove(&beat.agent_id);
                     Outcome::Deferred
                 }
+                ("e", None) => Outcome::Answered(Err(EngineError::Corrupt(format!(
+                    "the record of agent {} is not a hash",
+                    beat.agent_id
+                )))),
                 ("f", None) => {
                     let mut next = || values.next().ok_or_else(corrupt);
                     let (metadata, display_name, run_id, token, expires) =
@@ -589,7 +599,7 @@ impl BatchWriter {
                     if let Ok(stored) = &stored {
                         self.learn(beat, token, expires, stored);
                     }
-                    Outcome::Applied(stored)
+                    Outcome::Answered(stored)
                 }
                 _ => return Err(corrupt()),
             };
@@ -821,8 +831,9 @@ return n + #runs
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
     agent_script(
         r#"
-local run_key = redis.call('HGET', KEYS[2], 'run_key')
-if run_key then
+-- A key of another type in the record's place is deleted all the same.
+local run_key = redis.pcall('HGET', KEYS[2], 'run_key')
+if type(run_key) == 'string' then
   update_run(KEYS[8], run_key, function(r) if r.outcome == nil then r.lost = true end end)
 end
 local existed = redis.call('DEL', KEYS[2])
