@@ -1005,7 +1005,13 @@ async fn redis_a_key_of_another_type_fails_only_its_own_beats() {
     }
     let (status, page) = app.get("/v1/agents?state=up&limit=100").await;
     assert_eq!(status, 200, "{page}");
-    assert_eq!(ids(&page).iter().filter(|id| id.starts_with("good-")).count(), 30);
+    assert_eq!(
+        ids(&page)
+            .iter()
+            .filter(|id| id.starts_with("good-"))
+            .count(),
+        30
+    );
     assert_eq!(
         app.events_of("agent.heartbeat").await.len() - heartbeats_before,
         30,

@@ -250,6 +250,97 @@ async fn a_consuming_read_from_the_command_line_can_be_retried() {
     assert_eq!(first, again);
 }
 
+/// A proxy in front of `app` that passes every request on but loses the
+/// first two answers: the first connection is closed without one, the
+/// second gets a 504. Returns its address and the `Idempotency-Key` of
+/// each request it saw.
+async fn lossy_proxy(
+    app: &TestApp,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (base, client, log) = (app.base.clone(), app.client.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            // A GET without a body: its head is all there is.
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("idempotency-key: "))
+                .map(str::to_owned);
+            let mut upstream = client.get(format!("{base}{path}"));
+            if let Some(key) = &key {
+                upstream = upstream.header("Idempotency-Key", key);
+            }
+            let answer = upstream.send().await.unwrap().text().await.unwrap();
+            let attempt = {
+                let mut log = log.lock().unwrap();
+                log.push(key);
+                log.len()
+            };
+            let reply = match attempt {
+                1 => continue, // dropped: no answer at all
+                2 => "HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                _ => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                ),
+            };
+            let _ = socket.write_all(reply.as_bytes()).await;
+        }
+    });
+    (addr, seen)
+}
+
+/// When the answer of a consuming read is lost (no answer, then a 504),
+/// the command line asks again with the same `Idempotency-Key` and prints
+/// what the first attempt took, which is gone from the inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_retries_a_lost_consuming_read_with_the_same_key() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let (status, _) = app
+        .post(
+            "/v1/signals",
+            json!({"signal_type": "ready", "source_agent": "planner", "target_agent": "coder"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (proxy, seen) = lossy_proxy(&app).await;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_attune-telemetry"));
+    cmd.args(["signals", "inbox", "coder", "--consume", "--json"])
+        .env("ATTUNE_URL", &proxy)
+        .env_remove("ATTUNE_TOKEN");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("binary runs"))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(read["signals"][0]["signal_type"], "ready", "{read}");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen[0].is_some(), "{seen:?}");
+    assert!(seen.iter().all(|key| *key == seen[0]), "{seen:?}");
+    let (_, inbox) = app.get("/v1/agents/coder/signals").await;
+    assert_eq!(inbox["signals"], json!([]), "{inbox}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_are_sent_and_read_from_the_command_line() {
     let app = TestApp::spawn(Kind::Memory).await;
