@@ -787,6 +787,54 @@ async fn a_consuming_read_that_took_nothing_keeps_nothing(kind: Kind) {
     assert_eq!(taken_ids(&answer), [task["signal_id"].as_str().unwrap()]);
 }
 
+/// Broadcasts a filtered read or clear leaves behind stay for the agent,
+/// however many reads and clears pass them and however old they get; each
+/// is delivered once.
+async fn broadcasts_a_filter_passes_over_stay_until_taken(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let broadcast = |kind: &'static str| {
+        let app = &app;
+        async move {
+            let signal = send(
+                app,
+                json!({"signal_type": kind, "source_agent": "hub", "ttl_seconds": 3600}),
+            )
+            .await;
+            signal["signal_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (note_1, task_1, note_2) = (
+        broadcast("note").await,
+        broadcast("task").await,
+        broadcast("note").await,
+    );
+    assert_eq!(
+        ids(&inbox(&app, "w", "type=task&consume=true").await),
+        [task_1.as_str()]
+    );
+    app.state.clock.advance(Duration::from_secs(20));
+    assert!(inbox(&app, "w", "type=task&consume=true").await.is_empty());
+    let note_3 = broadcast("note").await;
+    assert_eq!(
+        ids(&inbox(&app, "w", "consume=true").await),
+        [note_1, note_2, note_3]
+    );
+    app.state.clock.advance(Duration::from_secs(20));
+    assert!(inbox(&app, "w", "consume=true").await.is_empty());
+    let note_4 = broadcast("note").await;
+    assert_eq!(ids(&inbox(&app, "w", "consume=true").await), [note_4]);
+
+    // Another agent clears the notes only: the task stays in its inbox,
+    // also after the clear has passed it by twice.
+    for _ in 0..2 {
+        let (status, cleared) = app.delete("/v1/agents/v/signals?type=note").await;
+        assert_eq!(status, 200, "{cleared}");
+        app.state.clock.advance(Duration::from_secs(20));
+    }
+    assert_eq!(ids(&inbox(&app, "v", "consume=true").await), [task_1]);
+    assert!(inbox(&app, "v", "").await.is_empty());
+}
+
 conformance!(
     a_send_answers_201_with_the_full_signal,
     a_signal_for_one_agent_is_invisible_to_another,
@@ -807,7 +855,50 @@ conformance!(
     a_consuming_read_retried_with_its_key_gets_the_same_signals,
     a_consuming_read_that_took_nothing_keeps_nothing,
     reads_racing_with_one_key_take_once_and_expired_signals_stay_out,
+    broadcasts_a_filter_passes_over_stay_until_taken,
 );
+
+/// On Redis an inbox read walks only the broadcasts after the agent's
+/// watermark, which covers what the agent has settled up to ten seconds
+/// before now: with the per-broadcast consumption markers gone, what it
+/// covers still stays consumed.
+#[tokio::test]
+async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let signal = send(
+            &app,
+            json!({"signal_type": "note", "source_agent": "hub", "payload": {"i": i}, "ttl_seconds": 3600}),
+        )
+        .await;
+        sent.push(signal["signal_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids(&inbox(&app, "w", "consume=true").await), sent);
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let seen_key = format!("{{{}}}:seen:w", app.prefix);
+    let seen = |conn: &mut ::redis::Connection| -> Option<String> {
+        ::redis::cmd("GET").arg(&seen_key).query(conn).expect("GET")
+    };
+    assert_eq!(seen(&mut conn), None, "nothing is ten seconds old yet");
+
+    app.state.clock.advance(Duration::from_secs(11));
+    assert!(inbox(&app, "w", "consume=true").await.is_empty());
+    let mark = seen(&mut conn).expect("a watermark");
+    assert!(mark.ends_with(&format!(" {}", sent[4])), "{mark}");
+    let markers: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{{{}}}:signal:*:consumed", app.prefix))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert_eq!(markers.len(), 5, "{markers:?}");
+    let _: () = ::redis::cmd("DEL")
+        .arg(&markers)
+        .query(&mut conn)
+        .expect("DEL");
+    assert!(inbox(&app, "w", "").await.is_empty());
+    // Another agent has no watermark: every broadcast is its to read.
+    assert_eq!(ids(&inbox(&app, "v", "").await), sent);
+}
 
 /// The kept answer lives ten minutes: on Redis, by the key's own expiry.
 #[tokio::test]

@@ -166,6 +166,18 @@ impl Keys {
         self.key(&format!("receipt:{agent}:{digest}"))
     }
 
+    /// Where `agent`'s walk over the broadcasts starts: a string,
+    /// `<score> <id>` of a broadcast up to which (in index order) every
+    /// broadcast is settled for the agent — consumed, or expired. Inbox
+    /// reads and clears start after it and move it forward; it expires a
+    /// day (the longest a signal lives) after its last move, when every
+    /// broadcast it covers has expired too. Without it (a new agent, or
+    /// data from a version before it) a walk starts at the first broadcast,
+    /// which is only slower.
+    pub fn broadcasts_seen(&self, agent: &Id) -> String {
+        self.key(&format!("seen:{agent}"))
+    }
+
     /// Prefix of [`Keys::inbox`] keys, completed with a target agent id by
     /// the scripts that drop expired signals from every inbox.
     pub fn inbox_prefix(&self) -> String {

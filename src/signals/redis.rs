@@ -8,6 +8,11 @@
 //! every index, and reads skip anything past its expiry in any case. No
 //! sweeper is needed for correctness.
 //!
+//! An inbox read merges the agent's targeted set with the broadcasts, which
+//! every agent shares; each agent's watermark ([`Keys::broadcasts_seen`])
+//! lets its walk start past the broadcasts it has already settled, so a
+//! read costs what arrived since rather than every live broadcast.
+//!
 //! Each operation is one Lua script. Reading with `consume=true` must be:
 //! read and remove in two commands would let two concurrent consumers both
 //! receive the same targeted signal, or one agent the same broadcast twice.
@@ -20,6 +25,7 @@
 //! slot of the declared keys.
 //!
 //! [`Keys::signals_expiry`]: crate::engine::keys::Keys::signals_expiry
+//! [`Keys::broadcasts_seen`]: crate::engine::keys::Keys::broadcasts_seen
 
 use std::sync::LazyLock;
 
@@ -92,20 +98,56 @@ local function earlier(a, b)
   return bytes_before(a[1], b[1])
 end
 
--- Reads a sorted set in order, a batch at a time.
-local function reader(key)
-  return { key = key, buf = {}, i = 1, offset = 0, eof = false }
+-- Reads a sorted set in order, a batch at a time; with `after` (an entry),
+-- only what comes after it.
+local function reader(key, after)
+  return { key = key, buf = {}, i = 1, offset = 0, eof = false, after = after }
 end
 
 local function head(r)
-  if r.i > #r.buf and not r.eof then
-    local got = redis.call('ZRANGE', r.key, r.offset, r.offset + BATCH - 1, 'WITHSCORES')
+  while r.i > #r.buf and not r.eof do
+    local got
+    if r.after then
+      got = redis.call('ZRANGE', r.key, r.after[3], '+inf', 'BYSCORE', 'LIMIT', r.offset, BATCH,
+        'WITHSCORES')
+    else
+      got = redis.call('ZRANGE', r.key, r.offset, r.offset + BATCH - 1, 'WITHSCORES')
+    end
     r.buf, r.i = {}, 1
-    for j = 1, #got, 2 do r.buf[#r.buf + 1] = { got[j], tonumber(got[j + 1]), got[j + 1] } end
-    r.offset = r.offset + #r.buf
-    r.eof = #r.buf < BATCH
+    for j = 1, #got, 2 do
+      local entry = { got[j], tonumber(got[j + 1]), got[j + 1] }
+      if not r.after or earlier(r.after, entry) then r.buf[#r.buf + 1] = entry end
+    end
+    r.offset = r.offset + #got / 2
+    r.eof = #got < 2 * BATCH
   end
   return r.buf[r.i]
+end
+
+-- An agent's watermark over the broadcasts (see `Keys::broadcasts_seen`),
+-- stored at `key`: walks start after `w.start`. While a walk passes
+-- broadcasts in order, `settle` records whether each is settled for the
+-- agent (consumed, or expired); `save` then moves the watermark to the
+-- last of an unbroken run of settled ones. It never covers a broadcast
+-- created after `horizon` (ms): one sent by a replica whose clock is a
+-- little behind may still arrive with an earlier score.
+local function watermark(key, horizon)
+  local w = { key = key, horizon = horizon, open = true }
+  local kept = redis.pcall('GET', key)
+  local space = type(kept) == 'string' and string.find(kept, ' ', 1, true)
+  local score = space and tonumber(string.sub(kept, 1, space - 1))
+  if score then
+    w.start = { string.sub(kept, space + 1), score, string.sub(kept, 1, space - 1) }
+  end
+  return w
+end
+
+local function settle(w, entry, settled)
+  if w.open and settled and entry[2] <= w.horizon then w.last = entry else w.open = false end
+end
+
+local function save(w, lifetime)
+  if w.last then redis.call('SET', w.key, w.last[3] .. ' ' .. w.last[1], 'PX', lifetime) end
 end
 "#;
 
@@ -139,7 +181,8 @@ return 1
 /// Reads (and with `consume`, takes) an inbox: the targeted set and the
 /// broadcasts, merged oldest first. ARGV: 5 agent, 6 type or '', 7 source
 /// or '', 8 limit, 9 consume (0/1), 10 receipt key or '', 11 the query's
-/// fingerprint, 12 receipt lifetime (ms). Returns `{ 'read', signals' JSON }`,
+/// fingerprint, 12 receipt lifetime (ms), 13 the agent's watermark key, 14
+/// its horizon (ms), 15 its lifetime (ms). Returns `{ 'read', signals' JSON }`,
 /// `{ 'again', signals' JSON }` for an answer kept under the receipt key, or
 /// `{ 'reused', {} }` when the key holds another query's answer.
 ///
@@ -164,7 +207,8 @@ end
 prune(10 * BATCH)
 local agent, want_type, want_source = ARGV[5], ARGV[6], ARGV[7]
 local limit, consume = tonumber(ARGV[8]), ARGV[9] == '1'
-local targeted, broadcasts = reader(INBOX), reader(BROADCAST)
+local seen = watermark(ARGV[13], tonumber(ARGV[14]))
+local targeted, broadcasts = reader(INBOX), reader(BROADCAST, seen.start)
 local out, taken, dead = {}, {}, {}
 while #out < limit do
   local t, b = head(targeted), head(broadcasts)
@@ -180,8 +224,9 @@ while #out < limit do
   end
   local id = entry[1]
   -- A broadcast this agent consumed is skipped before anything of it is
-  -- read, and a payload (up to 64 KiB) is read only for a match: an inbox
-  -- read walks every live broadcast, most of them consumed long ago.
+  -- read, and a payload (up to 64 KiB) is read only for a match: past the
+  -- watermark, most broadcasts are the ones consumed in its last seconds.
+  local settled = true
   if not (broadcast and redis.call('SISMEMBER', SIG .. id .. ':consumed', agent) == 1) then
     local f = redis.call('HMGET', SIG .. id, 'type', 'source', 'expires')
     if not f[3] then
@@ -192,9 +237,14 @@ while #out < limit do
       and (want_source == '' or f[2] == want_source) then
       out[#out + 1] = redis.call('HGET', SIG .. id, 'json')
       taken[#taken + 1] = { id, broadcast, f[3] }
+      settled = consume
+    elseif tonumber(f[3]) > NOW then
+      settled = false
     end
   end
+  if broadcast then settle(seen, entry, settled) end
 end
+save(seen, ARGV[15])
 for _, d in ipairs(dead) do drop(d[1], d[2]) end
 if consume then
   for _, x in ipairs(taken) do
@@ -258,8 +308,9 @@ end
 });
 
 /// Clears an inbox: deletes its targeted signals and marks its broadcasts
-/// consumed for this agent. ARGV: 5 agent, 6 type or '', 7 event. Returns
-/// how many signals left the inbox.
+/// consumed for this agent. ARGV: 5 agent, 6 type or '', 7 event, 8–10 the
+/// agent's watermark as in [`READ`]. Returns how many signals left the
+/// inbox.
 static CLEAR: LazyLock<Script> = LazyLock::new(|| {
     signal_script(
         r#"
@@ -276,16 +327,25 @@ for _, id in ipairs(redis.call('ZRANGE', INBOX, 0, -1)) do
   end
 end
 for _, id in ipairs(drops) do drop(id, agent) end
-for _, id in ipairs(redis.call('ZRANGE', BROADCAST, 0, -1)) do
-  local f = redis.call('HMGET', SIG .. id, 'type', 'expires')
-  if f[2] and tonumber(f[2]) > NOW and (want_type == '' or f[1] == want_type) then
-    local marks = SIG .. id .. ':consumed'
+local seen = watermark(ARGV[8], tonumber(ARGV[9]))
+local broadcasts = reader(BROADCAST, seen.start)
+while head(broadcasts) do
+  local entry = head(broadcasts)
+  broadcasts.i = broadcasts.i + 1
+  local f = redis.call('HMGET', SIG .. entry[1], 'type', 'expires')
+  local live = f[2] and tonumber(f[2]) > NOW
+  if live and (want_type == '' or f[1] == want_type) then
+    local marks = SIG .. entry[1] .. ':consumed'
     if redis.call('SADD', marks, agent) == 1 then
       redis.call('PEXPIREAT', marks, f[2])
       cleared = cleared + 1
     end
+    settle(seen, entry, true)
+  else
+    settle(seen, entry, not live)
   end
 end
+save(seen, ARGV[10])
 if cleared > 0 then emit('signal.cleared', agent, '', ARGV[7]) end
 return cleared
 "#,
@@ -294,6 +354,18 @@ return cleared
 
 /// Most index entries one `GET /v1/signals` page examines.
 const LIST_SCAN_BUDGET: usize = 10_000;
+
+/// How far an agent's broadcast watermark stays behind the reading
+/// replica's clock (see [`Keys::broadcasts_seen`]): a broadcast is
+/// indexed by its sender's clock, so a sender this much behind could
+/// otherwise index one where the walk no longer looks. Broadcasts of the
+/// last ten seconds are walked on every read instead.
+///
+/// [`Keys::broadcasts_seen`]: crate::engine::keys::Keys::broadcasts_seen
+const SEEN_MARGIN_MS: i64 = 10_000;
+/// How long a watermark is kept after its last move: the longest a signal
+/// lives, after which every broadcast it covers has expired.
+const SEEN_LIFETIME_MS: u64 = 86_400_000;
 
 impl RedisEngine {
     /// KEYS 2–5 of every signal script; `inbox` is the agent the operation
@@ -376,6 +448,9 @@ impl RedisEngine {
                     receipt,
                     query.fingerprint(),
                     RECEIPT_TTL.as_millis(),
+                    self.keys.broadcasts_seen(agent),
+                    now_ms - SEEN_MARGIN_MS,
+                    SEEN_LIFETIME_MS,
                 ],
             )
             .await?;
@@ -450,7 +525,14 @@ impl RedisEngine {
                 &CLEAR,
                 Some(agent),
                 now_ms,
-                &args![agent, optional(signal_type), event.json],
+                &args![
+                    agent,
+                    optional(signal_type),
+                    event.json,
+                    self.keys.broadcasts_seen(agent),
+                    now_ms - SEEN_MARGIN_MS,
+                    SEEN_LIFETIME_MS,
+                ],
             )
             .await?;
         Ok(cleared)
