@@ -1027,6 +1027,45 @@ async fn redis_a_key_of_another_type_fails_only_its_own_beats() {
     assert_eq!(view["state"], "up", "{view}");
 }
 
+/// Only a key of another type fails a beat alone: an error every beat
+/// would meet (a Redis user not allowed a command the script runs) fails
+/// the call, named as what it is.
+#[tokio::test]
+async fn redis_a_refused_command_fails_the_beat_as_itself() {
+    use attune_telemetry::agents::AgentStatus::Running;
+    let app = TestApp::spawn(Kind::Redis).await;
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let _: () = ::redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER", "limited", "on", ">secret", "~*", "&*", "+@all", "-hmget",
+            ][..],
+        )
+        .query(&mut conn)
+        .expect("ACL SETUSER");
+    let url = app
+        .redis_url()
+        .unwrap()
+        .replacen("redis://", "redis://limited:secret@", 1);
+    let limited =
+        TestApp::spawn_with(Options::new(Kind::Redis).shared_redis(&url, &app.prefix)).await;
+    let now = limited.state.clock.now();
+    let err = limited
+        .state
+        .engine
+        .record_beat(engine_beat("newcomer", Running, now))
+        .await
+        .expect_err("HMGET is refused")
+        .to_string();
+    assert!(!err.contains("not a hash"), "{err}");
+    assert!(
+        err.to_lowercase().contains("hmget")
+            || err.contains("permission")
+            || err.contains("can't run"),
+        "{err}"
+    );
+}
+
 /// Writers that know nothing of the token (earlier versions of the
 /// service during a rolling upgrade) still rewrite `down` whenever they
 /// change an agent's state, which is enough to send the next beat here

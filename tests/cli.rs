@@ -295,7 +295,10 @@ async fn lossy_proxy(
             };
             let reply = match attempt {
                 1 => continue, // dropped: no answer at all
-                2 => "HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                2 => {
+                    "HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned()
+                }
                 _ => format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                      content-length: {}\r\nconnection: close\r\n\r\n{answer}",

@@ -860,8 +860,9 @@ conformance!(
 
 /// On Redis an inbox read walks only the broadcasts after the agent's
 /// watermark, which covers what the agent has settled up to ten seconds
-/// before now: with the per-broadcast consumption markers gone, what it
-/// covers still stays consumed.
+/// (and the Redis timeout) before now: with the per-broadcast consumption
+/// markers gone, what it covers still stays consumed. A watermark that
+/// does not parse is passed over.
 #[tokio::test]
 async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     let app = TestApp::spawn(Kind::Redis).await;
@@ -882,7 +883,8 @@ async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     };
     assert_eq!(seen(&mut conn), None, "nothing is ten seconds old yet");
 
-    app.state.clock.advance(Duration::from_secs(11));
+    // Ten seconds and the Redis timeout later.
+    app.state.clock.advance(Duration::from_secs(12));
     assert!(inbox(&app, "w", "consume=true").await.is_empty());
     let mark = seen(&mut conn).expect("a watermark");
     assert!(mark.ends_with(&format!(" {}", sent[4])), "{mark}");
@@ -898,6 +900,24 @@ async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     assert!(inbox(&app, "w", "").await.is_empty());
     // Another agent has no watermark: every broadcast is its to read.
     assert_eq!(ids(&inbox(&app, "v", "").await), sent);
+
+    // A watermark this service did not write is passed over: the walk
+    // starts at the first broadcast.
+    for bad in [
+        "nan x",
+        "inf x",
+        "0x10 x",
+        "99999999999999999 x",
+        "12",
+        "-5 x",
+    ] {
+        let _: () = ::redis::cmd("SET")
+            .arg(format!("{{{}}}:seen:u", app.prefix))
+            .arg(bad)
+            .query(&mut conn)
+            .expect("SET");
+        assert_eq!(ids(&inbox(&app, "u", "").await), sent, "{bad}");
+    }
 }
 
 /// The kept answer lives ten minutes: on Redis, by the key's own expiry.

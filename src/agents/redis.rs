@@ -251,6 +251,8 @@ for i = 9, #KEYS do
     elseif prev.err then
       -- Not a record (another program's key of another type): this beat
       -- fails alone instead of aborting the call with every beat in it.
+      -- Any other error (a permission) is every beat's: the call fails.
+      if string.sub(prev.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(prev.err) end
       put('e')
     else
       local now, terminal = tonumber(now_s), ARGV[b + 3] == '1'
@@ -833,6 +835,9 @@ static DELETE: LazyLock<Script> = LazyLock::new(|| {
         r#"
 -- A key of another type in the record's place is deleted all the same.
 local run_key = redis.pcall('HGET', KEYS[2], 'run_key')
+if type(run_key) == 'table' and string.sub(run_key.err, 1, 9) ~= 'WRONGTYPE' then
+  return redis.error_reply(run_key.err)
+end
 if type(run_key) == 'string' then
   update_run(KEYS[8], run_key, function(r) if r.outcome == nil then r.lost = true end end)
 end

@@ -101,18 +101,17 @@ end
 -- Reads a sorted set in order, a batch at a time; with `after` (an entry),
 -- only what comes after it.
 local function reader(key, after)
-  return { key = key, buf = {}, i = 1, offset = 0, eof = false, after = after }
+  return { key = key, buf = {}, i = 1, offset = nil, eof = false, after = after }
 end
 
 local function head(r)
+  if not r.offset then
+    -- From the first entry of `after`'s score, by rank: a rank finds its
+    -- entry at once, where an offset into a score range is walked.
+    r.offset = r.after and redis.call('ZCOUNT', r.key, '-inf', '(' .. r.after[3]) or 0
+  end
   while r.i > #r.buf and not r.eof do
-    local got
-    if r.after then
-      got = redis.call('ZRANGE', r.key, r.after[3], '+inf', 'BYSCORE', 'LIMIT', r.offset, BATCH,
-        'WITHSCORES')
-    else
-      got = redis.call('ZRANGE', r.key, r.offset, r.offset + BATCH - 1, 'WITHSCORES')
-    end
+    local got = redis.call('ZRANGE', r.key, r.offset, r.offset + BATCH - 1, 'WITHSCORES')
     r.buf, r.i = {}, 1
     for j = 1, #got, 2 do
       local entry = { got[j], tonumber(got[j + 1]), got[j + 1] }
@@ -134,16 +133,17 @@ end
 local function watermark(key, horizon)
   local w = { key = key, horizon = horizon, open = true }
   local kept = redis.pcall('GET', key)
-  local space = type(kept) == 'string' and string.find(kept, ' ', 1, true)
-  local score = space and tonumber(string.sub(kept, 1, space - 1))
-  if score then
-    w.start = { string.sub(kept, space + 1), score, string.sub(kept, 1, space - 1) }
+  -- Anything but a score in ms that has come (and a space, then an id)
+  -- is not one this script wrote: the walk starts at the beginning.
+  local digits = type(kept) == 'string' and string.match(kept, '^(%d+) ')
+  if digits and #digits < 16 and tonumber(digits) <= NOW then
+    w.start = { string.sub(kept, #digits + 2), tonumber(digits), digits }
   end
   return w
 end
 
 local function settle(w, entry, settled)
-  if w.open and settled and entry[2] <= w.horizon then w.last = entry else w.open = false end
+  if w.open and settled and entry[2] < w.horizon then w.last = entry else w.open = false end
 end
 
 local function save(w, lifetime)
@@ -356,10 +356,12 @@ return cleared
 const LIST_SCAN_BUDGET: usize = 10_000;
 
 /// How far an agent's broadcast watermark stays behind the reading
-/// replica's clock (see [`Keys::broadcasts_seen`]): a broadcast is
-/// indexed by its sender's clock, so a sender this much behind could
-/// otherwise index one where the walk no longer looks. Broadcasts of the
-/// last ten seconds are walked on every read instead.
+/// replica's clock (see [`Keys::broadcasts_seen`]), on top of the Redis
+/// timeout (a send's score is taken before its call, which may take that
+/// long): a broadcast is indexed by its sender's clock, so a sender this
+/// much behind could otherwise index one where the walk no longer looks.
+/// Broadcasts of the last ten seconds or so are walked on every read
+/// instead.
 ///
 /// [`Keys::broadcasts_seen`]: crate::engine::keys::Keys::broadcasts_seen
 const SEEN_MARGIN_MS: i64 = 10_000;
@@ -378,6 +380,15 @@ impl RedisEngine {
             k.signals_broadcast(),
             inbox.map_or_else(|| k.signals_broadcast(), |agent| k.inbox(agent)),
         ]
+    }
+
+    /// The newest broadcast score an agent's watermark may cover when read
+    /// at `now_ms` (see [`SEEN_MARGIN_MS`]).
+    fn seen_horizon(&self, now_ms: i64) -> i64 {
+        let timeout = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+        now_ms
+            .saturating_sub(SEEN_MARGIN_MS)
+            .saturating_sub(timeout)
     }
 
     /// ARGV 2–4 of every signal script, followed by `rest`.
@@ -449,7 +460,7 @@ impl RedisEngine {
                     query.fingerprint(),
                     RECEIPT_TTL.as_millis(),
                     self.keys.broadcasts_seen(agent),
-                    now_ms - SEEN_MARGIN_MS,
+                    self.seen_horizon(now_ms),
                     SEEN_LIFETIME_MS,
                 ],
             )
@@ -530,7 +541,7 @@ impl RedisEngine {
                     optional(signal_type),
                     event.json,
                     self.keys.broadcasts_seen(agent),
-                    now_ms - SEEN_MARGIN_MS,
+                    self.seen_horizon(now_ms),
                     SEEN_LIFETIME_MS,
                 ],
             )
