@@ -861,8 +861,9 @@ conformance!(
 /// On Redis an inbox read walks only the broadcasts after the agent's
 /// watermark, which covers what the agent has settled up to ten seconds
 /// (and the Redis timeout) before now: with the per-broadcast consumption
-/// markers gone, what it covers still stays consumed. A watermark that
-/// does not parse is passed over.
+/// markers gone, what it covers still stays consumed. Each pair of
+/// filters has its own, which also passes what it does not match. A
+/// watermark that does not parse is passed over.
 #[tokio::test]
 async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     let app = TestApp::spawn(Kind::Redis).await;
@@ -888,6 +889,13 @@ async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     assert!(inbox(&app, "w", "consume=true").await.is_empty());
     let mark = seen(&mut conn).expect("a watermark");
     assert!(mark.ends_with(&format!(" {}", sent[4])), "{mark}");
+    // A filtered read has its own, past the broadcasts it does not match.
+    assert!(inbox(&app, "w", "type=task&source=hub").await.is_empty());
+    let filtered: String = ::redis::cmd("GET")
+        .arg(format!("{{{}}}:seen:w:task:hub", app.prefix))
+        .query(&mut conn)
+        .expect("GET");
+    assert!(filtered.ends_with(&format!(" {}", sent[4])), "{filtered}");
     let markers: Vec<String> = ::redis::cmd("KEYS")
         .arg(format!("{{{}}}:signal:*:consumed", app.prefix))
         .query(&mut conn)

@@ -166,16 +166,31 @@ impl Keys {
         self.key(&format!("receipt:{agent}:{digest}"))
     }
 
-    /// Where `agent`'s walk over the broadcasts starts: a string,
+    /// Where `agent`'s walk over the broadcasts starts, for reads and
+    /// clears with these `type` and `source` filters: a string,
     /// `<score> <id>` of a broadcast up to which (in index order) every
-    /// broadcast is settled for the agent — consumed, or expired. Inbox
-    /// reads and clears start after it and move it forward; it expires a
-    /// day (the longest a signal lives) after its last move, when every
-    /// broadcast it covers has expired too. Without it (a new agent, or
-    /// data from a version before it) a walk starts at the first broadcast,
-    /// which is only slower.
-    pub fn broadcasts_seen(&self, agent: &Id) -> String {
-        self.key(&format!("seen:{agent}"))
+    /// broadcast is settled for the agent and the filters — consumed by it,
+    /// expired, or not matching. Inbox reads and clears start after it and
+    /// move it forward; it expires a day (the longest a signal lives) after
+    /// its last move, when every broadcast it covers has expired too.
+    /// Without it (a new agent or filter, or data from a version before it)
+    /// a walk starts at the first broadcast, which is only slower. Ids hold
+    /// no `:`, so `seen:<agent>:<type>:<source>` (empty for no filter)
+    /// names one agent and pair of filters.
+    pub fn broadcasts_seen(
+        &self,
+        agent: &Id,
+        signal_type: Option<&Id>,
+        source: Option<&Id>,
+    ) -> String {
+        match (signal_type, source) {
+            (None, None) => self.key(&format!("seen:{agent}")),
+            _ => self.key(&format!(
+                "seen:{agent}:{}:{}",
+                signal_type.map_or("", Id::as_str),
+                source.map_or("", Id::as_str)
+            )),
+        }
     }
 
     /// Prefix of [`Keys::inbox`] keys, completed with a target agent id by

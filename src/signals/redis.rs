@@ -9,9 +9,10 @@
 //! sweeper is needed for correctness.
 //!
 //! An inbox read merges the agent's targeted set with the broadcasts, which
-//! every agent shares; each agent's watermark ([`Keys::broadcasts_seen`])
-//! lets its walk start past the broadcasts it has already settled, so a
-//! read costs what arrived since rather than every live broadcast.
+//! every agent shares; the agent's watermark for the read's filters
+//! ([`Keys::broadcasts_seen`]) lets the walk start past the broadcasts
+//! already settled for it, so a read costs what arrived since rather than
+//! every live broadcast.
 //!
 //! Each operation is one Lua script. Reading with `consume=true` must be:
 //! read and remove in two commands would let two concurrent consumers both
@@ -123,11 +124,12 @@ local function head(r)
   return r.buf[r.i]
 end
 
--- An agent's watermark over the broadcasts (see `Keys::broadcasts_seen`),
--- stored at `key`: walks start after `w.start`. While a walk passes
--- broadcasts in order, `settle` records whether each is settled for the
--- agent (consumed, or expired); `save` then moves the watermark to the
--- last of an unbroken run of settled ones. It never covers a broadcast
+-- An agent's watermark over the broadcasts for one pair of filters (see
+-- `Keys::broadcasts_seen`), stored at `key`: walks start after `w.start`.
+-- While a walk passes broadcasts in order, `settle` records whether each is
+-- settled for the agent and the filters (consumed, expired, or not
+-- matching); `save` then moves the watermark to the last of an unbroken run
+-- of settled ones. It never covers a broadcast
 -- created after `horizon` (ms): one sent by a replica whose clock is a
 -- little behind may still arrive with an earlier score.
 local function watermark(key, horizon)
@@ -238,8 +240,6 @@ while #out < limit do
       out[#out + 1] = redis.call('HGET', SIG .. id, 'json')
       taken[#taken + 1] = { id, broadcast, f[3] }
       settled = consume
-    elseif tonumber(f[3]) > NOW then
-      settled = false
     end
   end
   if broadcast then settle(seen, entry, settled) end
@@ -340,10 +340,8 @@ while head(broadcasts) do
       redis.call('PEXPIREAT', marks, f[2])
       cleared = cleared + 1
     end
-    settle(seen, entry, true)
-  else
-    settle(seen, entry, not live)
   end
+  settle(seen, entry, true)
 end
 save(seen, ARGV[10])
 if cleared > 0 then emit('signal.cleared', agent, '', ARGV[7]) end
@@ -459,7 +457,11 @@ impl RedisEngine {
                     receipt,
                     query.fingerprint(),
                     RECEIPT_TTL.as_millis(),
-                    self.keys.broadcasts_seen(agent),
+                    self.keys.broadcasts_seen(
+                        agent,
+                        query.signal_type.as_ref(),
+                        query.source.as_ref()
+                    ),
                     self.seen_horizon(now_ms),
                     SEEN_LIFETIME_MS,
                 ],
@@ -540,7 +542,7 @@ impl RedisEngine {
                     agent,
                     optional(signal_type),
                     event.json,
-                    self.keys.broadcasts_seen(agent),
+                    self.keys.broadcasts_seen(agent, signal_type, None),
                     self.seen_horizon(now_ms),
                     SEEN_LIFETIME_MS,
                 ],
