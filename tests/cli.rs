@@ -9,9 +9,14 @@ use serde_json::{Value, json};
 
 /// Runs the binary with `args` against `app` (blocking work off the runtime).
 async fn cli(app: &TestApp, token: Option<&str>, args: &[&str]) -> Output {
+    cli_at(&app.base, token, args).await
+}
+
+/// Runs the binary with `args` against the server at `url`.
+async fn cli_at(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_attune-telemetry"));
     cmd.args(args)
-        .env("ATTUNE_URL", &app.base)
+        .env("ATTUNE_URL", url)
         .env_remove("ATTUNE_TOKEN");
     if let Some(t) = token {
         cmd.env("ATTUNE_TOKEN", t);
@@ -200,11 +205,8 @@ async fn approvals_are_listed_and_decided_from_the_command_line() {
     assert_eq!(listed["approvals"].as_array().unwrap().len(), 1);
 }
 
-/// The client's consuming read carries an `Idempotency-Key`, so the service
-/// keeps what it took for a retry (seen as the receipt on Redis).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consuming_read_from_the_command_line_can_be_retried() {
-    let app = TestApp::spawn(Kind::Redis).await;
+/// Sends a `ready` signal from "planner" to "coder".
+async fn ready_for_coder(app: &TestApp) {
     let (status, _) = app
         .post(
             "/v1/signals",
@@ -212,6 +214,14 @@ async fn a_consuming_read_from_the_command_line_can_be_retried() {
         )
         .await;
     assert_eq!(status, 201);
+}
+
+/// The client's consuming read carries an `Idempotency-Key`, so the service
+/// keeps what it took for a retry (seen as the receipt on Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consuming_read_from_the_command_line_can_be_retried() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    ready_for_coder(&app).await;
     let out = cli(
         &app,
         None,
@@ -317,21 +327,14 @@ async fn lossy_proxy(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_retries_a_lost_consuming_read_with_the_same_key() {
     let app = TestApp::spawn(Kind::Memory).await;
-    let (status, _) = app
-        .post(
-            "/v1/signals",
-            json!({"signal_type": "ready", "source_agent": "planner", "target_agent": "coder"}),
-        )
-        .await;
-    assert_eq!(status, 201);
+    ready_for_coder(&app).await;
     let (proxy, seen) = lossy_proxy(&app).await;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_attune-telemetry"));
-    cmd.args(["signals", "inbox", "coder", "--consume", "--json"])
-        .env("ATTUNE_URL", &proxy)
-        .env_remove("ATTUNE_TOKEN");
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("binary runs"))
-        .await
-        .unwrap();
+    let out = cli_at(
+        &proxy,
+        None,
+        &["signals", "inbox", "coder", "--consume", "--json"],
+    )
+    .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let read: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(read["signals"][0]["signal_type"], "ready", "{read}");
