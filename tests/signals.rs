@@ -858,6 +858,51 @@ conformance!(
     broadcasts_a_filter_passes_over_stay_until_taken,
 );
 
+/// On Redis the first read with a filter walks every live broadcast; it
+/// does so in script calls of at most a thousand broadcasts, each moving the
+/// watermark on, so that no call holds Redis for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
+    // No sweeps (scripts too) while script calls are counted.
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    for _ in 0..50 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
+    app.state.clock.advance(Duration::from_secs(12));
+    let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
+
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let script_calls = |conn: &mut ::redis::Connection| -> u64 {
+        let stats: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query(conn)
+            .expect("INFO");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // Once, so that the script is loaded before calls are counted.
+    assert!(inbox(&app, "v", "type=other").await.is_empty());
+    let before = script_calls(&mut conn);
+    assert_eq!(
+        ids(&inbox(&app, "w", "type=task&consume=true").await),
+        [task["signal_id"].as_str().unwrap()]
+    );
+    let calls = script_calls(&mut conn) - before;
+    assert_eq!(calls, 3, "2,500 broadcasts, then the one it finds");
+    // The next read starts past all of them.
+    let before = script_calls(&mut conn);
+    assert!(inbox(&app, "w", "type=task").await.is_empty());
+    assert_eq!(script_calls(&mut conn) - before, 1);
+}
+
 /// On Redis an inbox read walks only the broadcasts after the agent's
 /// watermark, which covers what the agent has settled up to ten seconds
 /// (and the Redis timeout) before now: with the per-broadcast consumption

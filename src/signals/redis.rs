@@ -129,9 +129,9 @@ end
 -- While a walk passes broadcasts in order, `settle` records whether each is
 -- settled for the agent and the filters (consumed, expired, or not
 -- matching); `save` then moves the watermark to the last of an unbroken run
--- of settled ones. It never covers a broadcast
--- created after `horizon` (ms): one sent by a replica whose clock is a
--- little behind may still arrive with an earlier score.
+-- of settled ones. It never covers a broadcast created after `horizon`
+-- (ms): one sent by a replica whose clock is a little behind may still
+-- arrive with an earlier score.
 local function watermark(key, horizon)
   local w = { key = key, horizon = horizon, open = true }
   local kept = redis.pcall('GET', key)
@@ -184,9 +184,13 @@ return 1
 /// broadcasts, merged oldest first. ARGV: 5 agent, 6 type or '', 7 source
 /// or '', 8 limit, 9 consume (0/1), 10 receipt key or '', 11 the query's
 /// fingerprint, 12 receipt lifetime (ms), 13 the agent's watermark key, 14
-/// its horizon (ms), 15 its lifetime (ms). Returns `{ 'read', signals' JSON }`,
-/// `{ 'again', signals' JSON }` for an answer kept under the receipt key, or
-/// `{ 'reused', {} }` when the key holds another query's answer.
+/// its horizon (ms), 15 its lifetime (ms), 16 most broadcasts to walk past
+/// the watermark without a find. Returns `{ 'read', signals' JSON }`,
+/// `{ 'again', signals' JSON }` for an answer kept under the receipt key,
+/// `{ 'reused', {} }` when the key holds another query's answer, or
+/// `{ 'more', {} }` when it stopped after walking that many broadcasts, all
+/// settled for the agent, and moved the watermark past them: the same call
+/// again goes on from there.
 ///
 /// A consuming read with a receipt key first looks for an answer kept under
 /// it (a retry) and returns that; otherwise it keeps what it takes there,
@@ -211,7 +215,7 @@ local agent, want_type, want_source = ARGV[5], ARGV[6], ARGV[7]
 local limit, consume = tonumber(ARGV[8]), ARGV[9] == '1'
 local seen = watermark(ARGV[13], tonumber(ARGV[14]))
 local targeted, broadcasts = reader(INBOX), reader(BROADCAST, seen.start)
-local out, taken, dead = {}, {}, {}
+local out, taken, dead, walked, more = {}, {}, {}, 0, false
 while #out < limit do
   local t, b = head(targeted), head(broadcasts)
   local entry, broadcast
@@ -242,7 +246,17 @@ while #out < limit do
       settled = consume
     end
   end
-  if broadcast then settle(seen, entry, settled) end
+  if broadcast then
+    settle(seen, entry, settled)
+    walked = walked + 1
+    -- A long run of broadcasts settled for this agent, nothing found yet:
+    -- the watermark keeps the progress and the caller asks again, so that
+    -- no call holds Redis for long.
+    if walked >= tonumber(ARGV[16]) and #out == 0 and seen.open then
+      more = true
+      break
+    end
+  end
 end
 save(seen, ARGV[15])
 for _, d in ipairs(dead) do drop(d[1], d[2]) end
@@ -260,7 +274,7 @@ if consume then
     redis.call('SET', receipt, fingerprint .. '\n' .. cjson.encode(out), 'PX', ARGV[12])
   end
 end
-return { 'read', out }
+return { more and 'more' or 'read', out }
 "#,
     )
 });
@@ -366,6 +380,10 @@ const SEEN_MARGIN_MS: i64 = 10_000;
 /// How long a watermark is kept after its last move: the longest a signal
 /// lives, after which every broadcast it covers has expired.
 const SEEN_LIFETIME_MS: u64 = 86_400_000;
+/// Most broadcasts one inbox read script walks without finding anything
+/// (the first read with a new filter walks every live broadcast): a few
+/// milliseconds of Redis per call, and the read calls again until done.
+const READ_WALK: usize = 1_000;
 
 impl RedisEngine {
     /// KEYS 2–5 of every signal script; `inbox` is the agent the operation
@@ -443,30 +461,31 @@ impl RedisEngine {
             .receipt()
             .map(|key| self.keys.signal_receipt(agent, key))
             .unwrap_or_default();
-        let (outcome, raw): (String, Vec<String>) = self
-            .invoke_signals(
-                &READ,
-                Some(agent),
-                now_ms,
-                &args![
-                    agent,
-                    optional(query.signal_type.as_ref()),
-                    optional(query.source.as_ref()),
-                    query.limit,
-                    u8::from(query.consume),
-                    receipt,
-                    query.fingerprint(),
-                    RECEIPT_TTL.as_millis(),
-                    self.keys.broadcasts_seen(
-                        agent,
-                        query.signal_type.as_ref(),
-                        query.source.as_ref()
-                    ),
-                    self.seen_horizon(now_ms),
-                    SEEN_LIFETIME_MS,
-                ],
-            )
-            .await?;
+        let args = args![
+            agent,
+            optional(query.signal_type.as_ref()),
+            optional(query.source.as_ref()),
+            query.limit,
+            u8::from(query.consume),
+            receipt,
+            query.fingerprint(),
+            RECEIPT_TTL.as_millis(),
+            self.keys
+                .broadcasts_seen(agent, query.signal_type.as_ref(), query.source.as_ref()),
+            self.seen_horizon(now_ms),
+            SEEN_LIFETIME_MS,
+            READ_WALK,
+        ];
+        // Each `more` moved the watermark past READ_WALK broadcasts, so
+        // this ends.
+        let (outcome, raw) = loop {
+            let (outcome, raw): (String, Vec<String>) = self
+                .invoke_signals(&READ, Some(agent), now_ms, &args)
+                .await?;
+            if outcome != "more" {
+                break (outcome, raw);
+            }
+        };
         let signals = || {
             raw.iter()
                 .map(|json| decode(json))
