@@ -860,7 +860,8 @@ conformance!(
 
 /// On Redis the first read with a filter walks every live broadcast; it
 /// does so in script calls of at most a thousand broadcasts, each moving the
-/// watermark on, so that no call holds Redis for long.
+/// watermark on and resuming past the targeted signals already walked, so
+/// that no call holds Redis for long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
     // No sweeps (scripts too) while script calls are counted.
@@ -868,6 +869,11 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
         Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
     )
     .await;
+    // Older than every broadcast: targeted signals that match nothing.
+    for _ in 0..6 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "target_agent": "w"});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
     for _ in 0..50 {
         let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
         futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
@@ -876,27 +882,33 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
 
     let mut conn = app.redis.as_ref().expect("redis").conn();
-    let script_calls = |conn: &mut ::redis::Connection| -> u64 {
+    // Calls of a command, scripts' included.
+    let calls_of = |conn: &mut ::redis::Connection, command: &str| -> u64 {
         let stats: String = ::redis::cmd("INFO")
             .arg("commandstats")
             .query(conn)
             .expect("INFO");
         stats
             .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
             .and_then(|l| l.split(',').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
+    let script_calls = |conn: &mut ::redis::Connection| calls_of(conn, "evalsha");
     // Once, so that the script is loaded before calls are counted.
     assert!(inbox(&app, "v", "type=other").await.is_empty());
-    let before = script_calls(&mut conn);
+    let before = (script_calls(&mut conn), calls_of(&mut conn, "hmget"));
     assert_eq!(
         ids(&inbox(&app, "w", "type=task&consume=true").await),
         [task["signal_id"].as_str().unwrap()]
     );
-    let calls = script_calls(&mut conn) - before;
+    let calls = script_calls(&mut conn) - before.0;
     assert_eq!(calls, 3, "2,500 broadcasts, then the one it finds");
+    // Each signal looked at once: the later calls resume past the
+    // targeted signals the first one walked.
+    let looked_at = calls_of(&mut conn, "hmget") - before.1;
+    assert_eq!(looked_at, 300 + 2_500 + 1);
     // The next read starts past all of them.
     let before = script_calls(&mut conn);
     assert!(inbox(&app, "w", "type=task").await.is_empty());

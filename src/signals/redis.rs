@@ -124,6 +124,20 @@ local function head(r)
   return r.buf[r.i]
 end
 
+-- An index entry written as `<score> <id>` (`entry_text`), or nil for
+-- anything else, such as a score in ms that has not come yet: then a walk
+-- starts at the beginning.
+local function parse_entry(text)
+  local digits = type(text) == 'string' and string.match(text, '^(%d+) ')
+  if digits and #digits < 16 and tonumber(digits) <= NOW then
+    return { string.sub(text, #digits + 2), tonumber(digits), digits }
+  end
+end
+
+local function entry_text(entry)
+  return entry[3] .. ' ' .. entry[1]
+end
+
 -- An agent's watermark over the broadcasts for one pair of filters (see
 -- `Keys::broadcasts_seen`), stored at `key`: walks start after `w.start`.
 -- While a walk passes broadcasts in order, `settle` records whether each is
@@ -133,15 +147,8 @@ end
 -- (ms): one sent by a replica whose clock is a little behind may still
 -- arrive with an earlier score.
 local function watermark(key, horizon)
-  local w = { key = key, horizon = horizon, open = true }
   local kept = redis.pcall('GET', key)
-  -- Anything but a score in ms that has come (and a space, then an id)
-  -- is not one this script wrote: the walk starts at the beginning.
-  local digits = type(kept) == 'string' and string.match(kept, '^(%d+) ')
-  if digits and #digits < 16 and tonumber(digits) <= NOW then
-    w.start = { string.sub(kept, #digits + 2), tonumber(digits), digits }
-  end
-  return w
+  return { key = key, horizon = horizon, open = true, start = parse_entry(kept) }
 end
 
 local function settle(w, entry, settled)
@@ -149,7 +156,7 @@ local function settle(w, entry, settled)
 end
 
 local function save(w, lifetime)
-  if w.last then redis.call('SET', w.key, w.last[3] .. ' ' .. w.last[1], 'PX', lifetime) end
+  if w.last then redis.call('SET', w.key, entry_text(w.last), 'PX', lifetime) end
 end
 "#;
 
@@ -185,12 +192,14 @@ return 1
 /// or '', 8 limit, 9 consume (0/1), 10 receipt key or '', 11 the query's
 /// fingerprint, 12 receipt lifetime (ms), 13 the agent's watermark key, 14
 /// its horizon (ms), 15 its lifetime (ms), 16 most broadcasts to walk past
-/// the watermark without a find. Returns `{ 'read', signals' JSON }`,
+/// the watermark without a find, 17 where to resume the targeted signals
+/// (`<score> <id>`, or ''). Returns `{ 'read', signals' JSON }`,
 /// `{ 'again', signals' JSON }` for an answer kept under the receipt key,
 /// `{ 'reused', {} }` when the key holds another query's answer, or
-/// `{ 'more', {} }` when it stopped after walking that many broadcasts, all
-/// settled for the agent, and moved the watermark past them: the same call
-/// again goes on from there.
+/// `{ 'more', { resume } }` when it stopped after walking that many
+/// broadcasts, all settled for the agent, and moved the watermark past
+/// them: the same call with `resume` goes on from there (the targeted
+/// signals it walked matched nothing).
 ///
 /// A consuming read with a receipt key first looks for an answer kept under
 /// it (a retry) and returns that; otherwise it keeps what it takes there,
@@ -214,7 +223,9 @@ prune(10 * BATCH)
 local agent, want_type, want_source = ARGV[5], ARGV[6], ARGV[7]
 local limit, consume = tonumber(ARGV[8]), ARGV[9] == '1'
 local seen = watermark(ARGV[13], tonumber(ARGV[14]))
-local targeted, broadcasts = reader(INBOX), reader(BROADCAST, seen.start)
+-- A call after `more` goes on past the targeted signals walked before.
+local resume = parse_entry(ARGV[17])
+local targeted, broadcasts = reader(INBOX, resume), reader(BROADCAST, seen.start)
 local out, taken, dead, walked, more = {}, {}, {}, 0, false
 while #out < limit do
   local t, b = head(targeted), head(broadcasts)
@@ -222,6 +233,7 @@ while #out < limit do
   if t and (not b or earlier(t, b)) then
     entry, broadcast = t, false
     targeted.i = targeted.i + 1
+    resume = t
   elseif b then
     entry, broadcast = b, true
     broadcasts.i = broadcasts.i + 1
@@ -274,7 +286,8 @@ if consume then
     redis.call('SET', receipt, fingerprint .. '\n' .. cjson.encode(out), 'PX', ARGV[12])
   end
 end
-return { more and 'more' or 'read', out }
+if more then return { 'more', { resume and entry_text(resume) or '' } } end
+return { 'read', out }
 "#,
     )
 });
@@ -461,7 +474,7 @@ impl RedisEngine {
             .receipt()
             .map(|key| self.keys.signal_receipt(agent, key))
             .unwrap_or_default();
-        let args = args![
+        let mut args = args![
             agent,
             optional(query.signal_type.as_ref()),
             optional(query.source.as_ref()),
@@ -475,16 +488,18 @@ impl RedisEngine {
             self.seen_horizon(now_ms),
             SEEN_LIFETIME_MS,
             READ_WALK,
+            "",
         ];
         // Each `more` moved the watermark past READ_WALK broadcasts, so
         // this ends.
         let (outcome, raw) = loop {
-            let (outcome, raw): (String, Vec<String>) = self
+            let (outcome, mut raw): (String, Vec<String>) = self
                 .invoke_signals(&READ, Some(agent), now_ms, &args)
                 .await?;
             if outcome != "more" {
                 break (outcome, raw);
             }
+            args[args.len() - 1] = raw.pop().unwrap_or_default();
         };
         let signals = || {
             raw.iter()
