@@ -792,12 +792,12 @@ async fn a_consuming_read_that_took_nothing_keeps_nothing(kind: Kind) {
 /// is delivered once.
 async fn broadcasts_a_filter_passes_over_stay_until_taken(kind: Kind) {
     let app = TestApp::spawn(kind).await;
-    let broadcast = |kind: &'static str| {
+    let broadcast = |signal_type: &'static str| {
         let app = &app;
         async move {
             let signal = send(
                 app,
-                json!({"signal_type": kind, "source_agent": "hub", "ttl_seconds": 3600}),
+                json!({"signal_type": signal_type, "source_agent": "hub", "ttl_seconds": 3600}),
             )
             .await;
             signal["signal_id"].as_str().unwrap().to_owned()
