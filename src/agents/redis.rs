@@ -29,16 +29,29 @@ fn agent_script(body: &str) -> Script {
     script(&format!("{RUNS_PRELUDE}\n{body}"))
 }
 
+/// The agents' Lua helpers.
+///
 /// `update_run(runs, key, fn)` rewrites one run's JSON record in the runs
 /// hash `runs` with `fn`, if it is still there: beats open, close and
 /// recover runs; the sweeper and deletes mark them lost.
-///
 /// A record that does not decode (written by hand or by another program) is
 /// left as it is: an error would abort the script partway, failing every
 /// beat of the batch and leaving the ones before it applied. The
 /// performance report passes over such records (see
 /// [`RedisEngine::runs_since`]).
+///
+/// `not_a_record(reply)` tells, from the reply of a `redis.pcall` on an
+/// agent's record key, whether that key holds another type (another
+/// program's key): such a key costs only its own agent. Any other error (a
+/// command the Redis user may not run) is every call's, and is raised as
+/// it is.
 const RUNS_PRELUDE: &str = r#"
+local function not_a_record(reply)
+  if type(reply) ~= 'table' or not reply.err then return false end
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then return true end
+  error(reply)
+end
+
 local function update_run(runs, key, fn)
   local raw = redis.call('HGET', runs, key)
   if raw then
@@ -248,11 +261,9 @@ for i = 9, #KEYS do
       'metadata', 'display_name', 'expires', 'ttl', 'grace')
     if deferred[id] then
       put('d')
-    elseif prev.err then
-      -- Not a record (another program's key of another type): this beat
-      -- fails alone instead of aborting the call with every beat in it.
-      -- Any other error (a permission) is every beat's: the call fails.
-      if string.sub(prev.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(prev.err) end
+    elseif not_a_record(prev) then
+      -- This beat fails alone instead of aborting the call with every
+      -- beat in it.
       put('e')
     else
       local now, terminal = tonumber(now_s), ARGV[b + 3] == '1'
@@ -835,10 +846,7 @@ static DELETE: LazyLock<Script> = LazyLock::new(|| {
         r#"
 -- A key of another type in the record's place is deleted all the same.
 local run_key = redis.pcall('HGET', KEYS[2], 'run_key')
-if type(run_key) == 'table' and string.sub(run_key.err, 1, 9) ~= 'WRONGTYPE' then
-  return redis.error_reply(run_key.err)
-end
-if type(run_key) == 'string' then
+if not not_a_record(run_key) and run_key then
   update_run(KEYS[8], run_key, function(r) if r.outcome == nil then r.lost = true end end)
 end
 local existed = redis.call('DEL', KEYS[2])

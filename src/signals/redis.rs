@@ -356,8 +356,7 @@ end
 for _, id in ipairs(drops) do drop(id, agent) end
 local seen = watermark(ARGV[8], tonumber(ARGV[9]))
 local broadcasts = reader(BROADCAST, seen.start)
-while head(broadcasts) do
-  local entry = head(broadcasts)
+for entry in function() return head(broadcasts) end do
   broadcasts.i = broadcasts.i + 1
   local f = redis.call('HMGET', SIG .. entry[1], 'type', 'expires')
   local live = f[2] and tonumber(f[2]) > NOW
