@@ -487,7 +487,7 @@ impl RedisEngine {
             self.seen_horizon(now_ms),
             SEEN_LIFETIME_MS,
             READ_WALK,
-            "",
+            "", // where to resume the targeted signals: from the start
         ];
         // Each `more` moved the watermark past READ_WALK broadcasts, so
         // this ends.
@@ -498,7 +498,9 @@ impl RedisEngine {
             if outcome != "more" {
                 break (outcome, raw);
             }
-            args[args.len() - 1] = raw.pop().unwrap_or_default();
+            if let (Some(resume), Some(last)) = (raw.pop(), args.last_mut()) {
+                *last = resume;
+            }
         };
         let signals = || {
             raw.iter()
