@@ -543,6 +543,7 @@ fn spawn_background(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
     tasks.push(crate::agents::spawn_sweeper(state.clone()));
     tasks.push(crate::ops::spawn_metrics_upkeep(state.shutdown.clone()));
     tasks.push(crate::approvals::spawn_sweeper(state.clone()));
+    tasks.extend(crate::signals::spawn_sweeper(state.clone()));
     tasks
 }
 

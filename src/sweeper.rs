@@ -1,4 +1,5 @@
-//! The loop behind every sweeper (agents going down, approvals timing out).
+//! The loop behind every sweeper (agents going down, approvals timing out,
+//! expired signals freed on the memory engine).
 //!
 //! Each replica runs one per domain. Every `--sweep-interval-ms` it drains
 //! everything due, in batches, through an engine operation that claims each

@@ -1027,6 +1027,50 @@ async fn redis_a_key_of_another_type_fails_only_its_own_beats() {
     assert_eq!(view["state"], "up", "{view}");
 }
 
+/// The sweeper passes over a key of another type in a record's place:
+/// the agents due with it still go down, in the same claim.
+#[tokio::test]
+async fn redis_the_sweeper_passes_over_a_key_of_another_type() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    // The sweepers' first sweep, at start, is behind us: the next is an hour off.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The squatter beats first, so its claim comes first.
+    beat(&app, "squatter", json!({"ttl_seconds": 1})).await;
+    app.state.clock.advance(Duration::from_millis(10));
+    beat(&app, "victim", json!({"ttl_seconds": 1})).await;
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let record = format!("{{{}}}:agent:squatter", app.prefix);
+    let _: () = ::redis::pipe()
+        .cmd("DEL")
+        .arg(&record)
+        .cmd("SET")
+        .arg(&record)
+        .arg("not a hash")
+        .query(&mut conn)
+        .expect("SET");
+
+    app.state.clock.advance(Duration::from_secs(5));
+    let now_ms = app.state.clock.now_ms();
+    let claimed = app.state.engine.sweep_down_agents(now_ms, 500).await;
+    assert_eq!(claimed.expect("the claim goes through"), 2);
+    let downs = app.events_of("agent.down").await;
+    let downs: Vec<_> = downs.iter().map(|e| e["agent_id"].clone()).collect();
+    assert_eq!(downs, vec![json!("victim")]);
+    let (_, page) = app.get("/v1/agents?state=down").await;
+    assert_eq!(ids(&page), vec!["victim"]);
+    // Nothing is left due: the next claim finds nothing.
+    let again = app.state.engine.sweep_down_agents(now_ms, 500).await;
+    assert_eq!(again.expect("claim"), 0);
+    let value: String = ::redis::cmd("GET")
+        .arg(&record)
+        .query(&mut conn)
+        .expect("GET");
+    assert_eq!(value, "not a hash", "the other program's key is left alone");
+}
+
 /// Only a key of another type fails a beat alone: an error every beat
 /// would meet (a Redis user not allowed a command the script runs) fails
 /// the call, named as what it is.

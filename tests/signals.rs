@@ -259,6 +259,38 @@ async fn an_expired_signal_is_gone_from_the_inbox_and_from_storage(kind: Kind) {
     }
 }
 
+/// Memory only (Redis expires keys by itself): the sweeper frees expired
+/// signals even when no signal operation comes after them.
+#[tokio::test]
+async fn memory_expired_signals_are_freed_without_another_signal_operation() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let attune_telemetry::engine::Engine::Memory(memory) = app.state.engine.clone() else {
+        unreachable!("a memory app");
+    };
+    send(
+        &app,
+        json!({"signal_type": "ping", "source_agent": "a", "target_agent": "b", "ttl_seconds": 1}),
+    )
+    .await;
+    send(
+        &app,
+        json!({"signal_type": "ping", "source_agent": "a", "ttl_seconds": 1}),
+    )
+    .await;
+    send(
+        &app,
+        json!({"signal_type": "ping", "source_agent": "a", "ttl_seconds": 600}),
+    )
+    .await;
+    assert_eq!(memory.stored_signals(), 3);
+    app.state.clock.advance(Duration::from_secs(2));
+    eventually(Duration::from_secs(2), || async {
+        (memory.stored_signals() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(inbox(&app, "b", "").await.len(), 1, "the live broadcast");
+}
+
 /// Redis only: an inbox key that outlives an expired signal (because it
 /// holds a longer-lived one) loses the expired member on the next read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -799,8 +799,11 @@ for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[5], id)
   redis.call('ZREM', KEYS[4], id)
   local rec = ARGV[4] .. id
-  local f = redis.call('HMGET', rec, 'last_beat', 'ttl', 'run_key', 'status')
-  if f[1] and f[4] ~= 'completed' and f[4] ~= 'failed' and f[4] ~= 'cancelled' then
+  -- A key of another type in the record's place leaves the indexes with
+  -- nothing to mark, instead of failing the claims of every agent due with it.
+  local f = redis.pcall('HMGET', rec, 'last_beat', 'ttl', 'run_key', 'status')
+  if not not_a_record(f) and f[1]
+      and f[4] ~= 'completed' and f[4] ~= 'failed' and f[4] ~= 'cancelled' then
     redis.call('HSET', rec, 'down', '1')
     redis.call('ZADD', KEYS[6], f[1], id)
     if f[3] then update_run(KEYS[8], f[3], function(r) r.lost = true end) end

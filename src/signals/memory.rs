@@ -1,8 +1,9 @@
 //! Signals on the memory engine: the Redis layout, in ordered sets.
 //!
-//! Every operation first prunes the expiry queue, so expired signals leave
-//! every index (and free their memory) as soon as anything touches signals;
-//! reads also check expiry themselves, so nothing expired is ever returned.
+//! Every operation first prunes the expiry queue, and so does the signals
+//! sweeper every sweep interval, so expired signals leave every index (and
+//! free their memory) soon after they expire; reads also check expiry
+//! themselves, so nothing expired is ever returned.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -55,20 +56,32 @@ struct Receipt {
 impl SignalTable {
     /// Drops every signal and receipt whose expiry has passed.
     fn prune(&mut self, now_ms: i64) {
-        while let Some((expires, _)) = self.expiry.first() {
-            if *expires > now_ms {
-                break;
+        self.prune_some(now_ms, usize::MAX);
+    }
+
+    /// Drops up to `limit` signals and receipts whose expiry has passed;
+    /// returns how many.
+    fn prune_some(&mut self, now_ms: i64, limit: usize) -> usize {
+        let mut dropped = 0;
+        while dropped < limit {
+            match self.expiry.first() {
+                Some((expires, _)) if *expires <= now_ms => {}
+                _ => break,
             }
             let (_, id) = self.expiry.pop_first().expect("checked above");
             self.remove(&id);
+            dropped += 1;
         }
-        while let Some((expires, ..)) = self.receipt_expiry.first() {
-            if *expires > now_ms {
-                break;
+        while dropped < limit {
+            match self.receipt_expiry.first() {
+                Some((expires, ..)) if *expires <= now_ms => {}
+                _ => break,
             }
             let (_, agent, key) = self.receipt_expiry.pop_first().expect("checked above");
             self.receipts.remove(&(agent, key));
+            dropped += 1;
         }
+        dropped
     }
 
     /// Removes one signal from storage and every index.
@@ -124,6 +137,18 @@ fn matches(record: &SignalRecord, signal_type: Option<&Id>, source: Option<&Id>)
 }
 
 impl MemoryEngine {
+    /// Frees up to `limit` expired signals and receipts (the sweeper's
+    /// work: otherwise they would wait for the next signal operation);
+    /// returns how many.
+    pub fn prune_signals(&self, now_ms: i64, limit: usize) -> usize {
+        self.write(|s| s.signals.prune_some(now_ms, limit))
+    }
+
+    /// Signals held, expired ones not yet freed included.
+    pub fn stored_signals(&self) -> usize {
+        self.lock().signals.signals.len()
+    }
+
     pub async fn send_signal(&self, record: SignalRecord, event: EventBody) -> EngineResult<()> {
         self.write(|s| {
             let now_ms = record.created_ms;

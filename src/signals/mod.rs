@@ -364,6 +364,27 @@ pub async fn clear_inbox(
     Ok(cleared)
 }
 
+/// Starts the sweeper that frees expired signals on the memory engine,
+/// where nothing else would until the next signal operation. Redis needs
+/// none: a signal's keys expire by themselves, and the scripts drop its
+/// index entries.
+pub fn spawn_sweeper(state: AppState) -> Option<tokio::task::JoinHandle<()>> {
+    if !matches!(state.engine, Engine::Memory(_)) {
+        return None;
+    }
+    Some(crate::sweeper::spawn(
+        state,
+        "sweep_signals",
+        |state, now_ms, limit| async move {
+            Ok(match &state.engine {
+                Engine::Memory(memory) => memory.prune_signals(now_ms, limit),
+                Engine::Redis(_) => 0,
+            })
+        },
+        |_, _| async { Ok(()) },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
