@@ -947,6 +947,61 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
     assert_eq!(script_calls(&mut conn) - before, 1);
 }
 
+/// On Redis a clear walks the live broadcasts in script calls of at most a
+/// thousand too, each moving the watermark on, and answers and logs the
+/// count of all of them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_long_clear_is_split_into_short_calls() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    let note = json!({"signal_type": "note", "source_agent": "hub", "target_agent": "w"});
+    futures_util::future::join_all((0..10).map(|_| send(&app, note.clone()))).await;
+    for _ in 0..50 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
+    app.state.clock.advance(Duration::from_secs(12));
+
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let script_calls = |conn: &mut ::redis::Connection| -> u64 {
+        let stats: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query(conn)
+            .expect("INFO");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // Once, so that the script is loaded before calls are counted.
+    let (status, body) = app.delete("/v1/agents/v/signals?type=other").await;
+    assert_eq!((status, body["cleared"].as_u64()), (200, Some(0)), "{body}");
+    let before = script_calls(&mut conn);
+    let (status, body) = app.delete("/v1/agents/w/signals?type=note").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(script_calls(&mut conn) - before, 3, "2,500 broadcasts");
+    assert_eq!(body["cleared"], 10 + 2_500);
+    let logged = app.events_of("signal.cleared").await;
+    let logged: Vec<_> = logged.iter().map(|e| e["agent_id"].clone()).collect();
+    assert_eq!(
+        logged,
+        vec![json!("w")],
+        "one event, for the clear that took some"
+    );
+
+    assert!(inbox(&app, "w", "type=note").await.is_empty());
+    assert_eq!(inbox(&app, "v", "type=note&limit=1000").await.len(), 1000);
+    // The next clear starts past all of them.
+    let before = script_calls(&mut conn);
+    let (_, body) = app.delete("/v1/agents/w/signals?type=note").await;
+    assert_eq!(body["cleared"], 0);
+    assert_eq!(script_calls(&mut conn) - before, 1);
+}
+
 /// On Redis an inbox read walks only the broadcasts after the agent's
 /// watermark, which covers what the agent has settled up to ten seconds
 /// (and the Redis timeout) before now: with the per-broadcast consumption

@@ -336,26 +336,34 @@ end
 
 /// Clears an inbox: deletes its targeted signals and marks its broadcasts
 /// consumed for this agent. ARGV: 5 agent, 6 type or '', 7 event, 8–10 the
-/// agent's watermark as in [`READ`]. Returns how many signals left the
-/// inbox.
+/// agent's watermark as in [`READ`], 11 most broadcasts to walk, 12 how
+/// many signals the earlier calls of this clear took out, or '' for the
+/// first call (which also deletes the targeted signals). Returns
+/// `{ 'cleared', n }`, n counting the earlier calls' too, or
+/// `{ 'more', n }` when it stopped after walking that many broadcasts and
+/// moved the watermark past them: the same call with n goes on from there.
 static CLEAR: LazyLock<Script> = LazyLock::new(|| {
     signal_script(
         r#"
 prune(10 * BATCH)
 local agent, want_type = ARGV[5], ARGV[6]
-local cleared, drops = 0, {}
-for _, id in ipairs(redis.call('ZRANGE', INBOX, 0, -1)) do
-  local f = redis.call('HMGET', SIG .. id, 'type', 'expires')
-  if not f[2] then
-    drops[#drops + 1] = id
-  elseif tonumber(f[2]) > NOW and (want_type == '' or f[1] == want_type) then
-    drops[#drops + 1] = id
-    cleared = cleared + 1
+local cleared = tonumber(ARGV[12]) or 0
+if ARGV[12] == '' then
+  local drops = {}
+  for _, id in ipairs(redis.call('ZRANGE', INBOX, 0, -1)) do
+    local f = redis.call('HMGET', SIG .. id, 'type', 'expires')
+    if not f[2] then
+      drops[#drops + 1] = id
+    elseif tonumber(f[2]) > NOW and (want_type == '' or f[1] == want_type) then
+      drops[#drops + 1] = id
+      cleared = cleared + 1
+    end
   end
+  for _, id in ipairs(drops) do drop(id, agent) end
 end
-for _, id in ipairs(drops) do drop(id, agent) end
 local seen = watermark(ARGV[8], tonumber(ARGV[9]))
 local broadcasts = reader(BROADCAST, seen.start)
+local walked = 0
 for entry in function() return head(broadcasts) end do
   broadcasts.i = broadcasts.i + 1
   local f = redis.call('HMGET', SIG .. entry[1], 'type', 'expires')
@@ -368,10 +376,16 @@ for entry in function() return head(broadcasts) end do
     end
   end
   settle(seen, entry, true)
+  walked = walked + 1
+  -- As in READ: the watermark keeps the progress, and the caller asks again.
+  if walked >= tonumber(ARGV[11]) and seen.open then
+    save(seen, ARGV[10])
+    return { 'more', cleared }
+  end
 end
 save(seen, ARGV[10])
 if cleared > 0 then emit('signal.cleared', agent, '', ARGV[7]) end
-return cleared
+return { 'cleared', cleared }
 "#,
     )
 });
@@ -392,10 +406,11 @@ const SEEN_MARGIN_MS: i64 = 10_000;
 /// How long a watermark is kept after its last move: the longest a signal
 /// lives, after which every broadcast it covers has expired.
 const SEEN_LIFETIME_MS: u64 = 86_400_000;
-/// Most broadcasts one inbox read script walks without finding anything
-/// (the first read with a new filter walks every live broadcast): a few
-/// milliseconds of Redis per call, and the read calls again until done.
-const READ_WALK: usize = 1_000;
+/// Most broadcasts one inbox read script walks without finding anything,
+/// and one clear script walks (the first read or clear with a new filter
+/// walks every live broadcast): a few milliseconds of Redis per call, and
+/// the read or clear calls again until done.
+const INBOX_WALK: usize = 1_000;
 
 impl RedisEngine {
     /// KEYS 2–5 of every signal script; `inbox` is the agent the operation
@@ -486,10 +501,10 @@ impl RedisEngine {
                 .broadcasts_seen(agent, query.signal_type.as_ref(), query.source.as_ref()),
             self.seen_horizon(now_ms),
             SEEN_LIFETIME_MS,
-            READ_WALK,
+            INBOX_WALK,
             "", // where to resume the targeted signals: from the start
         ];
-        // Each `more` moved the watermark past READ_WALK broadcasts, so
+        // Each `more` moved the watermark past INBOX_WALK broadcasts, so
         // this ends.
         let (outcome, raw) = loop {
             let (outcome, mut raw): (String, Vec<String>) = self
@@ -568,22 +583,36 @@ impl RedisEngine {
         now_ms: i64,
         event: EventBody,
     ) -> EngineResult<u64> {
-        let cleared: u64 = self
-            .invoke_signals(
-                &CLEAR,
-                Some(agent),
-                now_ms,
-                &args![
-                    agent,
-                    optional(signal_type),
-                    event.json,
-                    self.keys.broadcasts_seen(agent, signal_type, None),
-                    self.seen_horizon(now_ms),
-                    SEEN_LIFETIME_MS,
-                ],
-            )
-            .await?;
-        Ok(cleared)
+        let mut args = args![
+            agent,
+            optional(signal_type),
+            event.json,
+            self.keys.broadcasts_seen(agent, signal_type, None),
+            self.seen_horizon(now_ms),
+            SEEN_LIFETIME_MS,
+            INBOX_WALK,
+            "", // nothing cleared yet: the first call
+        ];
+        // Each `more` moved the watermark past INBOX_WALK broadcasts, so
+        // this ends.
+        loop {
+            let (outcome, cleared): (String, u64) = self
+                .invoke_signals(&CLEAR, Some(agent), now_ms, &args)
+                .await?;
+            match outcome.as_str() {
+                "more" => {
+                    if let Some(last) = args.last_mut() {
+                        *last = cleared.to_string();
+                    }
+                }
+                "cleared" => return Ok(cleared),
+                other => {
+                    return Err(EngineError::Corrupt(format!(
+                        "unexpected answer to an inbox clear: {other:?}"
+                    )));
+                }
+            }
+        }
     }
 }
 
