@@ -867,6 +867,75 @@ async fn broadcasts_a_filter_passes_over_stay_until_taken(kind: Kind) {
     assert!(inbox(&app, "v", "").await.is_empty());
 }
 
+/// What a read that does not consume finds stays in the inbox, read after
+/// read, until it is taken, cleared or expires, whatever came after it
+/// (on Redis: listed with the watermark, at most a hundred of them).
+async fn a_match_read_without_consuming_stays_until_taken(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let broadcast = |signal_type: &'static str, ttl: u64| {
+        let app = &app;
+        async move {
+            let signal = send(
+                app,
+                json!({"signal_type": signal_type, "source_agent": "hub", "ttl_seconds": ttl}),
+            )
+            .await;
+            signal["signal_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let task_1 = broadcast("task", 3600).await;
+    broadcast("note", 3600).await;
+    let task_2 = broadcast("task", 5).await;
+    broadcast("note", 3600).await;
+    assert_eq!(
+        ids(&inbox(&app, "w", "type=task").await),
+        [task_1.as_str(), task_2.as_str()]
+    );
+    app.state.clock.advance(Duration::from_secs(20));
+    assert_eq!(ids(&inbox(&app, "w", "type=task").await), [task_1.as_str()]);
+    let task_3 = broadcast("task", 3600).await;
+    for _ in 0..2 {
+        assert_eq!(
+            ids(&inbox(&app, "w", "type=task").await),
+            [task_1.as_str(), task_3.as_str()]
+        );
+        app.state.clock.advance(Duration::from_secs(20));
+    }
+    // A read that stops at its limit leaves what it did not reach.
+    assert_eq!(
+        ids(&inbox(&app, "w", "type=task&consume=true&limit=1").await),
+        [task_1.as_str()]
+    );
+    app.state.clock.advance(Duration::from_secs(20));
+    assert_eq!(ids(&inbox(&app, "w", "type=task").await), [task_3.as_str()]);
+    assert_eq!(
+        ids(&inbox(&app, "v", "type=task").await),
+        [task_1.as_str(), task_3.as_str()]
+    );
+    let (status, cleared) = app.delete("/v1/agents/w/signals?type=task").await;
+    assert_eq!(
+        (status, cleared["cleared"].as_u64()),
+        (200, Some(1)),
+        "{cleared}"
+    );
+    assert!(inbox(&app, "w", "type=task").await.is_empty());
+
+    // More matches than a watermark lists: every one is still read.
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let sends = (0..50).map(|_| broadcast("task", 3600));
+        tasks.extend(futures_util::future::join_all(sends).await);
+        broadcast("note", 3600).await;
+    }
+    tasks.sort();
+    for _ in 0..2 {
+        app.state.clock.advance(Duration::from_secs(20));
+        let mut read = ids(&inbox(&app, "w", "type=task&limit=1000").await);
+        read.sort();
+        assert_eq!(read, tasks);
+    }
+}
+
 conformance!(
     a_send_answers_201_with_the_full_signal,
     a_signal_for_one_agent_is_invisible_to_another,
@@ -888,7 +957,22 @@ conformance!(
     a_consuming_read_that_took_nothing_keeps_nothing,
     reads_racing_with_one_key_take_once_and_expired_signals_stay_out,
     broadcasts_a_filter_passes_over_stay_until_taken,
+    a_match_read_without_consuming_stays_until_taken,
 );
+
+/// Calls of a Redis command so far, those made by scripts included.
+fn calls_of(conn: &mut ::redis::Connection, command: &str) -> u64 {
+    let stats: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("INFO");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
 
 /// On Redis the first read with a filter walks every live broadcast; it
 /// does so in script calls of at most a thousand broadcasts, each moving the
@@ -914,19 +998,6 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
 
     let mut conn = app.redis.as_ref().expect("redis").conn();
-    // Calls of a command, scripts' included.
-    let calls_of = |conn: &mut ::redis::Connection, command: &str| -> u64 {
-        let stats: String = ::redis::cmd("INFO")
-            .arg("commandstats")
-            .query(conn)
-            .expect("INFO");
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
-            .and_then(|l| l.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
     let script_calls = |conn: &mut ::redis::Connection| calls_of(conn, "evalsha");
     // Once, so that the script is loaded before calls are counted.
     assert!(inbox(&app, "v", "type=other").await.is_empty());
@@ -965,18 +1036,7 @@ async fn redis_a_long_clear_is_split_into_short_calls() {
     app.state.clock.advance(Duration::from_secs(12));
 
     let mut conn = app.redis.as_ref().expect("redis").conn();
-    let script_calls = |conn: &mut ::redis::Connection| -> u64 {
-        let stats: String = ::redis::cmd("INFO")
-            .arg("commandstats")
-            .query(conn)
-            .expect("INFO");
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|l| l.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
+    let script_calls = |conn: &mut ::redis::Connection| calls_of(conn, "evalsha");
     // Once, so that the script is loaded before calls are counted.
     let (status, body) = app.delete("/v1/agents/v/signals?type=other").await;
     assert_eq!((status, body["cleared"].as_u64()), (200, Some(0)), "{body}");
@@ -1002,6 +1062,61 @@ async fn redis_a_long_clear_is_split_into_short_calls() {
     assert_eq!(script_calls(&mut conn) - before, 1);
 }
 
+/// On Redis a read that does not consume lists what it found with the
+/// agent's watermark, so the next one goes over those and then only what
+/// came after, instead of every broadcast after its oldest match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_read_that_does_not_consume_goes_on_from_where_it_stopped() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    let task = || async {
+        let task = json!({"signal_type": "task", "source_agent": "hub", "ttl_seconds": 3600});
+        send(&app, task).await["signal_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = task().await;
+    for _ in 0..40 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
+    // The last broadcast walked: listed, and where the walk starts after.
+    let last = task().await;
+    app.state.clock.advance(Duration::from_secs(12));
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let looked_at = |conn: &mut ::redis::Connection| calls_of(conn, "hmget");
+
+    // The first read walks them all.
+    let both = [first.as_str(), last.as_str()];
+    assert_eq!(ids(&inbox(&app, "w", "type=task").await), both);
+    let before = looked_at(&mut conn);
+    assert_eq!(ids(&inbox(&app, "w", "type=task").await), both);
+    assert_eq!(
+        looked_at(&mut conn) - before,
+        2,
+        "the tasks it found before"
+    );
+    let watermark: String = ::redis::cmd("GET")
+        .arg(format!("{{{}}}:settled:w:task:", app.prefix))
+        .query(&mut conn)
+        .expect("GET");
+    let lines: Vec<&str> = watermark.lines().collect();
+    assert_eq!(lines.len(), 3, "{watermark}");
+    assert!(lines[0].ends_with(&format!(" {last}")), "{watermark}");
+    assert!(lines[1].ends_with(&format!(" {first}")), "{watermark}");
+    assert_eq!(lines[2], lines[0], "{watermark}");
+
+    // Taken, they are no longer listed.
+    let taken = inbox(&app, "w", "type=task&consume=true").await;
+    assert_eq!(ids(&taken), both);
+    let before = looked_at(&mut conn);
+    assert!(inbox(&app, "w", "type=task").await.is_empty());
+    assert_eq!(looked_at(&mut conn) - before, 0);
+}
+
 /// On Redis an inbox read walks only the broadcasts after the agent's
 /// watermark, which covers what the agent has settled up to ten seconds
 /// (and the Redis timeout) before now: with the per-broadcast consumption
@@ -1022,7 +1137,7 @@ async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     }
     assert_eq!(ids(&inbox(&app, "w", "consume=true").await), sent);
     let mut conn = app.redis.as_ref().expect("redis").conn();
-    let seen_key = format!("{{{}}}:seen:w", app.prefix);
+    let seen_key = format!("{{{}}}:settled:w", app.prefix);
     let seen = |conn: &mut ::redis::Connection| -> Option<String> {
         ::redis::cmd("GET").arg(&seen_key).query(conn).expect("GET")
     };
@@ -1036,7 +1151,7 @@ async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     // A filtered read has its own, past the broadcasts it does not match.
     assert!(inbox(&app, "w", "type=task&source=hub").await.is_empty());
     let filtered: String = ::redis::cmd("GET")
-        .arg(format!("{{{}}}:seen:w:task:hub", app.prefix))
+        .arg(format!("{{{}}}:settled:w:task:hub", app.prefix))
         .query(&mut conn)
         .expect("GET");
     assert!(filtered.ends_with(&format!(" {}", sent[4])), "{filtered}");
@@ -1055,17 +1170,33 @@ async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
 
     // A watermark this service did not write is passed over: the walk
     // starts at the first broadcast.
-    for bad in [
+    let mut entry = |i: usize| -> String {
+        let score: String = ::redis::cmd("ZSCORE")
+            .arg(format!("{{{}}}:signals:broadcast", app.prefix))
+            .arg(&sent[i])
+            .query(&mut conn)
+            .expect("ZSCORE");
+        format!("{score} {}", sent[i])
+    };
+    let (first, middle, last) = (entry(0), entry(2), entry(4));
+    let mut bad: Vec<String> = [
         "nan x",
         "inf x",
         "0x10 x",
         "99999999999999999 x",
         "12",
         "-5 x",
-    ] {
+    ]
+    .map(String::from)
+    .to_vec();
+    // Listed broadcasts after the start, or out of order.
+    bad.push(format!("{first}\n{last}"));
+    bad.push(format!("{last}\n{middle}\n{first}"));
+    bad.push(format!("{last}\n{first}\nnan x"));
+    for bad in bad {
         let _: () = ::redis::cmd("SET")
-            .arg(format!("{{{}}}:seen:u", app.prefix))
-            .arg(bad)
+            .arg(format!("{{{}}}:settled:u", app.prefix))
+            .arg(&bad)
             .query(&mut conn)
             .expect("SET");
         assert_eq!(ids(&inbox(&app, "u", "").await), sent, "{bad}");

@@ -167,16 +167,20 @@ impl Keys {
     }
 
     /// Where `agent`'s walk over the broadcasts starts, for reads and
-    /// clears with these `type` and `source` filters: a string,
-    /// `<score> <id>` of a broadcast up to which (in index order) every
-    /// broadcast is settled for the agent and the filters — consumed by it,
-    /// expired, or not matching. Inbox reads and clears start after it and
-    /// move it forward; it expires a day (the longest a signal lives) after
-    /// its last move, when every broadcast it covers has expired too.
-    /// Without it (a new agent or filter, or data from a version before it)
-    /// a walk starts at the first broadcast, which is only slower. Ids hold
-    /// no `:`, so `seen:<agent>:<type>:<source>` (empty for no filter)
-    /// names one agent and pair of filters.
+    /// clears with these `type` and `source` filters: a string of lines
+    /// `<score> <id>`, the first a broadcast up to which (in index order)
+    /// every broadcast is settled for the agent and the filters — consumed
+    /// by it, expired, or not matching — but those on the lines after it:
+    /// up to a hundred it matched and has not consumed, oldest first.
+    /// Inbox reads and clears go over those, then start after the first
+    /// line, and move it forward; it expires a day (the longest a signal
+    /// lives) after its last move, when every broadcast it covers has
+    /// expired too. Without it (a new agent or filter) a walk starts at the
+    /// first broadcast, which is only slower. Versions before the listed
+    /// lines kept a start alone, under `seen:`, and go on using that: they
+    /// would take this value's start and skip its list. Ids hold no
+    /// `:`, so `settled:<agent>:<type>:<source>` (empty for no filter) names
+    /// one agent and pair of filters.
     pub fn broadcasts_seen(
         &self,
         agent: &Id,
@@ -184,9 +188,9 @@ impl Keys {
         source: Option<&Id>,
     ) -> String {
         match (signal_type, source) {
-            (None, None) => self.key(&format!("seen:{agent}")),
+            (None, None) => self.key(&format!("settled:{agent}")),
             _ => self.key(&format!(
-                "seen:{agent}:{}:{}",
+                "settled:{agent}:{}:{}",
                 signal_type.map_or("", Id::as_str),
                 source.map_or("", Id::as_str)
             )),

@@ -100,9 +100,12 @@ local function earlier(a, b)
 end
 
 -- Reads a sorted set in order, a batch at a time; with `after` (an entry),
--- only what comes after it.
-local function reader(key, after)
-  return { key = key, buf = {}, i = 1, offset = nil, eof = false, after = after }
+-- only what comes after it, preceded by the entries of `first` (in order,
+-- each before `after`).
+local function reader(key, after, first)
+  local buf = {}
+  for j, entry in ipairs(first or {}) do buf[j] = entry end
+  return { key = key, buf = buf, i = 1, offset = nil, eof = false, after = after }
 end
 
 local function head(r)
@@ -138,25 +141,65 @@ local function entry_text(entry)
   return entry[3] .. ' ' .. entry[1]
 end
 
+-- Most broadcasts a watermark lists as not settled (see `watermark`).
+local LISTED = 100
+
 -- An agent's watermark over the broadcasts for one pair of filters (see
--- `Keys::broadcasts_seen`), stored at `key`: walks start after `w.start`.
+-- `Keys::broadcasts_seen`), stored at `key` as lines of `entry_text`: its
+-- start, then the broadcasts up to the start that are not settled for the
+-- agent and the filters (matches it has not consumed: reads that do not
+-- consume leave them), at most LISTED, oldest first. Every other broadcast
+-- up to the start is settled: consumed, expired, or not matching. Walks go
+-- over the listed ones (`w.listed`), then past the start (`w.start`).
 -- While a walk passes broadcasts in order, `settle` records whether each is
--- settled for the agent and the filters (consumed, expired, or not
--- matching); `save` then moves the watermark to the last of an unbroken run
--- of settled ones. It never covers a broadcast created after `horizon`
--- (ms): one sent by a replica whose clock is a little behind may still
--- arrive with an earlier score.
+-- settled; `save` then moves the start to the last of an unbroken run of
+-- broadcasts that are settled or still fit in the list, and lists the
+-- unsettled ones. The start never covers a broadcast created after
+-- `horizon` (ms): one sent by a replica whose clock is a little behind may
+-- still arrive with an earlier score. A value that does not parse as a
+-- whole is passed over: the walk starts at the first broadcast.
 local function watermark(key, horizon)
-  local kept = redis.pcall('GET', key)
-  return { key = key, horizon = horizon, open = true, start = parse_entry(kept) }
+  local w = { key = key, horizon = horizon, open = true, listed = {}, kept = {}, passed = 0 }
+  local text = redis.pcall('GET', key)
+  if type(text) ~= 'string' then return w end
+  local start, listed = nil, {}
+  for line in string.gmatch(text, '[^\n]+') do
+    local entry = parse_entry(line)
+    if not entry then return w end
+    if not start then
+      start = entry
+    elseif earlier(start, entry) or (#listed > 0 and not earlier(listed[#listed], entry))
+        or #listed == LISTED then
+      return w
+    else
+      listed[#listed + 1] = entry
+    end
+  end
+  w.start, w.listed = start, listed
+  return w
 end
 
 local function settle(w, entry, settled)
-  if w.open and settled and entry[2] < w.horizon then w.last = entry else w.open = false end
+  if w.start and not earlier(w.start, entry) then
+    -- A listed one: they come first, in order.
+    w.passed = w.passed + 1
+    if not settled then w.kept[#w.kept + 1] = entry end
+  elseif w.open and entry[2] < w.horizon and (settled or #w.kept < LISTED) then
+    if not settled then w.kept[#w.kept + 1] = entry end
+    w.last = entry
+  else
+    w.open = false
+  end
 end
 
 local function save(w, lifetime)
-  if w.last then redis.call('SET', w.key, entry_text(w.last), 'PX', lifetime) end
+  -- Listed ones the walk did not reach stay listed (the walk passed no
+  -- broadcast after the start then).
+  for j = w.passed + 1, #w.listed do w.kept[#w.kept + 1] = w.listed[j] end
+  if not w.last and #w.kept == #w.listed then return end
+  local lines = { entry_text(w.last or w.start) }
+  for _, entry in ipairs(w.kept) do lines[#lines + 1] = entry_text(entry) end
+  redis.call('SET', w.key, table.concat(lines, '\n'), 'PX', lifetime)
 end
 "#;
 
@@ -225,7 +268,7 @@ local limit, consume = tonumber(ARGV[8]), ARGV[9] == '1'
 local seen = watermark(ARGV[13], tonumber(ARGV[14]))
 -- A call after `more` goes on past the targeted signals walked before.
 local resume = parse_entry(ARGV[17])
-local targeted, broadcasts = reader(INBOX, resume), reader(BROADCAST, seen.start)
+local targeted, broadcasts = reader(INBOX, resume), reader(BROADCAST, seen.start, seen.listed)
 local out, taken, dead, walked, more = {}, {}, {}, 0, false
 while #out < limit do
   local t, b = head(targeted), head(broadcasts)
@@ -362,7 +405,7 @@ if ARGV[12] == '' then
   for _, id in ipairs(drops) do drop(id, agent) end
 end
 local seen = watermark(ARGV[8], tonumber(ARGV[9]))
-local broadcasts = reader(BROADCAST, seen.start)
+local broadcasts = reader(BROADCAST, seen.start, seen.listed)
 local walked = 0
 for entry in function() return head(broadcasts) end do
   broadcasts.i = broadcasts.i + 1
