@@ -310,6 +310,7 @@ pub fn router(state: AppState) -> Router {
             timeout: config.request_timeout,
             anonymous_origins: (!state.keys.requires_keys())
                 .then(|| Arc::new(config.allowed_origins.clone())),
+            loopback_hosts_only: !state.keys.requires_keys() && config.listen.ip().is_loopback(),
         },
         per_route,
     ))
@@ -418,6 +419,9 @@ struct RouteSettings {
     /// Without a keys file, the origins besides the service's own from
     /// which a browser may call it (`--allowed-origins`); `None` with keys.
     anonymous_origins: Option<Arc<Vec<String>>>,
+    /// Without a keys file on a loopback address: requests must name a
+    /// loopback host.
+    loopback_hosts_only: bool,
 }
 
 impl RouteSettings {
@@ -429,15 +433,29 @@ impl RouteSettings {
     /// forge heartbeats or cancel approvals. Browsers name the page's origin
     /// in `Origin` on exactly those requests; curl, SDKs and the CLI send
     /// none, and same-origin pages (the service's own `/docs`) pass.
+    ///
+    /// A page can also make itself the service's own origin: its site's
+    /// name, pointed at 127.0.0.1 once the page is loaded (DNS rebinding),
+    /// makes its requests same-origin, and its GETs carry no `Origin` at
+    /// all. Such a request still names the page's site in `Host`, so on a
+    /// loopback address a request must name a loopback host: `localhost`
+    /// (or a name under it) or a loopback address.
     fn refuse_cross_site(&self, req: &Request) -> Option<ApiError> {
         let allowed = self.anonymous_origins.as_ref()?;
-        let origin = req.headers().get(header::ORIGIN)?.to_str().unwrap_or("");
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()))
             .unwrap_or("");
+        if self.loopback_hosts_only && !host.is_empty() && !is_loopback_host(host) {
+            return Some(ApiError::Forbidden(format!(
+                "host {host:?} is not this machine's loopback: without a keys file every \
+                 caller is an administrator, so the service answers only requests sent to \
+                 localhost or a loopback address"
+            )));
+        }
+        let origin = req.headers().get(header::ORIGIN)?.to_str().unwrap_or("");
         let same_origin = origin
             .split_once("://")
             .is_some_and(|(_, authority)| !host.is_empty() && authority.eq_ignore_ascii_case(host));
@@ -452,6 +470,24 @@ impl RouteSettings {
             ))
         })
     }
+}
+
+/// Whether a `Host` value (with or without a port) names the loopback
+/// interface: `localhost`, a name under it, or a loopback address.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or(bracketed, |(ip, _)| ip),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Per-route work, in one layer: the time limit, then the request counter

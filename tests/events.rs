@@ -875,13 +875,74 @@ async fn an_unreadable_log_entry_is_passed_over_not_a_stop() {
 
 /// The status of a WebSocket handshake sent with `Origin: origin`.
 async fn ws_status_from(app: &TestApp, origin: &str) -> u16 {
+    ws_status(app, origin, None).await
+}
+
+/// The same, also naming `host` in `Host`.
+async fn ws_status(app: &TestApp, origin: &str, host: Option<&str>) -> u16 {
     let mut req = app.ws_url("/v1/events/ws").into_client_request().unwrap();
     req.headers_mut().insert("Origin", origin.parse().unwrap());
+    if let Some(host) = host {
+        req.headers_mut().insert("Host", host.parse().unwrap());
+    }
     match tokio_tungstenite::connect_async(req).await {
         Ok(_) => 101,
         Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
         Err(e) => panic!("{e}"),
     }
+}
+
+/// Without a keys file a page whose site's name was pointed at 127.0.0.1
+/// after it loaded (DNS rebinding) is same-origin with itself and sends no
+/// `Origin` on a GET: what gives it away is the `Host` it names, which must
+/// be a loopback one. With keys, a key is what it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_a_request_naming_another_host_is_refused() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let port = app.addr.port();
+    let get = |app: &TestApp, host: String| {
+        let req = app.client.get(app.url("/v1/agents")).header("Host", host);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    for host in [
+        "evil.example",
+        "127.0.0.1.evil.example",
+        "localhost.evil.example",
+    ] {
+        assert_eq!(get(&app, format!("{host}:{port}")).await, 403, "{host}");
+    }
+    for host in [
+        "localhost",
+        "LocalHost",
+        "app.localhost",
+        "127.0.0.1",
+        "127.1.2.3",
+        "[::1]",
+    ] {
+        assert_eq!(get(&app, format!("{host}:{port}")).await, 200, "{host}");
+    }
+    assert_eq!(get(&app, "localhost".to_owned()).await, 200);
+    let rebound = format!("evil.example:{port}");
+    let page = format!("http://{rebound}");
+    assert_eq!(ws_status(&app, &page, Some(&rebound)).await, 403);
+    let own = format!("127.0.0.1:{port}");
+    assert_eq!(
+        ws_status(&app, &format!("http://{own}"), Some(&own)).await,
+        101
+    );
+
+    let keys = TestKeys::new();
+    let keyed = TestApp::spawn_with(Options::new(Kind::Memory).keys(&keys.toml)).await;
+    let status = keyed
+        .client
+        .get(keyed.url("/v1/agents"))
+        .bearer_auth(&keys.viewer)
+        .header("Host", format!("evil.example:{}", keyed.addr.port()))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
 }
 
 /// Without a keys file every caller is an administrator: a page on another
