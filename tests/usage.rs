@@ -552,6 +552,28 @@ async fn agent_keys_record_usage_only_for_their_agents_and_viewers_read_it(kind:
     assert_eq!(stats["total_calls"], 1);
 }
 
+/// A record's `id` is its key's: another key's record with the same id is
+/// another record (a key scoped to some agents cannot set the records of
+/// others aside by sending their ids first), and a repeat through the same
+/// key is still ignored.
+async fn usage_ids_belong_to_the_key_that_sends_them(kind: Kind) {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
+    let mut ci = simple("call-1");
+    ci["agent_id"] = json!("ci-7");
+    let mut prod = simple("call-1");
+    prod["agent_id"] = json!("prod-1");
+    for (record, key) in [(&ci, &keys.ci_agent), (&prod, &keys.agent)] {
+        let (status, body) = app.post_as("/v1/usage", record.clone(), Some(key)).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["duplicate_ids"], json!([]), "{body}");
+    }
+    let (_, body) = app.post_as("/v1/usage", prod, Some(&keys.agent)).await;
+    assert_eq!(body["duplicate_ids"], json!(["call-1"]), "{body}");
+    let (_, stats) = app.get_as("/v1/usage/stats", Some(&keys.viewer)).await;
+    assert_eq!(stats["total_calls"], 2);
+}
+
 async fn a_batch_emits_one_usage_recorded_event_with_its_totals(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     let mut records: Vec<Value> = (0..3).map(|i| simple(&format!("e-{i}"))).collect();
@@ -677,6 +699,7 @@ conformance!(
     prices_show_the_builtin_table,
     a_prices_file_replaces_the_table,
     a_day_total_that_would_overflow_refuses_the_whole_batch,
+    usage_ids_belong_to_the_key_that_sends_them,
 );
 
 /// Two replicas posting the same batches at the same time count each id once.

@@ -283,8 +283,10 @@ impl Keys {
 
     /// Marker that a client-chosen usage record id was counted; `SET NX`
     /// in the same script as the aggregates, expiring after the retention.
-    pub fn usage_seen(&self, id: &Id) -> String {
-        self.key(&format!("usage:seen:{id}"))
+    /// `claim` is a server-made hex hash of the caller's key name and the
+    /// id (`usage::claim_of`), never the id itself.
+    pub fn usage_seen(&self, claim: &str) -> String {
+        self.key(&format!("usage:seen:{claim}"))
     }
 
     // ---- feedback ---------------------------------------------------------

@@ -7,7 +7,6 @@ use chrono::NaiveDate;
 
 use crate::engine::EngineResult;
 use crate::engine::memory::MemoryEngine;
-use crate::types::Id;
 use crate::usage::{RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
 
 /// One UTC day: what the Redis day hash and record set hold.
@@ -25,10 +24,11 @@ pub struct UsageTable {
     /// The `user_id` HMAC key: random, made on first use, lost on exit.
     secret: Option<Vec<u8>>,
     days: BTreeMap<NaiveDate, Day>,
-    /// Claimed client ids and when each claim expires (ms).
-    claimed: HashMap<Id, i64>,
-    /// `(expiry ms, id)` of claims, to purge them in order.
-    claim_expiry: BTreeSet<(i64, Id)>,
+    /// Claimed client ids (as `UsageWrite::claims` names them) and when
+    /// each claim expires (ms).
+    claimed: HashMap<String, i64>,
+    /// `(expiry ms, claim)` of claims, to purge them in order.
+    claim_expiry: BTreeSet<(i64, String)>,
 }
 
 impl UsageTable {

@@ -372,8 +372,9 @@ impl UsageSettings {
 /// Everything one batch adds to storage, grouped by day.
 #[derive(Debug, Clone)]
 pub struct UsageWrite {
-    /// Client ids to claim; a duplicate is reported by its index here.
-    pub claims: Vec<Id>,
+    /// Client ids to claim, each as `claim_of` names it; a duplicate is
+    /// reported by its index here.
+    pub claims: Vec<String>,
     /// How long a claimed id is remembered (the retention, ms).
     pub claim_ttl_ms: i64,
     pub days: Vec<DayWrite>,
@@ -676,6 +677,15 @@ fn prepare(
     })
 }
 
+/// What a record's client `id` claims: the id within the caller's key, so
+/// that one key's ids never set another's records aside (a key scoped to
+/// some agents could otherwise pre-empt the records of others). A hex
+/// SHA-256, so key names of any form never enter a storage key.
+fn claim_of(caller: &Identity, id: &Id) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("{}\n{id}", caller.name)))
+}
+
 /// Builds the storage write for the records at `live`; also returns, for
 /// each claim, the index of the record it belongs to.
 fn plan(
@@ -694,7 +704,7 @@ fn plan(
     for &i in live {
         let p = &prepared[i];
         if let Some(id) = &p.claim {
-            claims.push(id.clone());
+            claims.push(claim_of(caller, id));
             claim_owner.push(i);
         }
         p.add_fields(fields.entry(p.day).or_default());
