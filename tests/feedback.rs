@@ -193,6 +193,33 @@ async fn underperforming_lists_stages_below_the_threshold_worst_first(kind: Kind
     assert_eq!(stages, ["sparse", "tests"]);
     let (_, other) = app.get("/v1/feedback/underperforming?workflow=other").await;
     assert_eq!(other["stages"], json!([]));
+    assert_eq!(other["next_cursor"], json!(null));
+
+    // Pages follow each other with no row lost or repeated, ties included.
+    score(&app, "style", "cheap", &[0.6; 10]).await;
+    let mut paged = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = app
+            .get(&format!(
+                "/v1/feedback/underperforming?min_samples=3&limit=1&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let rows = page["stages"].as_array().unwrap();
+        paged.extend(rows.iter().map(|s| s["stage"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+        assert_eq!(rows.len(), 1);
+    }
+    assert_eq!(paged, ["sparse", "tests", "lint", "style"]);
+    let (status, problem) = app
+        .get("/v1/feedback/underperforming?cursor=bm90LWEtY3Vyc29y")
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem_field(&problem), "cursor");
 }
 
 async fn quality_scores_outside_0_to_1_are_refused(kind: Kind) {

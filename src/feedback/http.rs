@@ -17,7 +17,7 @@ use crate::auth::{AgentWrite, AnyRole, Caller, Viewer};
 use crate::error::{ApiResult, Problem};
 use crate::extract::{ValidJson, ValidPath, ValidQuery};
 use crate::feedback::{
-    FeedbackIn, FeedbackRecorded, MIN_SAMPLES, QualityStats, Rating, Recommendation,
+    FeedbackIn, FeedbackRecorded, MIN_SAMPLES, QualityStats, Rating, Recommendation, StageCursor,
     TemplateCursor, TemplateOrder, TemplateRating, quality_stats, rate_template, recommendation,
     record_feedback, underperforming,
 };
@@ -136,6 +136,8 @@ struct UnderperformingQuery {
     /// Rows, 1–1000 (default 100).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
+    /// `next_cursor` of the previous page; empty: the first page.
+    cursor: Option<String>,
 }
 
 /// Underperforming stages.
@@ -145,6 +147,9 @@ pub struct Underperforming {
     pub stages: Vec<QualityStats>,
     pub threshold: f64,
     pub min_samples: u64,
+    /// Pass as `cursor` (with the same filters) for the next page; null
+    /// when this is the last.
+    pub next_cursor: Option<String>,
 }
 
 /// Underperforming stages.
@@ -167,11 +172,17 @@ async fn get_feedback_underperforming(
     let threshold = q.threshold.map_or(0.7, Fraction::get);
     let min_samples = q.min_samples.map_or(MIN_SAMPLES as u64, Bounded::get);
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
-    let stages = underperforming(
+    let cursor = q
+        .cursor
+        .filter(|c| !c.is_empty())
+        .map(|c| StageCursor::decode("cursor", &c))
+        .transpose()?;
+    let (stages, next) = underperforming(
         &state,
         q.workflow.as_ref(),
         threshold,
         min_samples as usize,
+        cursor.as_ref(),
         limit,
     )
     .await?;
@@ -179,6 +190,7 @@ async fn get_feedback_underperforming(
         stages,
         threshold,
         min_samples,
+        next_cursor: next.map(|c| c.encode()),
     }))
 }
 

@@ -520,15 +520,93 @@ pub async fn recommendation(
     Ok(recommend(current, stats, lower.as_ref()))
 }
 
+/// Where a page of underperforming stages resumes: after the row with this
+/// place in their order (average, then workflow, stage and tier).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageCursor {
+    avg: f64,
+    workflow: String,
+    stage: String,
+    tier: Option<Tier>,
+}
+
+impl StageCursor {
+    fn of(row: &QualityStats) -> Self {
+        Self {
+            avg: row.avg_or_zero(),
+            workflow: row.workflow.clone(),
+            stage: row.stage.clone(),
+            tier: row.tier,
+        }
+    }
+
+    /// Whether `row` comes after this place in the order.
+    fn precedes(&self, row: &QualityStats) -> bool {
+        stage_order(
+            (self.avg, &self.workflow, &self.stage, self.tier),
+            (row.avg_or_zero(), &row.workflow, &row.stage, row.tier),
+        )
+        .is_lt()
+    }
+
+    pub fn encode(&self) -> String {
+        use base64::Engine as _;
+        let tier = self.tier.map_or("", Tier::as_str);
+        let raw = format!(
+            "stage:{:016x}:{}:{}:{tier}",
+            self.avg.to_bits(),
+            self.workflow,
+            self.stage
+        );
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    pub fn decode(field: &str, raw: &str) -> ApiResult<Self> {
+        use base64::Engine as _;
+        let bad = || ApiError::invalid(field, "is not a cursor returned by this endpoint");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(raw)
+            .map_err(|_| bad())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let parts: Vec<&str> = text.split(':').collect();
+        let ["stage", avg, workflow, stage, tier] = parts[..] else {
+            return Err(bad());
+        };
+        let avg = u64::from_str_radix(avg, 16).map_err(|_| bad())?;
+        let tier = match tier {
+            "" => None,
+            name => Some(Tier::parse(name).ok_or_else(bad)?),
+        };
+        Ok(Self {
+            avg: f64::from_bits(avg),
+            workflow: Id::new(workflow).map_err(|_| bad())?.to_string(),
+            stage: Id::new(stage).map_err(|_| bad())?.to_string(),
+            tier,
+        })
+    }
+}
+
+/// The order of underperforming stages: worst average first, then by
+/// workflow, stage and tier.
+fn stage_order(
+    a: (f64, &String, &String, Option<Tier>),
+    b: (f64, &String, &String, Option<Tier>),
+) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0)
+        .then_with(|| (a.1, a.2, a.3).cmp(&(b.1, b.2, b.3)))
+}
+
 /// Stages (per tier) whose average is below `threshold` with at least
-/// `min_samples` scores, worst first.
+/// `min_samples` scores, worst first: up to `limit` after `cursor`, and
+/// where the next page starts when more follow.
 pub async fn underperforming(
     state: &AppState,
     workflow: Option<&Id>,
     threshold: f64,
     min_samples: usize,
+    cursor: Option<&StageCursor>,
     limit: usize,
-) -> ApiResult<Vec<QualityStats>> {
+) -> ApiResult<(Vec<QualityStats>, Option<StageCursor>)> {
     let since = window_start(state);
     let groups = state.engine.feedback_groups(workflow, since).await?;
     let samples = state.engine.feedback_samples(&groups, since).await?;
@@ -539,14 +617,17 @@ pub async fn underperforming(
             QualityStats::of(&g.workflow, &g.stage, Some(g.tier), &merged_scores(vec![s]))
         })
         .filter(|s| s.sample_count as usize >= min_samples && s.avg_or_zero() < threshold)
+        .filter(|s| cursor.is_none_or(|c| c.precedes(s)))
         .collect();
     rows.sort_by(|a, b| {
-        a.avg_or_zero()
-            .total_cmp(&b.avg_or_zero())
-            .then_with(|| (&a.workflow, &a.stage, a.tier).cmp(&(&b.workflow, &b.stage, b.tier)))
+        stage_order(
+            (a.avg_or_zero(), &a.workflow, &a.stage, a.tier),
+            (b.avg_or_zero(), &b.workflow, &b.stage, b.tier),
+        )
     });
+    let next = (rows.len() > limit).then(|| StageCursor::of(&rows[limit - 1]));
     rows.truncate(limit);
-    Ok(rows)
+    Ok((rows, next))
 }
 
 /// Adds a rating to a template.
