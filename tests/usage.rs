@@ -574,6 +574,55 @@ async fn usage_ids_belong_to_the_key_that_sends_them(kind: Kind) {
     assert_eq!(stats["total_calls"], 2);
 }
 
+/// A day breaks its totals down by its first 500 workflows (and models,
+/// providers); later ones count together under `_other`, so a client that
+/// names a new workflow on every call cannot grow what summaries read
+/// without bound. Nothing is lost from the totals.
+async fn a_day_breaks_down_by_its_first_500_names_and_the_rest_as_other(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let batch: Vec<Value> = (0..1000)
+        .map(|i| {
+            call(
+                &format!("run-{i}"),
+                "cheap",
+                HAIKU,
+                "anthropic",
+                [1000, 100, 0, 0],
+            )
+        })
+        .collect();
+    let (status, body) = app.post("/v1/usage", json!({ "records": batch })).await;
+    assert_eq!(status, 201, "{body}");
+    let late = [
+        call("run-0", "cheap", HAIKU, "anthropic", [1000, 100, 0, 0]),
+        call("run-1000", "cheap", HAIKU, "anthropic", [1000, 100, 0, 0]),
+    ];
+    let (status, body) = app.post("/v1/usage", json!({ "records": late })).await;
+    assert_eq!(status, 201, "{body}");
+
+    let (_, stats) = app.get("/v1/usage/stats?days=1").await;
+    assert_eq!(stats["total_calls"], 1002);
+    let by_workflow = stats["by_workflow"].as_object().unwrap();
+    assert_eq!(by_workflow.len(), 501, "500 names and the rest");
+    let kept = by_workflow.keys().filter(|k| k.starts_with("run-")).count();
+    assert_eq!(kept, 500);
+    let calls = |name: &str| by_workflow[name]["calls"].as_u64().unwrap();
+    assert_eq!(calls("_other"), 501);
+    assert_eq!(calls("run-0"), 2, "a name the day has goes on counting");
+    let sum: u64 = by_workflow
+        .values()
+        .map(|g| g["calls"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, 1002);
+    assert_eq!(stats["by_model"][HAIKU]["calls"], 1002);
+    let (_, cache) = app.get("/v1/usage/cache-stats?days=1").await;
+    assert_eq!(
+        cache["by_workflow"].as_object().unwrap().len(),
+        501,
+        "{cache}"
+    );
+}
+
 async fn a_batch_emits_one_usage_recorded_event_with_its_totals(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     let mut records: Vec<Value> = (0..3).map(|i| simple(&format!("e-{i}"))).collect();
@@ -700,6 +749,7 @@ conformance!(
     a_prices_file_replaces_the_table,
     a_day_total_that_would_overflow_refuses_the_whole_batch,
     usage_ids_belong_to_the_key_that_sends_them,
+    a_day_breaks_down_by_its_first_500_names_and_the_rest_as_other,
 );
 
 /// Two replicas posting the same batches at the same time count each id once.

@@ -7,7 +7,9 @@ use chrono::NaiveDate;
 
 use crate::engine::EngineResult;
 use crate::engine::memory::MemoryEngine;
-use crate::usage::{RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
+use crate::usage::{
+    NAMES_PER_DAY, OTHER, RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite, names_field,
+};
 
 /// One UTC day: what the Redis day hash and record set hold.
 #[derive(Debug, Default)]
@@ -16,6 +18,35 @@ struct Day {
     /// `(ts ms, record JSON)`, ordered like a Redis sorted set.
     recent: BTreeSet<(i64, String)>,
     expire_at_ms: i64,
+}
+
+impl Day {
+    /// Where a breakdown increment `field` (`<group>:<name>:<metric>`) is
+    /// counted: under its name, or [`OTHER`] once the day breaks `group`
+    /// down by [`NAMES_PER_DAY`] names (a total goes where it is named).
+    /// `placed` keeps, per `<group>:<name>`, what an earlier field of the
+    /// same batch decided. The Redis script does the same.
+    fn place(&mut self, field: &str, placed: &mut HashMap<String, String>) -> String {
+        let mut parts = field.splitn(3, ':');
+        let (Some(group), Some(name), Some(metric)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return field.to_owned();
+        };
+        let key = format!("{group}:{name}");
+        let target = placed.entry(key.clone()).or_insert_with(|| {
+            if self.fields.contains_key(&format!("{key}:calls")) {
+                return name.to_owned();
+            }
+            let names = self.fields.entry(names_field(group)).or_default();
+            if *names < NAMES_PER_DAY as i64 {
+                *names += 1;
+                name.to_owned()
+            } else {
+                OTHER.to_owned()
+            }
+        });
+        format!("{group}:{target}:{metric}")
+    }
 }
 
 /// Usage aggregates, recent records and claimed ids.
@@ -99,8 +130,10 @@ impl MemoryEngine {
             for d in &write.days {
                 let day = table.days.entry(d.day).or_default();
                 day.expire_at_ms = d.expire_at_ms;
+                let mut placed = HashMap::new();
                 for (name, inc) in &d.fields {
-                    *day.fields.entry(name.clone()).or_default() += inc;
+                    let name = day.place(name, &mut placed);
+                    *day.fields.entry(name).or_default() += inc;
                 }
                 day.recent.extend(d.recent.iter().cloned());
                 while day.recent.len() > RECENT_PER_DAY {

@@ -69,6 +69,25 @@ pub const RECENT_PER_DAY: usize = 1000;
 /// How far in the future a record's `ts` may lie (clock skew).
 const MAX_FUTURE: ChronoDuration = ChronoDuration::minutes(5);
 
+/// Names (workflows, models, providers) a day breaks its aggregates down
+/// by, per group: the first ones seen that day (within a batch, in name
+/// order). Later names count under
+/// [`OTHER`], so a client that sends a new workflow name on every call
+/// (a run id, say) cannot grow a day's hash, and every summary that reads
+/// it, without bound.
+pub const NAMES_PER_DAY: usize = 500;
+
+/// The breakdown entry of the names past [`NAMES_PER_DAY`]. No [`Id`]
+/// starts with `_`, so it never meets a client's name.
+pub const OTHER: &str = "_other";
+
+/// Where a day counts how many names of `group` it breaks down by (the
+/// Redis script writes the same field). Summaries pass over it: it has one
+/// `:`, where breakdowns have two.
+pub fn names_field(group: &str) -> String {
+    format!("names:{group}")
+}
+
 /// The largest value any day total may reach; a batch that would pass it
 /// is refused whole (it would take about $9 billion in one day).
 pub const TOTAL_LIMIT: i64 = 9_000_000_000_000_000_000;

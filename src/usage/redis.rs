@@ -18,13 +18,18 @@ use redis::Script;
 
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
-use crate::usage::{RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
+use crate::usage::{NAMES_PER_DAY, OTHER, RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
 
 /// KEYS: 2..1+n claim markers, then per day its hash and its record set.
 /// ARGV: 2 n, 3 number of days, 4 claim ttl ms, 5 records kept per day,
-/// 6 event, 7 event agent or '', 8 total limit; then per day: expire-at ms,
-/// field count f, record count r, f `(field, increment)` pairs and r
-/// `(score, record)` pairs.
+/// 6 event, 7 event agent or '', 8 total limit, 9 names a day breaks each
+/// group down by, 10 the entry of the names past them; then per day:
+/// expire-at ms, field count f, record count r, f `(field, increment)`
+/// pairs and r `(score, record)` pairs.
+///
+/// A breakdown (`<group>:<name>:<metric>`) of a name the day does not have
+/// yet counts under that name while the day's `names:<group>` count has
+/// room, and under the other entry after that (see [`NAMES_PER_DAY`]).
 ///
 /// Returns `{0}` when applied, `{1, i…}` with the 0-based indexes of
 /// repeated claims, or `{2, j}` when day `j` (1-based) would overflow.
@@ -32,13 +37,33 @@ static APPLY: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local n, d = tonumber(ARGV[2]), tonumber(ARGV[3])
-local limit = tonumber(ARGV[8])
-local days, p = {}, 9
+local limit, names_per_day, other = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local days, p = {}, 11
 for j = 1, d do
   local nf, nr = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
   days[j] = { hash = KEYS[n + 2 * j], recent = KEYS[n + 2 * j + 1],
-              expire = ARGV[p], nf = nf, nr = nr, at = p + 3 }
+              expire = ARGV[p], nf = nf, nr = nr, at = p + 3, placed = {} }
   p = p + 3 + 2 * nf + 2 * nr
+end
+-- Where an increment of `field` counts (see above); a total where it is named.
+local function place(day, field)
+  local group, name, metric = string.match(field, '^([^:]+):([^:]+):(.+)$')
+  if not group then return field end
+  local key = group .. ':' .. name
+  local target = day.placed[key]
+  if not target then
+    target = name
+    if redis.call('HEXISTS', day.hash, key .. ':calls') == 0 then
+      local names = 'names:' .. group
+      if tonumber(redis.call('HGET', day.hash, names) or '0') < names_per_day then
+        redis.call('HINCRBY', day.hash, names, 1)
+      else
+        target = other
+      end
+    end
+    day.placed[key] = target
+  end
+  return group .. ':' .. target .. ':' .. metric
 end
 for j, day in ipairs(days) do
   for k = 0, day.nf - 1 do
@@ -65,7 +90,7 @@ if #dups > 0 then
 end
 for _, day in ipairs(days) do
   for k = 0, day.nf - 1 do
-    redis.call('HINCRBY', day.hash, ARGV[day.at + 2 * k], ARGV[day.at + 2 * k + 1])
+    redis.call('HINCRBY', day.hash, place(day, ARGV[day.at + 2 * k]), ARGV[day.at + 2 * k + 1])
   end
   redis.call('PEXPIREAT', day.hash, day.expire)
   if day.nr > 0 then
@@ -116,6 +141,8 @@ impl RedisEngine {
             write.event.json,
             write.event.agent_id.as_deref().unwrap_or(""),
             TOTAL_LIMIT,
+            NAMES_PER_DAY,
+            OTHER,
         ]
         .into_iter()
         .collect();
