@@ -487,7 +487,7 @@ fn is_loopback_host(host: &str) -> bool {
         || name.ends_with(".localhost")
         || name
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Per-route work, in one layer: the time limit, then the request counter

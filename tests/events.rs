@@ -918,6 +918,7 @@ async fn without_keys_a_request_naming_another_host_is_refused() {
         "127.0.0.1",
         "127.1.2.3",
         "[::1]",
+        "[::ffff:127.0.0.1]",
     ] {
         assert_eq!(get(&app, format!("{host}:{port}")).await, 200, "{host}");
     }

@@ -1062,6 +1062,26 @@ async fn redis_a_long_clear_is_split_into_short_calls() {
     assert_eq!(script_calls(&mut conn) - before, 1);
 }
 
+/// A clear takes what was sent up to its moment: on Redis a broadcast
+/// stamped later (by a replica whose clock is ahead, or sent while a long
+/// clear is under way) stays in the inbox, as a targeted signal sent after
+/// the clear's first call does.
+#[tokio::test]
+async fn redis_a_clear_leaves_broadcasts_sent_after_its_moment() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let ahead = app.replica().await;
+    ahead.state.clock.advance(Duration::from_secs(60));
+    let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+    send(&app, note.clone()).await;
+    let later = send(&ahead, note).await;
+    let (status, body) = app.delete("/v1/agents/w/signals").await;
+    assert_eq!((status, body["cleared"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(
+        ids(&inbox(&app, "w", "").await),
+        [later["signal_id"].as_str().unwrap()]
+    );
+}
+
 /// On Redis a read that does not consume lists what it found with the
 /// agent's watermark, so the next one goes over those and then only what
 /// came after, instead of every broadcast after its oldest match.

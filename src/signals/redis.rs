@@ -411,14 +411,21 @@ for entry in function() return head(broadcasts) end do
   broadcasts.i = broadcasts.i + 1
   local f = redis.call('HMGET', SIG .. entry[1], 'type', 'expires')
   local live = f[2] and tonumber(f[2]) > NOW
+  local settled = true
   if live and (want_type == '' or f[1] == want_type) then
-    local marks = SIG .. entry[1] .. ':consumed'
-    if redis.call('SADD', marks, agent) == 1 then
-      redis.call('PEXPIREAT', marks, f[2])
-      cleared = cleared + 1
+    if entry[2] > NOW then
+      -- Sent after the clear's moment (NOW is the same in all its calls),
+      -- as targeted signals sent after its first call are: left alone.
+      settled = false
+    else
+      local marks = SIG .. entry[1] .. ':consumed'
+      if redis.call('SADD', marks, agent) == 1 then
+        redis.call('PEXPIREAT', marks, f[2])
+        cleared = cleared + 1
+      end
     end
   end
-  settle(seen, entry, true)
+  settle(seen, entry, settled)
   walked = walked + 1
   -- As in READ: the watermark keeps the progress, and the caller asks again.
   if walked >= tonumber(ARGV[11]) and seen.open then
