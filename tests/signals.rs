@@ -1137,6 +1137,50 @@ async fn redis_a_read_that_does_not_consume_goes_on_from_where_it_stopped() {
     assert_eq!(looked_at(&mut conn) - before, 0);
 }
 
+/// A first read that does not consume is split into short calls too, also
+/// after it found something: what it found is listed with the watermark
+/// (or, targeted, before where the next call resumes) and found again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_long_first_read_that_does_not_consume_is_split_too() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    let task = |target: Option<&str>| {
+        let mut body = json!({"signal_type": "task", "source_agent": "hub", "ttl_seconds": 3600});
+        if let Some(target) = target {
+            body["target_agent"] = json!(target);
+        }
+        let app = &app;
+        async move {
+            send(app, body).await["signal_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let mut found = vec![task(Some("w")).await, task(None).await];
+    for _ in 0..50 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
+    found.push(task(Some("w")).await);
+    app.state.clock.advance(Duration::from_secs(12));
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    // Once, so that the script is loaded before calls are counted.
+    assert!(inbox(&app, "v", "type=other").await.is_empty());
+    let before = calls_of(&mut conn, "evalsha");
+    assert_eq!(ids(&inbox(&app, "w", "type=task").await), found);
+    assert_eq!(
+        calls_of(&mut conn, "evalsha") - before,
+        3,
+        "2,501 broadcasts"
+    );
+    let before = calls_of(&mut conn, "evalsha");
+    assert_eq!(ids(&inbox(&app, "w", "type=task").await), found);
+    assert_eq!(calls_of(&mut conn, "evalsha") - before, 1);
+}
+
 /// On Redis an inbox read walks only the broadcasts after the agent's
 /// watermark, which covers what the agent has settled up to ten seconds
 /// (and the Redis timeout) before now: with the per-broadcast consumption

@@ -234,15 +234,16 @@ return 1
 /// broadcasts, merged oldest first. ARGV: 5 agent, 6 type or '', 7 source
 /// or '', 8 limit, 9 consume (0/1), 10 receipt key or '', 11 the query's
 /// fingerprint, 12 receipt lifetime (ms), 13 the agent's watermark key, 14
-/// its horizon (ms), 15 its lifetime (ms), 16 most broadcasts to walk past
-/// the watermark without a find, 17 where to resume the targeted signals
-/// (`<score> <id>`, or ''). Returns `{ 'read', signals' JSON }`,
-/// `{ 'again', signals' JSON }` for an answer kept under the receipt key,
-/// `{ 'reused', {} }` when the key holds another query's answer, or
-/// `{ 'more', { resume } }` when it stopped after walking that many
-/// broadcasts, all settled for the agent, and moved the watermark past
-/// them: the same call with `resume` goes on from there (the targeted
-/// signals it walked matched nothing).
+/// its horizon (ms), 15 its lifetime (ms), 16 most broadcasts to walk in
+/// one call (a consuming read: without a find), 17 where to resume the
+/// targeted signals (`<score> <id>`, or ''). Returns `{ 'read', signals'
+/// JSON }`, `{ 'again', signals' JSON }` for an answer kept under the
+/// receipt key, `{ 'reused', {} }` when the key holds another query's
+/// answer, or `{ 'more', { resume } }` when it stopped after walking that
+/// many broadcasts, each settled for the agent or listed with the
+/// watermark, and moved the watermark past them: the same call with
+/// `resume` goes on from there (the targeted signals up to it matched
+/// nothing).
 ///
 /// A consuming read with a receipt key first looks for an answer kept under
 /// it (a retry) and returns that; otherwise it keeps what it takes there,
@@ -270,13 +271,14 @@ local seen = watermark(ARGV[13], tonumber(ARGV[14]))
 local resume = parse_entry(ARGV[17])
 local targeted, broadcasts = reader(INBOX, resume), reader(BROADCAST, seen.start, seen.listed)
 local out, taken, dead, walked, more = {}, {}, {}, 0, false
+-- Whether a targeted signal matched: `resume` stays before it.
+local found_targeted = false
 while #out < limit do
   local t, b = head(targeted), head(broadcasts)
   local entry, broadcast
   if t and (not b or earlier(t, b)) then
     entry, broadcast = t, false
     targeted.i = targeted.i + 1
-    resume = t
   elseif b then
     entry, broadcast = b, true
     broadcasts.i = broadcasts.i + 1
@@ -299,15 +301,19 @@ while #out < limit do
       out[#out + 1] = redis.call('HGET', SIG .. id, 'json')
       taken[#taken + 1] = { id, broadcast, f[3] }
       settled = consume
+      found_targeted = found_targeted or not broadcast
     end
   end
+  if not broadcast and not found_targeted then resume = entry end
   if broadcast then
     settle(seen, entry, settled)
     walked = walked + 1
-    -- A long run of broadcasts settled for this agent, nothing found yet:
-    -- the watermark keeps the progress and the caller asks again, so that
-    -- no call holds Redis for long.
-    if walked >= tonumber(ARGV[16]) and #out == 0 and seen.open then
+    -- A long run of broadcasts, each settled for this agent or listed
+    -- with the watermark: the watermark keeps the progress and the caller
+    -- asks again, so that no call holds Redis for long. A consuming read
+    -- splits only before it takes anything; one that does not consume
+    -- finds what it found again, listed and past `resume`.
+    if walked >= tonumber(ARGV[16]) and seen.open and (#out == 0 or not consume) then
       more = true
       break
     end
@@ -456,10 +462,10 @@ const SEEN_MARGIN_MS: i64 = 10_000;
 /// How long a watermark is kept after its last move: the longest a signal
 /// lives, after which every broadcast it covers has expired.
 const SEEN_LIFETIME_MS: u64 = 86_400_000;
-/// Most broadcasts one inbox read script walks without finding anything,
-/// and one clear script walks (the first read or clear with a new filter
-/// walks every live broadcast): a few milliseconds of Redis per call, and
-/// the read or clear calls again until done.
+/// Most broadcasts one inbox read script walks (a consuming read: without
+/// finding anything), and one clear script walks (the first read or clear
+/// with a new filter walks every live broadcast): a few milliseconds of
+/// Redis per call, and the read or clear calls again until done.
 const INBOX_WALK: usize = 1_000;
 
 impl RedisEngine {
@@ -554,8 +560,9 @@ impl RedisEngine {
             INBOX_WALK,
             "", // where to resume the targeted signals: from the start
         ];
-        // Each `more` moved the watermark past INBOX_WALK broadcasts, so
-        // this ends.
+        // Each `more` moved the watermark past INBOX_WALK broadcasts, less
+        // the (at most a hundred) listed ones it went over again, so this
+        // ends.
         let (outcome, raw) = loop {
             let (outcome, mut raw): (String, Vec<String>) = self
                 .invoke_signals(&READ, Some(agent), now_ms, &args)
