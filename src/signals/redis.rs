@@ -313,7 +313,10 @@ while #out < limit do
     -- asks again, so that no call holds Redis for long. A consuming read
     -- splits only before it takes anything; one that does not consume
     -- finds what it found again, listed and past `resume`.
-    if walked >= tonumber(ARGV[16]) and seen.open and (#out == 0 or not consume) then
+    -- Listed broadcasts it went over again do not count: only new ones
+    -- are progress, so a call never ends where it started.
+    if walked - seen.passed >= tonumber(ARGV[16]) and seen.open
+        and (#out == 0 or not consume) then
       more = true
       break
     end
@@ -560,9 +563,8 @@ impl RedisEngine {
             INBOX_WALK,
             "", // where to resume the targeted signals: from the start
         ];
-        // Each `more` moved the watermark past INBOX_WALK broadcasts, less
-        // the (at most a hundred) listed ones it went over again, so this
-        // ends.
+        // Each `more` moved the watermark past INBOX_WALK broadcasts it had
+        // not listed before, so this ends.
         let (outcome, raw) = loop {
             let (outcome, mut raw): (String, Vec<String>) = self
                 .invoke_signals(&READ, Some(agent), now_ms, &args)
