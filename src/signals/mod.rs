@@ -369,18 +369,14 @@ pub async fn clear_inbox(
 /// none: a signal's keys expire by themselves, and the scripts drop its
 /// index entries.
 pub fn spawn_sweeper(state: AppState) -> Option<tokio::task::JoinHandle<()>> {
-    if !matches!(state.engine, Engine::Memory(_)) {
+    let Engine::Memory(memory) = &state.engine else {
         return None;
-    }
+    };
+    let memory = memory.clone();
     Some(crate::sweeper::spawn(
         state,
         "sweep_signals",
-        |state, now_ms, limit| async move {
-            Ok(match &state.engine {
-                Engine::Memory(memory) => memory.prune_signals(now_ms, limit),
-                Engine::Redis(_) => 0,
-            })
-        },
+        move |_, now_ms, limit| std::future::ready(Ok(memory.prune_signals(now_ms, limit))),
         |_, _| async { Ok(()) },
     ))
 }

@@ -71,10 +71,9 @@ const MAX_FUTURE: ChronoDuration = ChronoDuration::minutes(5);
 
 /// Names (workflows, models, providers) a day breaks its aggregates down
 /// by, per group: the first ones seen that day (within a batch, in name
-/// order). Later names count under
-/// [`OTHER`], so a client that sends a new workflow name on every call
-/// (a run id, say) cannot grow a day's hash, and every summary that reads
-/// it, without bound.
+/// order). Later names count under [`OTHER`], so a client that sends a new
+/// workflow name on every call (a run id, say) cannot grow a day's hash,
+/// and every summary that reads it, without bound.
 pub const NAMES_PER_DAY: usize = 500;
 
 /// The breakdown entry of the names past [`NAMES_PER_DAY`]. No [`Id`]
