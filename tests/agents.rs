@@ -1336,3 +1336,228 @@ async fn redis_a_key_of_another_type_is_an_error_not_an_outage() {
     let (status, _) = app.get("/readyz").await;
     assert_eq!(status, 200, "the engine itself answers");
 }
+
+/// The agents a random history beats as.
+const AGENTS: [&str; 4] = ["a1", "a2", "a3", "a4"];
+
+/// A random beat for a random agent at `now`: mostly `running`, sometimes
+/// a start, a finish, new metadata, a display name, a run id or a ttl.
+fn random_beat(
+    rng: &mut rand::rngs::StdRng,
+    n: u64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> attune_telemetry::agents::Beat {
+    use attune_telemetry::agents::AgentStatus::*;
+    use attune_telemetry::events::EventBody;
+    use attune_telemetry::types::{Id, JsonObject};
+    use rand::RngExt;
+    let agent_id = Id::new(AGENTS[rng.random_range(0..AGENTS.len())]).unwrap();
+    let status = match rng.random_range(0..20) {
+        0..=14 => Running,
+        15 => Starting,
+        16..=17 => Completed,
+        18 => Failed,
+        _ => Cancelled,
+    };
+    // Mostly the agent's usual ttl, so that most beats change nothing a
+    // Redis writer remembers and take the quick form.
+    let usual = [5, 5, 10, 30][AGENTS.iter().position(|a| *a == agent_id.as_str()).unwrap()];
+    let ttl_seconds = if rng.random_bool(0.9) { usual } else { 10 };
+    let progress = rng
+        .random_bool(0.7)
+        .then(|| f64::from(rng.random_range(0..=4u8)) / 4.0);
+    let current_task = rng.random_bool(0.5).then(|| format!("task {n}"));
+    let metadata = rng.random_bool(0.15).then(|| {
+        let object = json!({ "k": rng.random_range(0..3) });
+        serde_json::from_value::<JsonObject>(object).unwrap()
+    });
+    let display_name = rng
+        .random_bool(0.1)
+        .then(|| ["Ada", "Bob"][rng.random_range(0..2)].to_owned());
+    let run_id = rng
+        .random_bool(0.15)
+        .then(|| Id::new(["r1", "r2", "r3"][rng.random_range(0..3)]).unwrap());
+    let heartbeat_event = Some(EventBody::new(
+        "agent.heartbeat",
+        "test",
+        Some(&agent_id),
+        now,
+        json!({ "status": status, "progress": progress, "current_task": current_task,
+                "run_id": run_id.as_ref().map(Id::as_str), "ttl_seconds": ttl_seconds }),
+    ));
+    attune_telemetry::agents::Beat {
+        agent_id,
+        status,
+        progress,
+        current_task,
+        metadata,
+        display_name,
+        run_id,
+        ttl_seconds,
+        grace_seconds: ttl_seconds,
+        now,
+        retention: Duration::from_secs(86_400),
+        source: "test".into(),
+        heartbeat_event,
+    }
+}
+
+/// A service whose sweeper never runs by itself: the history sweeps.
+async fn unswept(options: Options) -> TestApp {
+    TestApp::spawn_with(options.configure(|c| c.sweep_interval = Duration::from_secs(86_400))).await
+}
+
+/// Everything an engine can be asked about the agents at `now_ms`: each
+/// record, each state's listing, and the runs.
+async fn agents_seen(app: &TestApp, now_ms: i64) -> Value {
+    use attune_telemetry::agents::{AgentQuery, AgentSelection, AgentState};
+    use attune_telemetry::types::Id;
+    let engine = &app.state.engine;
+    let mut records = Vec::new();
+    for id in AGENTS {
+        let record = engine.get_agent(&Id::new(id).unwrap()).await.unwrap();
+        records.push(format!("{record:?}"));
+    }
+    let mut listings = Vec::new();
+    for selection in [
+        AgentSelection::All,
+        AgentSelection::StaleBefore(now_ms - 10_000),
+        AgentSelection::State(AgentState::Up),
+        AgentSelection::State(AgentState::Late),
+        AgentSelection::State(AgentState::Down),
+        AgentSelection::State(AgentState::Finished),
+    ] {
+        let query = AgentQuery {
+            selection,
+            status: None,
+        };
+        let (page, _) = engine.list_agents(query, now_ms, None, 100).await.unwrap();
+        let ids: Vec<String> = page.iter().map(|r| r.agent_id.to_string()).collect();
+        listings.push(json!([format!("{selection:?}"), ids]));
+    }
+    let mut runs: Vec<String> = engine
+        .runs_since(0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{r:?}"))
+        .collect();
+    runs.sort();
+    json!({ "records": records, "listings": listings, "runs": runs })
+}
+
+/// Each agent's events in the log, without their stream ids. Beats of
+/// different agents queued together may reach the log in either order (on
+/// Redis they go to different writers); each agent's stay in order.
+async fn events_seen(app: &TestApp) -> Vec<Vec<Value>> {
+    let events = app.all_events().await;
+    AGENTS
+        .iter()
+        .map(|id| {
+            let mut mine: Vec<Value> = events
+                .iter()
+                .filter(|e| e["agent_id"] == *id)
+                .cloned()
+                .collect();
+            for event in &mut mine {
+                event.as_object_mut().unwrap().remove("id");
+            }
+            mine
+        })
+        .collect()
+}
+
+/// The Redis engine applies beats in batches, in quick and full forms, with
+/// tokens cached per writer and a down-due score kept ahead of the
+/// deadline; none of that may change what a history of beats, sweeps and
+/// deletes leaves behind. A random history (several seeds) is applied to
+/// the memory engine and to two replicas sharing one Redis, and after every
+/// step each record, listing, run and the answer of every beat and sweep
+/// must be the same; at the end, each agent's events too. (Sweeps fall on
+/// whole seconds after the beats: a quarter second after a deadline, the
+/// Redis engine may claim an agent one sweep later by design.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_agents_answer_as_the_memory_engines_do() {
+    use attune_telemetry::events::EventBody;
+    use attune_telemetry::types::Id;
+    use rand::{RngExt, SeedableRng};
+    for seed in 1..=3u64 {
+        let memory = unswept(Options::new(Kind::Memory)).await;
+        let redis = unswept(Options::new(Kind::Redis)).await;
+        let url = redis.redis_url().unwrap();
+        let replica = unswept(Options::new(Kind::Redis).shared_redis(&url, &redis.prefix)).await;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // Whole seconds, so that a sweep is never within the quarter second
+        // the Redis engine's down-due score may run ahead of a deadline.
+        let mut now =
+            chrono::DateTime::from_timestamp(memory.state.clock.now().timestamp(), 0).unwrap();
+        let mut n = 0;
+        for step in 0..250 {
+            let at = format!("seed {seed}, step {step}");
+            // Both replicas take turns, each with its own writers' tokens.
+            let redis_app = if rng.random_bool(0.5) {
+                &redis
+            } else {
+                &replica
+            };
+            match rng.random_range(0..20) {
+                0..=10 => {
+                    // Beats queued together, so that Redis batches them.
+                    let beats: Vec<_> = (0..rng.random_range(1..=6))
+                        .map(|k| {
+                            n += 1;
+                            random_beat(&mut rng, n, now + chrono::Duration::milliseconds(k))
+                        })
+                        .collect();
+                    let engines = [&memory.state.engine, &redis_app.state.engine];
+                    let [expected, got] = engines.map(|engine| {
+                        futures_util::future::join_all(
+                            beats.iter().map(|b| engine.record_beat(b.clone())),
+                        )
+                    });
+                    let (expected, got) = (expected.await, got.await);
+                    for ((beat, expected), got) in beats.iter().zip(expected).zip(got) {
+                        assert_eq!(
+                            got.unwrap(),
+                            expected.unwrap(),
+                            "{at}: the answer to {beat:?}"
+                        );
+                    }
+                }
+                11..=14 => {
+                    let ms = now.timestamp_millis();
+                    let expected = memory.state.engine.sweep_down_agents(ms, 500).await;
+                    let got = redis_app.state.engine.sweep_down_agents(ms, 500).await;
+                    assert_eq!(got.unwrap(), expected.unwrap(), "{at}: agents swept");
+                }
+                15 => {
+                    let id = Id::new(AGENTS[rng.random_range(0..AGENTS.len())]).unwrap();
+                    let event =
+                        || EventBody::new("agent.deleted", "test", Some(&id), now, json!({}));
+                    let expected = memory.state.engine.delete_agent(&id, event()).await;
+                    let got = redis_app.state.engine.delete_agent(&id, event()).await;
+                    assert_eq!(got.unwrap(), expected.unwrap(), "{at}: deleting {id}");
+                }
+                _ => {
+                    // Past some deadlines, often far past every one.
+                    now += chrono::Duration::seconds(rng.random_range(1..=25));
+                }
+            }
+            let ms = now.timestamp_millis() + 5;
+            for app in [&redis, &replica] {
+                assert_eq!(
+                    agents_seen(app, ms).await,
+                    agents_seen(&memory, ms).await,
+                    "{at}"
+                );
+            }
+        }
+        let (expected, got) = (events_seen(&memory).await, events_seen(&redis).await);
+        for ((id, expected), got) in AGENTS.iter().zip(expected).zip(got) {
+            for (i, (e, g)) in expected.iter().zip(&got).enumerate() {
+                assert_eq!(g, e, "seed {seed}: event {i} of {id}'s {}", expected.len());
+            }
+            assert_eq!(got.len(), expected.len(), "seed {seed}: {id}'s events");
+        }
+    }
+}
