@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Kind, Options, TestApp, TestKeys, eventually, problem_field};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
 /// Sends a signal and returns the stored signal, asserting a 201.
@@ -1340,4 +1343,282 @@ async fn redis_an_unreadable_kept_answer_is_dropped() {
     assert_eq!(taken_ids(&answer), [task["signal_id"].as_str().unwrap()]);
     let (_, again) = take(&app, "worker", "read-1", "").await;
     assert_eq!(again, answer, "kept anew");
+}
+
+/// The Redis engine answers inbox reads and clears as the memory engine
+/// does, whatever came before them. A memory app and a Redis app go side by
+/// side through the same random sends (targeted and broadcast, short and
+/// long TTLs), reads (filtered, limited, consuming or not, some with an
+/// `Idempotency-Key`, some retried), clears and clock moves, and every
+/// answer must be the same on both: the status, the count of a clear, and
+/// the signals in order by payload, type, source and target (ids and
+/// timestamps differ between the apps).
+///
+/// On Redis what an inbox holds of the broadcasts is settled by the agent's
+/// watermark for the read's filters (ten seconds behind the clock, listing
+/// the matches that reads which do not consume left), and long walks are
+/// split into calls that go on where the last one stopped: none of that may
+/// change an answer. The memory engine has none of it, so it is the
+/// reference. (A walk splits only past a thousand live broadcasts, and a
+/// watermark lists at most a hundred: these runs stay below both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_inboxes_answer_as_the_memory_engines_do() {
+    for seed in TWIN_SEEDS {
+        let mut twins = Twins::spawn().await;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut last_keyed = None;
+        let mut found = 0;
+        for step in 0..TWIN_STEPS {
+            twins.pass_close_expiries();
+            let op = random_op(&mut rng, step, last_keyed.as_ref());
+            if let Op::Advance(by) = op {
+                twins.advance(by.min(MOST_ADVANCED.saturating_sub(twins.advanced)));
+                continue;
+            }
+            let [memory, redis] = twins.apply(&op).await;
+            let answer = comparable(&memory);
+            assert_eq!(
+                answer,
+                comparable(&redis),
+                "seed {seed}, step {step}: {op:?} (left: memory, right: Redis)"
+            );
+            match &op {
+                Op::Send { .. } if memory.0 == 201 => {
+                    twins
+                        .expiries
+                        .push([expires_ms(&memory.1), expires_ms(&redis.1)]);
+                }
+                Op::Read { key: Some(_), .. } => last_keyed = Some(op.clone()),
+                _ => {}
+            }
+            if matches!(&op, Op::Read { .. }) && answer.1.as_array().is_some_and(|a| !a.is_empty())
+            {
+                found += 1;
+            }
+        }
+        assert!(
+            found >= TWIN_STEPS / 10,
+            "seed {seed}: only {found} reads found anything"
+        );
+    }
+}
+
+/// Seeds and steps of the engine comparison.
+const TWIN_SEEDS: [u64; 3] = [1, 2, 3];
+const TWIN_STEPS: usize = 300;
+
+/// What the engine comparison's operations draw from.
+const AGENTS: [&str; 3] = ["w-1", "w-2", "w-3"];
+const TYPES: [&str; 3] = ["task", "note", "abort"];
+const SOURCES: [&str; 2] = ["hub", "lead"];
+const TTLS: [u64; 5] = [5, 10, 20, 30, 3600];
+
+/// How close to its expiry a signal is moved past it before an operation
+/// (see [`Twins::pass_close_expiries`]).
+const EXPIRY_GUARD: Duration = Duration::from_secs(1);
+
+/// The most both clocks move in one run: less than the ten minutes a kept
+/// answer lives, which Redis counts on its own clock, not the service's.
+const MOST_ADVANCED: Duration = Duration::from_secs(540);
+
+/// One operation of the engine comparison, applied to both apps.
+#[derive(Debug, Clone)]
+enum Op {
+    /// `POST` a signal to `path`: `/v1/signals` (targeted) or
+    /// `/v1/signals/broadcast`.
+    Send { path: &'static str, body: Value },
+    /// `GET` an inbox with `query`, with an `Idempotency-Key` or not.
+    Read {
+        agent: &'static str,
+        query: String,
+        key: Option<String>,
+    },
+    /// `DELETE` an inbox with `query`.
+    Clear { agent: &'static str, query: String },
+    /// Moves both clocks on.
+    Advance(Duration),
+}
+
+fn pick<T: Copy>(rng: &mut StdRng, set: &[T]) -> T {
+    *set.choose(rng).expect("a non-empty set")
+}
+
+/// A random operation; `n` (the step) marks a sent signal and keys a
+/// read, and `last_keyed` is the last read with a key, which a retry
+/// repeats (now and then with another query: a 422).
+fn random_op(rng: &mut StdRng, n: usize, last_keyed: Option<&Op>) -> Op {
+    match rng.random_range(0..100) {
+        0..45 => random_send(rng, n),
+        45..80 => random_read(rng, n),
+        80..85 => match (last_keyed, random_read(rng, n)) {
+            (Some(Op::Read { agent, key, .. }), Op::Read { query, .. })
+                if rng.random_ratio(1, 4) =>
+            {
+                let (agent, key) = (*agent, key.clone());
+                Op::Read { agent, query, key }
+            }
+            (Some(last), _) => last.clone(),
+            (None, read) => read,
+        },
+        85..91 => {
+            let agent = pick(rng, &AGENTS);
+            let query = random_filters(rng, false).join("&");
+            Op::Clear { agent, query }
+        }
+        _ => Op::Advance(Duration::from_secs(rng.random_range(1..=15))),
+    }
+}
+
+fn random_send(rng: &mut StdRng, n: usize) -> Op {
+    let mut body = json!({
+        "signal_type": pick(rng, &TYPES),
+        "source_agent": pick(rng, &SOURCES),
+        "ttl_seconds": pick(rng, &TTLS),
+        "payload": {"n": n},
+    });
+    let path = if rng.random_bool(0.5) {
+        "/v1/signals/broadcast"
+    } else {
+        body["target_agent"] = json!(pick(rng, &AGENTS));
+        "/v1/signals"
+    };
+    Op::Send { path, body }
+}
+
+fn random_read(rng: &mut StdRng, n: usize) -> Op {
+    let agent = pick(rng, &AGENTS);
+    let mut query = random_filters(rng, true);
+    let limit = rng.random_range(0..=5);
+    if limit > 0 {
+        query.push(format!("limit={limit}"));
+    }
+    let consume = rng.random_bool(0.5);
+    query.push(format!("consume={consume}"));
+    let key = (consume && rng.random_ratio(1, 3)).then(|| format!("read-{n}"));
+    let query = query.join("&");
+    Op::Read { agent, query, key }
+}
+
+/// None, a `type`, a `source` (if `with_source`) or both.
+fn random_filters(rng: &mut StdRng, with_source: bool) -> Vec<String> {
+    let mut query = Vec::new();
+    if rng.random_bool(0.5) {
+        query.push(format!("type={}", pick(rng, &TYPES)));
+    }
+    if with_source && rng.random_bool(0.5) {
+        query.push(format!("source={}", pick(rng, &SOURCES)));
+    }
+    query
+}
+
+/// A memory app and a Redis app, driven in step.
+struct Twins {
+    /// The memory app, then the Redis app.
+    apps: [TestApp; 2],
+    /// The expiry (ms) of every signal sent, on each app.
+    expiries: Vec<[i64; 2]>,
+    /// How far both clocks have been moved.
+    advanced: Duration,
+}
+
+impl Twins {
+    async fn spawn() -> Self {
+        Self {
+            apps: [
+                TestApp::spawn(Kind::Memory).await,
+                TestApp::spawn(Kind::Redis).await,
+            ],
+            expiries: Vec::new(),
+            advanced: Duration::ZERO,
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        for app in &self.apps {
+            app.state.clock.advance(by);
+        }
+        self.advanced += by;
+    }
+
+    /// Moves both clocks past every expiry due within [`EXPIRY_GUARD`] on
+    /// either app. The clocks run on real time and the apps answer a few
+    /// milliseconds apart: without this, a signal could expire between the
+    /// two answers.
+    fn pass_close_expiries(&mut self) {
+        let guard = EXPIRY_GUARD.as_millis() as i64;
+        loop {
+            let now = self.apps.each_ref().map(|app| app.state.clock.now_ms());
+            let closest = self
+                .expiries
+                .iter()
+                .flat_map(|e| [e[0] - now[0], e[1] - now[1]])
+                .filter(|left| (1..=guard).contains(left))
+                .max();
+            let Some(left) = closest else {
+                self.expiries.retain(|e| e[0] > now[0] || e[1] > now[1]);
+                return;
+            };
+            self.advance(Duration::from_millis(left as u64 + 1));
+        }
+    }
+
+    /// Applies `op` to the memory app, then to the Redis app.
+    async fn apply(&self, op: &Op) -> [(u16, Value); 2] {
+        let [memory, redis] = &self.apps;
+        [request(memory, op).await, request(redis, op).await]
+    }
+}
+
+/// The request of `op` (not a clock move) and its answer.
+async fn request(app: &TestApp, op: &Op) -> (u16, Value) {
+    match op {
+        Op::Send { path, body } => app.post(path, body.clone()).await,
+        Op::Read { agent, query, key } => {
+            let path = format!("/v1/agents/{agent}/signals?{query}");
+            let mut req = app.client.get(app.url(&path));
+            if let Some(key) = key {
+                req = req.header("Idempotency-Key", key);
+            }
+            let resp = req.send().await.expect("inbox read");
+            let status = resp.status().as_u16();
+            (status, resp.json().await.expect("a JSON answer"))
+        }
+        Op::Clear { agent, query } => {
+            app.delete(&format!("/v1/agents/{agent}/signals?{query}"))
+                .await
+        }
+        Op::Advance(_) => unreachable!("a clock move is no request"),
+    }
+}
+
+/// What the two apps' answers must agree on: the status and, for signals,
+/// `[payload n, type, source, target]` (in order, for an inbox), for a
+/// clear its count, for a problem the field it names.
+fn comparable((status, body): &(u16, Value)) -> (u16, Value) {
+    let signal = |s: &Value| {
+        json!([
+            s["payload"]["n"],
+            s["signal_type"],
+            s["source_agent"],
+            s["target_agent"]
+        ])
+    };
+    let answer = if let Some(signals) = body["signals"].as_array() {
+        signals.iter().map(signal).collect()
+    } else if body.get("signal_id").is_some() {
+        signal(body)
+    } else if let Some(cleared) = body.get("cleared") {
+        cleared.clone()
+    } else {
+        json!(problem_field(body))
+    };
+    (*status, answer)
+}
+
+/// The `expires_at` of a sent signal, in ms.
+fn expires_ms(signal: &Value) -> i64 {
+    let at = signal["expires_at"].as_str().expect("expires_at");
+    chrono::DateTime::parse_from_rfc3339(at)
+        .expect("RFC 3339")
+        .timestamp_millis()
 }
