@@ -704,23 +704,34 @@ output = 20
     assert_eq!(s["price_table_version"], "acme-1");
 }
 
-async fn a_day_total_that_would_overflow_refuses_the_whole_batch(kind: Kind) {
-    let app = TestApp::spawn(kind).await;
-    // Nine batches of 1000 calls at $1,000,000 reach the $9 billion a day holds.
-    let batch = |n: usize| -> Value {
-        let records: Vec<Value> = (0..1000)
-            .map(|i| {
-                let mut r = simple(&format!("big-{n}-{i}"));
-                r["cost_usd"] = json!(1_000_000.0);
-                r
-            })
-            .collect();
-        json!({ "records": records })
-    };
-    for n in 0..9 {
-        let (status, body) = app.post("/v1/usage", batch(n)).await;
+/// A batch of 1000 calls at $1,000,000 each, ids `big-<n>-<i>`, at `ts`
+/// (now if `None`).
+fn big_batch(n: usize, ts: Option<&str>) -> Value {
+    let records: Vec<Value> = (0..1000)
+        .map(|i| {
+            let mut r = simple(&format!("big-{n}-{i}"));
+            r["cost_usd"] = json!(1_000_000.0);
+            if let Some(ts) = ts {
+                r["ts"] = json!(ts);
+            }
+            r
+        })
+        .collect();
+    json!({ "records": records })
+}
+
+/// Nine big batches ([`big_batch`]) fill a day to the $9 billion it holds.
+async fn fill_a_day(app: &TestApp, first: usize, ts: Option<&str>) {
+    for n in first..first + 9 {
+        let (status, body) = app.post("/v1/usage", big_batch(n, ts)).await;
         assert_eq!(status, 201, "{body}");
     }
+}
+
+async fn a_day_total_that_would_overflow_refuses_the_whole_batch(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    fill_a_day(&app, 0, None).await;
+    let batch = |n: usize| big_batch(n, None);
     let (status, body) = app.post("/v1/usage", batch(9)).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(problem_field(&body), "records");
@@ -732,6 +743,34 @@ async fn a_day_total_that_would_overflow_refuses_the_whole_batch(kind: Kind) {
     small["cost_usd"] = json!(0.0);
     let (status, body) = app.post("/v1/usage", small).await;
     assert_eq!((status, body["accepted"].as_u64()), (201, Some(1)));
+    // The limit holds to the nano-dollar: near it, a double (as Redis's Lua
+    // counts) cannot tell 9e18 + 1 from 9e18.
+    let mut tiny = simple("tiny");
+    tiny["cost_usd"] = json!(1e-9);
+    let (status, body) = app.post("/v1/usage", tiny).await;
+    assert_eq!((status, problem_field(&body).as_str()), (422, "records"));
+}
+
+/// Two full days add up to more than one day may hold (and than an `i64`
+/// of nano-dollars): summaries over both still answer, exactly.
+async fn summaries_add_up_days_past_what_one_day_holds(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let yesterday = (Utc::now() - chrono::Duration::days(1))
+        .date_naive()
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc()
+        .to_rfc3339();
+    fill_a_day(&app, 0, Some(&yesterday)).await;
+    fill_a_day(&app, 9, None).await;
+    let (status, stats) = app.get("/v1/usage/stats?days=2").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["total_calls"], 18_000);
+    assert_usd(&stats["total_cost_usd"], 1.8e10);
+    assert_usd(&stats["by_workflow"]["wf"]["cost_usd"], 1.8e10);
+    let (status, savings) = app.get("/v1/usage/savings?days=2").await;
+    assert_eq!(status, 200, "{savings}");
+    assert_usd(&savings["actual_cost_usd"], 1.8e10);
 }
 
 conformance!(
@@ -748,6 +787,7 @@ conformance!(
     prices_show_the_builtin_table,
     a_prices_file_replaces_the_table,
     a_day_total_that_would_overflow_refuses_the_whole_batch,
+    summaries_add_up_days_past_what_one_day_holds,
     usage_ids_belong_to_the_key_that_sends_them,
     a_day_breaks_down_by_its_first_500_names_and_the_rest_as_other,
 );
@@ -786,4 +826,470 @@ async fn replicas_racing_on_the_same_ids_count_each_once() {
         .map(|e| e["data"]["accepted"].as_u64().unwrap())
         .sum();
     assert_eq!(total, 300);
+}
+
+// The Redis engine against the memory engine, on random histories.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Timelike};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+/// What the random histories' records are made of: a few values each, so
+/// that records collide on every breakdown. Client ids are `call-0` to
+/// `call-29`.
+const WORKFLOWS: [&str; 4] = ["review", "summarize", "triage", "plan"];
+const TIERS: [&str; 5] = ["cheap", "capable", "premium", "Premium", "CHEAP"];
+const MODELS: [&str; 5] = [HAIKU, SONNET, OPUS, "gpt-x", "llama-70b"];
+const PROVIDERS: [&str; 3] = ["anthropic", "openai", "local"];
+const AGENT_IDS: [&str; 3] = ["a1", "a2", "a3"];
+const CLIENT_IDS: u32 = 30;
+
+fn one_of<T: Clone>(rng: &mut StdRng, values: &[T]) -> T {
+    values[rng.random_range(0..values.len())].clone()
+}
+
+/// `at` as a record's `ts`, in whole seconds.
+fn ts(at: DateTime<Utc>) -> Value {
+    json!(at.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+/// A random call. Most carry a `ts` (whole seconds) up to four days before
+/// `now` and most of those a client id; a quarter carry neither, and each
+/// app stamps them with its own now and gives them its own id.
+fn random_record(rng: &mut StdRng, now: DateTime<Utc>) -> Value {
+    let mut r = call(
+        one_of(rng, &WORKFLOWS),
+        one_of(rng, &TIERS),
+        one_of(rng, &MODELS),
+        one_of(rng, &PROVIDERS),
+        [
+            one_of(rng, &[0, 1, 999, 10_000, 123_457]),
+            one_of(rng, &[0, 7, 2_000, 40_000]),
+            one_of(rng, &[0, 0, 3, 20_000, 100_000]),
+            one_of(rng, &[0, 0, 8_000]),
+        ],
+    );
+    r["duration_ms"] = json!(rng.random_range(0..=5_000));
+    match rng.random_range(0..10) {
+        0..=2 => r["stage"] = Value::Null,
+        3..=5 => r["stage"] = json!("lint"),
+        _ => {}
+    }
+    if rng.random_bool(0.6) {
+        r["agent_id"] = json!(one_of(rng, &AGENT_IDS));
+    }
+    match rng.random_range(0..10) {
+        0..=1 => r["cache"] = json!({ "hit": true, "type": one_of(rng, &["semantic", "hash"]) }),
+        2 => r["cache"] = json!({ "hit": false }),
+        _ => {}
+    }
+    if rng.random_bool(0.35) {
+        // From a nano-dollar, the smallest amount, to the largest a call may cost.
+        r["cost_usd"] = json!(one_of(rng, &[0.0, 1e-9, 0.0123, 0.16, 2.5, 1_000_000.0]));
+    }
+    if rng.random_bool(0.75) {
+        r["ts"] = ts(now - TimeDelta::seconds(rng.random_range(0..=4 * 86_400)));
+        if rng.random_bool(0.8) {
+            r["id"] = json!(format!("call-{}", rng.random_range(0..CLIENT_IDS)));
+        }
+    }
+    r
+}
+
+/// A body of 1–8 records (a single one half the time, not as a batch).
+/// Some repeat an earlier record's id: with the very same body, or with
+/// another one; either way the first record of an id is the one counted.
+fn random_body(rng: &mut StdRng, now: DateTime<Utc>, sent: &mut Vec<Value>) -> Value {
+    let count = if rng.random_bool(0.5) {
+        1
+    } else {
+        rng.random_range(2..=8)
+    };
+    let records: Vec<Value> = (0..count)
+        .map(|_| {
+            let mut r = random_record(rng, now);
+            if !sent.is_empty() && rng.random_bool(0.2) {
+                let earlier = one_of(rng, sent);
+                if rng.random_bool(0.5) {
+                    r = earlier;
+                } else if r.get("ts").is_some() {
+                    r["id"] = earlier["id"].clone();
+                }
+            }
+            if r.get("id").is_some() {
+                sent.push(r.clone());
+            }
+            r
+        })
+        .collect();
+    match <[Value; 1]>::try_from(records) {
+        Ok([one]) => one,
+        Err(records) => json!({ "records": records }),
+    }
+}
+
+/// A batch of 150–400 calls on `day`, each of a workflow the seed never
+/// named before or (a third of them) of one it named in an earlier flood,
+/// some of a new model or provider too: a few floods on the same day take
+/// it past the 500 names it breaks each group down by.
+fn flood(rng: &mut StdRng, day: DateTime<Utc>, named: &mut u32) -> Value {
+    let records: Vec<Value> = (0..rng.random_range(150..=400))
+        .map(|_| {
+            let workflow = if *named > 0 && rng.random_bool(0.3) {
+                format!("run-{}", rng.random_range(1..=*named))
+            } else {
+                *named += 1;
+                format!("run-{named}")
+            };
+            let n = rng.random_range(0..10_000);
+            let model = if rng.random_bool(0.05) {
+                format!("m-{n}")
+            } else {
+                one_of(rng, &MODELS).to_owned()
+            };
+            let provider = if rng.random_bool(0.05) {
+                format!("p-{n}")
+            } else {
+                one_of(rng, &PROVIDERS).to_owned()
+            };
+            let mut r = call(
+                &workflow,
+                one_of(rng, &TIERS),
+                &model,
+                &provider,
+                [1_000, 100, one_of(rng, &[0, 0, 0, 5_000]), 0],
+            );
+            r["ts"] = ts(day - TimeDelta::seconds(rng.random_range(0..60)));
+            r
+        })
+        .collect();
+    json!({ "records": records })
+}
+
+/// One of the usage reads, with random windows and limits.
+fn random_read(rng: &mut StdRng) -> String {
+    let days = one_of(
+        rng,
+        &[
+            "",
+            "days=",
+            "days=1",
+            "days=2",
+            "days=3",
+            "days=5",
+            "days=30",
+            "days=3660",
+        ],
+    );
+    match rng.random_range(0..20) {
+        0..=4 => format!("/v1/usage/stats?{days}"),
+        5..=8 => format!("/v1/usage/savings?{days}"),
+        9..=12 => format!("/v1/usage/cache-stats?{days}"),
+        13..=18 => {
+            let limit = one_of(
+                rng,
+                &[
+                    "",
+                    "limit=1",
+                    "limit=5",
+                    "limit=20",
+                    "limit=200",
+                    "limit=1000",
+                ],
+            );
+            format!("/v1/usage/recent?{limit}&{days}")
+        }
+        _ => "/v1/usage/prices".to_owned(),
+    }
+}
+
+/// A body short enough for an assertion message.
+fn describe(body: &Value) -> String {
+    match body["records"].as_array() {
+        Some(records) if records.len() > 8 => {
+            format!(
+                "a batch of {} records, the first {}",
+                records.len(),
+                records[0]
+            )
+        }
+        _ => body.to_string(),
+    }
+}
+
+/// Where two JSON values first differ, as a JSON pointer
+/// (`/body/by_workflow/review/calls`), if they do.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.keys()
+                .chain(y.keys())
+                .find_map(|k| match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) => first_difference(p, q, &format!("{path}/{k}")),
+                    _ => Some(format!("{path}/{k}")),
+                })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{path}/{i}"))),
+        _ => (a != b).then(|| path.to_owned()),
+    }
+}
+
+/// A memory app and a Redis app given the same history, and what must
+/// differ between their answers: the ids each makes for records sent
+/// without one, and the `ts` of records sent without one (each app's own
+/// now).
+struct Twins {
+    memory: TestApp,
+    redis: TestApp,
+    /// Redis's ids of records → memory's ids of the same records.
+    made_ids: HashMap<String, String>,
+    /// (Memory's) ids of the records stamped with each app's now.
+    stamped: HashSet<String>,
+}
+
+impl Twins {
+    async fn spawn(keys: &TestKeys) -> Self {
+        let spawn = |kind| async move {
+            TestApp::spawn_with(Options::new(kind).keys(&keys.toml))
+                .await
+                .with_token(&keys.admin)
+        };
+        Self {
+            memory: spawn(Kind::Memory).await,
+            redis: spawn(Kind::Redis).await,
+            made_ids: HashMap::new(),
+            stamped: HashSet::new(),
+        }
+    }
+
+    /// Moves both clocks by `by`, or a little further so as to stay two
+    /// minutes from a UTC midnight: the apps read their clocks
+    /// milliseconds apart, and must agree on which day it is.
+    fn advance(&self, mut by: TimeDelta) {
+        let clear = |by: TimeDelta| {
+            let at = self.memory.state.clock.now() + by;
+            (120..86_400 - 120).contains(&at.num_seconds_from_midnight())
+        };
+        while !clear(by) {
+            by += TimeDelta::minutes(5);
+        }
+        for app in [&self.memory, &self.redis] {
+            app.state.clock.advance(by.to_std().expect("forward"));
+        }
+    }
+
+    /// Memory's now, in whole seconds.
+    fn now(&self) -> DateTime<Utc> {
+        let now = self.memory.state.clock.now();
+        DateTime::from_timestamp(now.timestamp(), 0).expect("a time")
+    }
+
+    /// Redis's answer with memory's ids, and either answer's records
+    /// stamped by the service with their `ts` set aside.
+    fn normalize(&self, mut answer: Value) -> Value {
+        fn rename(value: &mut Value, ids: &HashMap<String, String>) {
+            match value {
+                Value::String(s) => {
+                    if let Some(id) = ids.get(s.as_str()) {
+                        *s = id.clone();
+                    }
+                }
+                Value::Array(items) => items.iter_mut().for_each(|v| rename(v, ids)),
+                Value::Object(fields) => fields.values_mut().for_each(|v| rename(v, ids)),
+                _ => {}
+            }
+        }
+        rename(&mut answer, &self.made_ids);
+        if let Some(records) = answer.get_mut("records").and_then(Value::as_array_mut) {
+            for r in records {
+                if r["id"].as_str().is_some_and(|id| self.stamped.contains(id)) {
+                    r["ts"] = json!("<now>");
+                }
+            }
+        }
+        answer
+    }
+
+    /// Panics unless both apps gave the same answer (status and body).
+    fn assert_same(&self, at: &str, what: &str, memory: (u16, Value), redis: (u16, Value)) {
+        let memory = json!({ "status": memory.0, "body": self.normalize(memory.1) });
+        let redis = json!({ "status": redis.0, "body": self.normalize(redis.1) });
+        if memory == redis {
+            return;
+        }
+        let path = first_difference(&memory, &redis, "").unwrap_or_default();
+        panic!(
+            "{at}: {what}: the engines answer differently at {path}: memory {}, redis {}\n\
+             memory answered {memory}\nredis answered {redis}",
+            memory.pointer(&path).unwrap_or(&Value::Null),
+            redis.pointer(&path).unwrap_or(&Value::Null),
+        );
+    }
+
+    async fn get(&self, at: &str, path: &str) -> Value {
+        let (memory, redis) = tokio::join!(self.memory.get(path), self.redis.get(path));
+        let body = memory.1.clone();
+        self.assert_same(at, &format!("GET {path}"), memory, redis);
+        body
+    }
+
+    /// Posts `body` to both apps as `key` (the admin's when `None`), and
+    /// learns which of their ids and times are their own.
+    async fn post(&mut self, at: &str, body: Value, key: Option<&str>) {
+        let (memory, redis) = tokio::join!(
+            self.memory.post_as("/v1/usage", body.clone(), key),
+            self.redis.post_as("/v1/usage", body.clone(), key),
+        );
+        let records = match body["records"].as_array() {
+            Some(records) => records.clone(),
+            None => vec![body.clone()],
+        };
+        let mut stamped = false;
+        if (memory.0, redis.0) == (201, 201) {
+            for (i, r) in records.iter().enumerate() {
+                let (Some(mine), Some(theirs)) =
+                    (memory.1["ids"][i].as_str(), redis.1["ids"][i].as_str())
+                else {
+                    continue;
+                };
+                if r.get("id").is_none() {
+                    self.made_ids.insert(theirs.to_owned(), mine.to_owned());
+                }
+                if r.get("ts").is_none() {
+                    self.stamped.insert(mine.to_owned());
+                    stamped = true;
+                }
+            }
+        }
+        let what = format!(
+            "POST /v1/usage as {} {}",
+            key.map_or("admin", |_| "agent"),
+            describe(&body)
+        );
+        self.assert_same(at, &what, memory, redis);
+        if stamped {
+            // Records stamped by a later request are later on either app.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// The Redis engine keeps a usage hash per UTC day whose breakdowns stop at
+/// 500 names per group (later ones count under `_other`), a record set per
+/// day capped at 1000, and one claim per key and client id, all written by
+/// one script that also checks the day totals against their limit; the
+/// memory engine keeps the same in maps. None of that may change an answer.
+///
+/// A random history (3 seeds × 250 steps) goes to a memory app and a Redis
+/// app: single records and batches through two keys, with client ids that
+/// repeat (the same body again, or another one), floods of new workflow
+/// names that take one day past the 500-name cap (and its record set past
+/// 1000), clock moves of minutes to two days, and every usage read with
+/// random windows and limits. After each step both must have answered
+/// alike (status and whole body), but for what each app makes itself: the
+/// ids of records sent without one, and the `ts` of records sent without
+/// one. The second seed starts by filling today with 9000 calls of
+/// exactly the $9 billion a day may hold, so that every later record of
+/// today that costs anything must be refused, on both. At the end, both event logs
+/// must hold the same `usage.recorded` events.
+///
+/// The clocks move a few weeks at most in all: claims and day hashes
+/// expire on real time on Redis, and well within the 90-day retention
+/// nothing may have expired on either engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_usage_answers_as_the_memory_engines_do() {
+    let keys = TestKeys::new();
+    for seed in 1..=3u64 {
+        let mut twins = Twins::spawn(&keys).await;
+        let mut rng = StdRng::seed_from_u64(seed);
+        twins.advance(TimeDelta::zero());
+        let (mut sent, mut named, mut crossed) = (Vec::new(), 0, false);
+        // Floods all go to the day before the history starts, which thus
+        // has one large hash, not every day.
+        let start = twins.now();
+        let flooded = start - TimeDelta::days(1);
+        if seed == 2 {
+            let now = start;
+            for batch in 0..9 {
+                let records: Vec<Value> = (0..1000)
+                    .map(|i| {
+                        let mut r = simple(&format!("full-{batch}-{i}"));
+                        r["cost_usd"] = json!(1_000_000.0);
+                        r["ts"] = ts(now - TimeDelta::seconds(i % 60));
+                        r
+                    })
+                    .collect();
+                let at = format!("seed {seed}, filling today, batch {batch}");
+                twins.post(&at, json!({ "records": records }), None).await;
+            }
+            // Today, the newest day, is past the 1000 records a day keeps:
+            // these are the ones kept.
+            let at = format!("seed {seed}, today filled");
+            twins.get(&at, "/v1/usage/recent?limit=1000&days=1").await;
+        }
+        for step in 0..250 {
+            let at = format!("seed {seed}, step {step}");
+            let now = twins.now();
+            match rng.random_range(0..100) {
+                0..=39 => {
+                    let body = random_body(&mut rng, now, &mut sent);
+                    let key = rng.random_bool(0.3).then_some(keys.agent.as_str());
+                    twins.post(&at, body, key).await;
+                }
+                40..=42 => {
+                    let body = flood(&mut rng, flooded, &mut named);
+                    twins.post(&at, body, None).await;
+                }
+                43..=50 => {
+                    let by = match rng.random_range(0..20) {
+                        0..=9 => TimeDelta::minutes(rng.random_range(1..=180)),
+                        10..=16 => TimeDelta::hours(rng.random_range(1..=20)),
+                        _ => TimeDelta::hours(rng.random_range(24..=48)),
+                    };
+                    twins.advance(by);
+                }
+                _ => {
+                    let path = random_read(&mut rng);
+                    let answer = twins.get(&at, &path).await;
+                    crossed |= answer["by_workflow"]
+                        .get(attune_telemetry::usage::OTHER)
+                        .is_some();
+                }
+            }
+        }
+        assert!(
+            crossed,
+            "seed {seed}, after the last step: no read saw a day past its 500 workflows"
+        );
+        let (memory, redis) = (
+            usage_events(&twins.memory).await,
+            usage_events(&twins.redis).await,
+        );
+        if let Some(path) = first_difference(&memory, &redis, "") {
+            panic!(
+                "seed {seed}, after the last step: the usage.recorded events differ at {path}: \
+                 memory {}, redis {}",
+                memory.pointer(&path).unwrap_or(&Value::Null),
+                redis.pointer(&path).unwrap_or(&Value::Null),
+            );
+        }
+    }
+}
+
+/// An app's `usage.recorded` events, oldest first, without what the log
+/// itself gives them (their id and time).
+async fn usage_events(app: &TestApp) -> Value {
+    let mut events = app.events_of("usage.recorded").await;
+    for e in &mut events {
+        let e = e.as_object_mut().expect("an event");
+        e.remove("id");
+        e.remove("ts");
+    }
+    Value::Array(events)
 }

@@ -776,12 +776,14 @@ fn plan(
     (write, claim_owner)
 }
 
-/// The sum of several days' aggregates, decoded.
+/// The sum of several days' aggregates, decoded. Each day's totals stay
+/// within [`TOTAL_LIMIT`], but their sum over a window may not fit an
+/// `i64`: it is summed in an `i128`.
 #[derive(Debug, Default)]
 struct Totals {
-    top: HashMap<String, i64>,
+    top: HashMap<String, i128>,
     /// `group → name → metric → value`.
-    groups: BTreeMap<String, BTreeMap<String, HashMap<String, i64>>>,
+    groups: BTreeMap<String, BTreeMap<String, HashMap<String, i128>>>,
 }
 
 impl Totals {
@@ -792,7 +794,7 @@ impl Totals {
                 let mut parts = name.splitn(3, ':');
                 match (parts.next(), parts.next(), parts.next()) {
                     (Some(top), None, None) => {
-                        *totals.top.entry(top.to_owned()).or_default() += value
+                        *totals.top.entry(top.to_owned()).or_default() += i128::from(value)
                     }
                     (Some(group), Some(key), Some(metric)) => {
                         *totals
@@ -802,7 +804,7 @@ impl Totals {
                             .entry(key.to_owned())
                             .or_default()
                             .entry(metric.to_owned())
-                            .or_default() += value;
+                            .or_default() += i128::from(value);
                     }
                     _ => {}
                 }
@@ -811,20 +813,26 @@ impl Totals {
         totals
     }
 
-    fn get(&self, name: &str) -> i64 {
+    fn get(&self, name: &str) -> i128 {
         self.top.get(name).copied().unwrap_or(0)
     }
 
-    fn group(&self, group: &str) -> impl Iterator<Item = (&String, &HashMap<String, i64>)> {
+    fn group(&self, group: &str) -> impl Iterator<Item = (&String, &HashMap<String, i128>)> {
         self.groups.get(group).into_iter().flatten()
     }
 }
 
-fn metric(m: &HashMap<String, i64>, name: &str) -> i64 {
+fn metric(m: &HashMap<String, i128>, name: &str) -> i128 {
     m.get(name).copied().unwrap_or(0)
 }
 
-fn ratio(part: i64, whole: i64) -> f64 {
+/// A summed count as answered (counts are never negative; a sum past
+/// `u64` is answered as its largest value).
+fn count(n: i128) -> u64 {
+    u64::try_from(n.max(0)).unwrap_or(u64::MAX)
+}
+
+fn ratio(part: i128, whole: i128) -> f64 {
     if whole == 0 {
         0.0
     } else {
@@ -879,7 +887,7 @@ pub async fn stats(state: &AppState, days: u64) -> ApiResult<UsageStats> {
         t.group(group)
             .map(|(name, m)| {
                 let cost = GroupCost {
-                    calls: metric(m, "calls") as u64,
+                    calls: count(metric(m, "calls")),
                     cost_usd: usd(metric(m, "cost")),
                 };
                 (name.clone(), cost)
@@ -892,14 +900,14 @@ pub async fn stats(state: &AppState, days: u64) -> ApiResult<UsageStats> {
     }
     Ok(UsageStats {
         days,
-        total_calls: calls as u64,
+        total_calls: count(calls),
         total_cost_usd: usd(t.get(field::COST)),
-        tokens_input: t.get(field::TOKENS_IN) as u64,
-        tokens_output: t.get(field::TOKENS_OUT) as u64,
-        tokens_cache_read: t.get(field::CACHE_READ) as u64,
-        tokens_cache_creation: t.get(field::CACHE_CREATION) as u64,
-        cache_hits: hits as u64,
-        cache_misses: (calls - hits) as u64,
+        tokens_input: count(t.get(field::TOKENS_IN)),
+        tokens_output: count(t.get(field::TOKENS_OUT)),
+        tokens_cache_read: count(t.get(field::CACHE_READ)),
+        tokens_cache_creation: count(t.get(field::CACHE_CREATION)),
+        cache_hits: count(hits),
+        cache_misses: count(calls - hits),
         cache_hit_rate: ratio(hits, calls),
         avg_duration_ms: ratio(t.get(field::DURATION_MS), calls),
         by_tier,
@@ -946,7 +954,7 @@ pub async fn savings(state: &AppState, days: u64) -> ApiResult<Savings> {
     let prompt = t.get(field::PROMPT_SAVINGS);
     let response = t.get(field::RESPONSE_SAVINGS);
     let saved = baseline - actual;
-    let tier_calls: HashMap<&str, i64> = t
+    let tier_calls: HashMap<&str, i128> = t
         .group("tier")
         .map(|(n, m)| (n.as_str(), metric(m, "calls")))
         .collect();
@@ -960,7 +968,7 @@ pub async fn savings(state: &AppState, days: u64) -> ApiResult<Savings> {
     let prices = &state.usage.prices;
     Ok(Savings {
         days,
-        total_calls: calls as u64,
+        total_calls: count(calls),
         actual_cost_usd: usd(actual),
         baseline_cost_usd: usd(baseline),
         savings_usd: usd(saved),
@@ -993,13 +1001,13 @@ pub struct CacheFigures {
 }
 
 impl CacheFigures {
-    fn new(requests: i64, hits: i64, reads: i64, writes: i64, savings: i64) -> Self {
+    fn new(requests: i128, hits: i128, reads: i128, writes: i128, savings: i128) -> Self {
         Self {
             hit_rate: ratio(hits, requests),
-            total_reads: reads as u64,
-            total_writes: writes as u64,
-            hit_count: hits as u64,
-            total_requests: requests as u64,
+            total_reads: count(reads),
+            total_writes: count(writes),
+            hit_count: count(hits),
+            total_requests: count(requests),
             estimated_savings_usd: usd(savings),
         }
     }

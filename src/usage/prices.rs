@@ -53,8 +53,8 @@ pub const BUILTIN_VERSION: &str = "attune-2026-11";
 const MAX_PRICE: f64 = 1000.0;
 
 /// Converts nano-dollars to dollars.
-pub fn usd(nanos: i64) -> f64 {
-    nanos as f64 / NANOS_PER_USD as f64
+pub fn usd(nanos: impl Into<i128>) -> f64 {
+    nanos.into() as f64 / NANOS_PER_USD as f64
 }
 
 /// Converts dollars to nano-dollars (rounded).

@@ -37,7 +37,7 @@ static APPLY: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local n, d = tonumber(ARGV[2]), tonumber(ARGV[3])
-local limit, names_per_day, other = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local names_per_day, other = tonumber(ARGV[9]), ARGV[10]
 local days, p = {}, 11
 for j = 1, d do
   local nf, nr = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
@@ -65,12 +65,30 @@ local function place(day, field)
   end
   return group .. ':' .. target .. ':' .. metric
 end
+-- An integer written in decimal, as the digits above its last nine and
+-- those nine (signed alike): Lua's numbers are doubles, which hold every
+-- integer only up to 2^53, and totals may come near the limit (~9e18).
+local function parts(s)
+  local sign = 1
+  if string.sub(s, 1, 1) == '-' then sign, s = -1, string.sub(s, 2) end
+  return sign * (tonumber(string.sub(s, 1, -10)) or 0), sign * tonumber(string.sub(s, -9))
+end
+-- Whether the integers a + b > c, exactly: in parts, the high sum is
+-- below 3e10 and the low one below 3e9, so both are exact.
+local function sum_above(a, b, c)
+  local ah, al = parts(a)
+  local bh, bl = parts(b)
+  local ch, cl = parts(c)
+  local high, low = ah + bh - ch, al + bl - cl
+  if high >= 3 then return true elseif high <= -3 then return false end
+  return high * 1e9 + low > 0
+end
 for j, day in ipairs(days) do
   for k = 0, day.nf - 1 do
     local name = ARGV[day.at + 2 * k]
     if not string.find(name, ':', 1, true) then
-      local cur = tonumber(redis.call('HGET', day.hash, name) or '0')
-      if cur + tonumber(ARGV[day.at + 2 * k + 1]) > limit then return {2, j} end
+      local cur = redis.call('HGET', day.hash, name) or '0'
+      if sum_above(cur, ARGV[day.at + 2 * k + 1], ARGV[8]) then return {2, j} end
     end
   end
 end
