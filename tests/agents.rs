@@ -1408,9 +1408,10 @@ async fn unswept(options: Options) -> TestApp {
 }
 
 /// Everything an engine can be asked about the agents at `now_ms`: each
-/// record, each state's listing, and the runs.
-async fn agents_seen(app: &TestApp, now_ms: i64) -> Value {
-    use attune_telemetry::agents::{AgentQuery, AgentSelection, AgentState};
+/// record, each listing (every selection, with and without a status, in one
+/// page, and if `paged` also a page per agent), and the runs.
+async fn agents_seen(app: &TestApp, now_ms: i64, paged: bool) -> Value {
+    use attune_telemetry::agents::{AgentQuery, AgentSelection, AgentState, AgentStatus};
     use attune_telemetry::types::Id;
     let engine = &app.state.engine;
     let mut records = Vec::new();
@@ -1427,13 +1428,25 @@ async fn agents_seen(app: &TestApp, now_ms: i64) -> Value {
         AgentSelection::State(AgentState::Down),
         AgentSelection::State(AgentState::Finished),
     ] {
-        let query = AgentQuery {
-            selection,
-            status: None,
-        };
-        let (page, _) = engine.list_agents(query, now_ms, None, 100).await.unwrap();
-        let ids: Vec<String> = page.iter().map(|r| r.agent_id.to_string()).collect();
-        listings.push(json!([format!("{selection:?}"), ids]));
+        for status in [None, Some(AgentStatus::Running)] {
+            let query = AgentQuery { selection, status };
+            let (page, _) = engine.list_agents(query, now_ms, None, 100).await.unwrap();
+            let ids: Vec<String> = page.iter().map(|r| r.agent_id.to_string()).collect();
+            let (mut pages, mut cursor) = (Vec::new(), None);
+            // A page per agent and a last one: a cursor that goes round
+            // shows as more pages than the memory engine gives instead of
+            // paging forever.
+            let most_pages = if paged { AGENTS.len() + 1 } else { 0 };
+            for _ in 0..most_pages {
+                let (page, next) = engine.list_agents(query, now_ms, cursor, 1).await.unwrap();
+                pages.extend(page.iter().map(|r| r.agent_id.to_string()));
+                match next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            listings.push(json!([format!("{selection:?} {status:?}"), ids, pages]));
+        }
     }
     let mut runs: Vec<String> = engine
         .runs_since(0)
@@ -1544,12 +1557,10 @@ async fn redis_agents_answer_as_the_memory_engines_do() {
                 }
             }
             let ms = now.timestamp_millis() + 5;
+            let paged = step % 10 == 0;
+            let expected = agents_seen(&memory, ms, paged).await;
             for app in [&redis, &replica] {
-                assert_eq!(
-                    agents_seen(app, ms).await,
-                    agents_seen(&memory, ms).await,
-                    "{at}"
-                );
+                assert_eq!(agents_seen(app, ms, paged).await, expected, "{at}");
             }
         }
         let (expected, got) = (events_seen(&memory).await, events_seen(&redis).await);
