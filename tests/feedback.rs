@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Kind, Options, TestApp, TestKeys, problem_field};
+use common::{Kind, Options, TestApp, TestKeys, first_difference, problem_field, rename_strings};
 use serde_json::{Value, json};
 
 async fn score(app: &TestApp, stage: &str, tier: &str, scores: &[f64]) {
@@ -620,26 +620,6 @@ const OUTCOMES: [&str; 8] = [
     "a second page of events",
 ];
 
-/// Where two JSON values first differ, as a JSON pointer, if they do.
-fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            x.keys()
-                .chain(y.keys())
-                .find_map(|k| match (x.get(k), y.get(k)) {
-                    (Some(p), Some(q)) => first_difference(p, q, &format!("{path}/{k}")),
-                    _ => Some(format!("{path}/{k}")),
-                })
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{path}/{i}"))),
-        _ => (a != b).then(|| path.to_owned()),
-    }
-}
-
 /// Replaces every `recorded_at` and `ts` in `value` (each app's reading of
 /// its own clock) with `<now>`, and returns them in order.
 fn set_aside_times(value: &mut Value, times: &mut Vec<String>) {
@@ -722,19 +702,7 @@ impl Twins {
     /// replaced by memory's, the stream ids of history pages (and where
     /// they continue) dropped, and the apps' times set aside.
     fn comparable(&self, mut answer: Value) -> (Value, Vec<String>) {
-        fn rename(value: &mut Value, ids: &HashMap<String, String>) {
-            match value {
-                Value::String(s) => {
-                    if let Some(id) = ids.get(s.as_str()) {
-                        *s = id.clone();
-                    }
-                }
-                Value::Array(items) => items.iter_mut().for_each(|v| rename(v, ids)),
-                Value::Object(fields) => fields.values_mut().for_each(|v| rename(v, ids)),
-                _ => {}
-            }
-        }
-        rename(&mut answer, &self.feedback_ids);
+        rename_strings(&mut answer, &self.feedback_ids);
         if let Some(events) = answer.get_mut("events").and_then(Value::as_array_mut) {
             for e in events.iter_mut().filter_map(Value::as_object_mut) {
                 e.remove("id");

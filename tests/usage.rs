@@ -3,7 +3,7 @@
 mod common;
 
 use chrono::Utc;
-use common::{Kind, Options, TestApp, TestKeys, problem_field};
+use common::{Kind, Options, TestApp, TestKeys, first_difference, problem_field, rename_strings};
 use serde_json::{Value, json};
 
 /// A usage record with the given tokens (input, output, cache read, cache creation).
@@ -1019,27 +1019,6 @@ fn describe(body: &Value) -> String {
     }
 }
 
-/// Where two JSON values first differ, as a JSON pointer
-/// (`/body/by_workflow/review/calls`), if they do.
-fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            x.keys()
-                .chain(y.keys())
-                .find_map(|k| match (x.get(k), y.get(k)) {
-                    (Some(p), Some(q)) => first_difference(p, q, &format!("{path}/{k}")),
-                    _ => Some(format!("{path}/{k}")),
-                })
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{path}/{i}"))),
-        _ => (a != b).then(|| path.to_owned()),
-    }
-}
-
 /// A memory app and a Redis app given the same history, and what must
 /// differ between their answers: the ids each makes for records sent
 /// without one, and the `ts` of records sent without one (each app's own
@@ -1093,19 +1072,7 @@ impl Twins {
     /// Redis's answer with memory's ids, and either answer's records
     /// stamped by the service with their `ts` set aside.
     fn normalize(&self, mut answer: Value) -> Value {
-        fn rename(value: &mut Value, ids: &HashMap<String, String>) {
-            match value {
-                Value::String(s) => {
-                    if let Some(id) = ids.get(s.as_str()) {
-                        *s = id.clone();
-                    }
-                }
-                Value::Array(items) => items.iter_mut().for_each(|v| rename(v, ids)),
-                Value::Object(fields) => fields.values_mut().for_each(|v| rename(v, ids)),
-                _ => {}
-            }
-        }
-        rename(&mut answer, &self.made_ids);
+        rename_strings(&mut answer, &self.made_ids);
         if let Some(records) = answer.get_mut("records").and_then(Value::as_array_mut) {
             for r in records {
                 if r["id"].as_str().is_some_and(|id| self.stamped.contains(id)) {

@@ -440,3 +440,39 @@ where
 pub fn problem_field(body: &Value) -> String {
     body["errors"][0]["field"].as_str().unwrap_or("").to_owned()
 }
+
+/// Where two JSON values first differ, as a JSON pointer
+/// (`/body/by_workflow/review/calls`), if they do.
+pub fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.keys()
+                .chain(y.keys())
+                .find_map(|k| match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) => first_difference(p, q, &format!("{path}/{k}")),
+                    _ => Some(format!("{path}/{k}")),
+                })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{path}/{i}"))),
+        _ => (a != b).then(|| path.to_owned()),
+    }
+}
+
+/// Replaces every string in `value` that `names` has a name for by that
+/// name: ids one app made, renamed to the other app's for the same thing.
+pub fn rename_strings(value: &mut Value, names: &std::collections::HashMap<String, String>) {
+    match value {
+        Value::String(s) => {
+            if let Some(name) = names.get(s.as_str()) {
+                *s = name.clone();
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rename_strings(v, names)),
+        Value::Object(fields) => fields.values_mut().for_each(|v| rename_strings(v, names)),
+        _ => {}
+    }
+}
