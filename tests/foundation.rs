@@ -537,3 +537,62 @@ async fn get_from_dash(app: &TestApp) -> reqwest::Response {
         .await
         .unwrap()
 }
+
+/// Numbers a client sends come back exactly as sent, stored or not: a
+/// parser that is off by the last bit would answer
+/// `10587.436593658977` for `10587.436593658975`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_come_back_exactly_as_they_were_sent() {
+    const NUMBERS: [&str; 3] = [
+        "0.9215686321258545",
+        "10587.436593658975",
+        "1.5777777777770001",
+    ];
+    for kind in [Kind::Memory, Kind::Redis] {
+        let app = TestApp::spawn(kind).await;
+        let post = |path: &'static str, body: String| {
+            let request = app.client.post(app.url(path));
+            async move {
+                let resp = request
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("POST");
+                let status = resp.status().as_u16();
+                (status, resp.text().await.expect("a body"))
+            }
+        };
+        let text_of = |path: String| {
+            let request = app.client.get(app.url(&path));
+            async move {
+                request
+                    .send()
+                    .await
+                    .expect("GET")
+                    .text()
+                    .await
+                    .expect("a body")
+            }
+        };
+        let [a, b, c] = NUMBERS;
+        let beat = format!(r#"{{"progress":{a},"metadata":{{"b":{b},"c":[{c}]}}}}"#);
+        let (status, answer) = post("/v1/agents/exact/heartbeats", beat).await;
+        assert_eq!(status, 200, "{kind:?}: {answer}");
+        let signal = format!(
+            r#"{{"signal_type":"note","source_agent":"hub","target_agent":"exact","payload":{{"a":{a},"b":[{b},{c}]}}}}"#
+        );
+        let (status, sent) = post("/v1/signals", signal).await;
+        assert_eq!(status, 201, "{kind:?}: {sent}");
+        for answer in [
+            answer,
+            text_of("/v1/agents/exact".into()).await,
+            sent,
+            text_of("/v1/agents/exact/signals".into()).await,
+        ] {
+            for number in NUMBERS {
+                assert!(answer.contains(number), "{kind:?}: {number} in {answer}");
+            }
+        }
+    }
+}
