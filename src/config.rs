@@ -15,6 +15,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::auth::Role;
 use crate::cli::ClientCommand;
 
+/// The longest any retention period may be, in days.
+const MAX_RETENTION_DAYS: u64 = 3650;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "attune-telemetry",
@@ -246,6 +249,27 @@ impl ServeArgs {
             // Like a ttl: ttl + grace must stay within the retention below.
             return Err("--down-grace-seconds must be at most 3600".into());
         }
+        // Ten years: far beyond any use, and well within what the engines'
+        // millisecond arithmetic and chrono's durations hold.
+        for (name, seconds) in [
+            ("agent-retention-seconds", self.agent_retention_seconds),
+            (
+                "approval-retention-seconds",
+                self.approval_retention_seconds,
+            ),
+        ] {
+            if seconds > MAX_RETENTION_DAYS * 86_400 {
+                return Err(format!(
+                    "--{name} must be at most {} (ten years)",
+                    MAX_RETENTION_DAYS * 86_400
+                ));
+            }
+        }
+        if self.usage_retention_days > MAX_RETENTION_DAYS {
+            return Err(format!(
+                "--usage-retention-days must be at most {MAX_RETENTION_DAYS} (ten years)"
+            ));
+        }
         if self.agent_retention_seconds < 3600 * 2 {
             // A record must outlive ttl + grace (at most 2 h) to ever be `down`.
             return Err("--agent-retention-seconds must be at least 7200".into());
@@ -323,6 +347,21 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_periods_over_ten_years_are_refused() {
+        let config = |flag: &'static str, value: &'static str| {
+            ServeArgs::parse_from(["serve", flag, value]).into_config()
+        };
+        assert!(config("--usage-retention-days", "3650").is_ok());
+        let err = config("--usage-retention-days", "3651").unwrap_err();
+        assert!(err.contains("--usage-retention-days"), "{err}");
+        for flag in ["--agent-retention-seconds", "--approval-retention-seconds"] {
+            assert!(config(flag, "315360000").is_ok());
+            let err = config(flag, "315360001").unwrap_err();
+            assert!(err.contains(&flag[2..]), "{err}");
+        }
+    }
 
     #[test]
     fn a_down_grace_over_an_hour_is_refused() {

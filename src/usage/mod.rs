@@ -428,7 +428,9 @@ pub enum UsageOutcome {
 ///
 /// Totals have plain names; breakdowns are `<group>:<name>:<metric>` with
 /// `<name>` an [`Id`] (which cannot contain `:`). Every breakdown is part of
-/// a total, so bounding the totals ([`TOTAL_LIMIT`]) bounds everything.
+/// a total and no figure a record adds is negative (a price file may not
+/// price cache reads above input), so bounding the totals
+/// ([`TOTAL_LIMIT`]) bounds everything.
 mod field {
     pub const CALLS: &str = "calls";
     pub const COST: &str = "cost";

@@ -29,7 +29,7 @@
 //! tier = "cheap"
 //! input = 1.0
 //! output = 5.0
-//! cache_read = 0.1                    # optional; default 10 % of input
+//! cache_read = 0.1                    # optional; default 10 % of input; at most input
 //! cache_write = 1.25                  # optional; default 125 % of input
 //! ```
 
@@ -237,6 +237,13 @@ impl FileRates {
                     ));
                 }
             }
+        }
+        // A prompt-cache read is a discounted input token. Its savings
+        // (input − cache_read per token) are never negative, so every
+        // figure a record adds to a day is never negative, and bounding the
+        // day's totals bounds each breakdown too.
+        if self.cache_read.is_some_and(|read| read > self.input) {
+            return Err(format!("{what}: cache_read must not be above input"));
         }
         Ok(Rates::per_million(
             self.input,
@@ -456,5 +463,11 @@ mod tests {
         let bad_name = "[[models]]\nmodel = \"a:b\"\ntier = \"premium\"\ninput = 1\noutput = 1\n";
         assert!(PriceTable::parse(bad_name).is_err());
         assert!(PriceTable::parse("colour = 1").is_err());
+        let dear_cache = "[[models]]\nmodel = \"a\"\ntier = \"premium\"\ninput = 3\noutput = 15\ncache_read = 3.75\n";
+        assert!(
+            PriceTable::parse(dear_cache)
+                .unwrap_err()
+                .contains("cache_read must not be above input")
+        );
     }
 }
