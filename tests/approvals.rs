@@ -1278,7 +1278,6 @@ fn relative_approval_times(value: &mut Value) {
 async fn redis_approvals_answer_as_the_memory_engines_do() {
     use rand::SeedableRng;
     let keys = TestKeys::new();
-    let started = Instant::now();
     for seed in 1..=3u64 {
         let (mut memory, mut redis) = (
             Side::unswept(Kind::Memory, &keys).await,
@@ -1339,5 +1338,4 @@ async fn redis_approvals_answer_as_the_memory_engines_do() {
             "seed {seed}: the approvals with events"
         );
     }
-    println!("3 seeds of 300 steps in {:?}", started.elapsed());
 }

@@ -2,7 +2,14 @@
 
 mod common;
 
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use attune_telemetry::events::StreamId;
+use attune_telemetry::feedback::WINDOW;
 use common::{Kind, Options, TestApp, TestKeys, first_difference, problem_field, rename_strings};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
 async fn score(app: &TestApp, stage: &str, tier: &str, scores: &[f64]) {
@@ -406,14 +413,6 @@ conformance!(
 );
 
 // A differential test: random histories on both engines, every answer compared.
-
-use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
-
-use attune_telemetry::events::StreamId;
-use attune_telemetry::feedback::WINDOW;
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 /// What a random history scores and rates: few names, so that scores land
 /// in the same groups and ratings on the same templates. `Review` differs
@@ -900,7 +899,6 @@ impl Twins {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_feedback_answers_as_the_memory_engines_do() {
     let keys = TestKeys::new();
-    let started = Instant::now();
     let mut seen = BTreeSet::new();
     for seed in 1..=3u64 {
         let mut twins = Twins::spawn(&keys).await;
@@ -982,5 +980,4 @@ async fn redis_feedback_answers_as_the_memory_engines_do() {
     for outcome in OUTCOMES {
         assert!(seen.contains(outcome), "no history met this: {outcome}");
     }
-    println!("3 seeds of 300 steps in {:?}", started.elapsed());
 }

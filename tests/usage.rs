@@ -2,8 +2,12 @@
 
 mod common;
 
-use chrono::Utc;
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Timelike, Utc};
 use common::{Kind, Options, TestApp, TestKeys, first_difference, problem_field, rename_strings};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
 /// A usage record with the given tokens (input, output, cache read, cache creation).
@@ -829,12 +833,6 @@ async fn replicas_racing_on_the_same_ids_count_each_once() {
 }
 
 // The Redis engine against the memory engine, on random histories.
-
-use std::collections::{HashMap, HashSet};
-
-use chrono::{DateTime, SecondsFormat, TimeDelta, Timelike};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 /// What the random histories' records are made of: a few values each, so
 /// that records collide on every breakdown. Client ids are `call-0` to
