@@ -1183,6 +1183,44 @@ async fn redis_the_down_due_score_is_never_behind_the_deadline() {
     }
 }
 
+/// Two replicas holding the same token, one whose clock is behind: its
+/// quick beat must not pull the down-due score back behind what the other
+/// put ahead and counts on, or the sweepers claim a live agent early.
+#[tokio::test]
+async fn redis_a_replica_behind_in_time_never_pulls_the_down_due_score_back() {
+    use attune_telemetry::agents::AgentStatus::Running;
+    let app = TestApp::spawn(Kind::Redis).await;
+    let ahead = app.replica().await;
+    let start = app.state.clock.now();
+    let at = |k: i64| engine_beat("skewed", Running, start + chrono::Duration::milliseconds(k));
+    // Here (the first beat), there two seconds ahead (a typical beat that
+    // keeps the token, then a quick one that puts the score ahead), here
+    // again by its own clock (quick), and there again, within the quarter
+    // second its score still covers (quick, leaving the score alone).
+    for (on, k) in [
+        (&app, 0),
+        (&ahead, 2000),
+        (&ahead, 2001),
+        (&app, 10),
+        (&ahead, 2100),
+    ] {
+        on.state.engine.record_beat(at(k)).await.unwrap();
+    }
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let score: f64 = ::redis::cmd("ZSCORE")
+        .arg(format!("{{{}}}:agents:down-due", app.prefix))
+        .arg("skewed")
+        .query(&mut conn)
+        .expect("ZSCORE");
+    // ttl + grace of `engine_beat` after the last beat applied.
+    let deadline = start.timestamp_millis() + 2100 + 60_000;
+    assert!(
+        score as i64 >= deadline,
+        "the score is {} ms behind the last beat's deadline",
+        deadline - score as i64
+    );
+}
+
 /// An agent that beat for a while goes down within a second of its last
 /// beat's deadline, not its first.
 #[tokio::test]

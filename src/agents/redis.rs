@@ -113,8 +113,12 @@ end
 /// somewhat past the deadline is as good, so a writer puts it
 /// [`DOWN_DUE_AHEAD_MS`] beyond the deadline and leaves it until the
 /// deadline catches up (the score never falls behind the deadline, so no
-/// agent is ever claimed early). A typical full beat keeps the token other
-/// writers may hold, so it never pulls their score back (`ZADD GT`).
+/// agent is ever claimed early). Other writers may hold the same token
+/// (a typical full beat keeps it), and one of them may have put the score
+/// further ahead than this writer knows (a later beat, or a replica whose
+/// clock runs ahead) and count on it: quick beats and a full beat that
+/// keeps the token only ever raise the score (`ZADD GT`). A full beat that
+/// issues a new token sets it exactly; no writer holds that token yet.
 ///
 /// The index scores of the whole batch go out as one `ZADD` per index at
 /// the end (flushed early before any other write to those indexes, so they
@@ -134,13 +138,16 @@ local function put(v) n_out = n_out + 1; out[n_out] = v end
 -- Agents with a deferred beat in this call: their later beats wait too.
 local deferred = {}
 -- ZADD arguments of the batch (score, member, …) for active, late-due,
--- down-due and finished, with their lengths; flushed at the end, and before
--- any other write to those indexes so that all apply in beat order.
-local za, zl, zd, zf = {}, {}, {}, {}
-local na, nl, nd, nf = 0, 0, 0, 0
+-- down-due (raised only: quick beats; or set: full beats) and finished,
+-- with their lengths; flushed at the end, and before any other write to
+-- those indexes so that all apply in beat order. (An agent's quick beats
+-- in a call all come before its full ones, so raising first keeps order.)
+local za, zl, zr, zd, zf = {}, {}, {}, {}, {}
+local na, nl, nr, nd, nf = 0, 0, 0, 0, 0
 local function flush()
   if na > 0 then redis.call('ZADD', KEYS[2], unpack(za, 1, na)); na = 0 end
   if nl > 0 then redis.call('ZADD', KEYS[3], unpack(zl, 1, nl)); nl = 0 end
+  if nr > 0 then redis.call('ZADD', KEYS[4], 'GT', unpack(zr, 1, nr)); nr = 0 end
   if nd > 0 then redis.call('ZADD', KEYS[4], unpack(zd, 1, nd)); nd = 0 end
   if nf > 0 then redis.call('ZADD', KEYS[6], unpack(zf, 1, nf)); nf = 0 end
 end
@@ -246,7 +253,7 @@ for i = 9, #KEYS do
       if ARGV[a + 5] ~= '' then heartbeat(id, ARGV[a + 5]) end
       na = na + 2; za[na - 1] = now_s; za[na] = id
       nl = nl + 2; zl[nl - 1] = ARGV[a + 6]; zl[nl] = id
-      if ARGV[a + 7] ~= '' then nd = nd + 2; zd[nd - 1] = ARGV[a + 7]; zd[nd] = id end
+      if ARGV[a + 7] ~= '' then nr = nr + 2; zr[nr - 1] = ARGV[a + 7]; zr[nr] = id end
       put('q')
     else
       deferred[id] = true
