@@ -251,25 +251,29 @@ impl ServeArgs {
         }
         // Ten years: far beyond any use, and well within what the engines'
         // millisecond arithmetic and chrono's durations hold.
-        for (name, seconds) in [
-            ("agent-retention-seconds", self.agent_retention_seconds),
-            (
-                "approval-retention-seconds",
-                self.approval_retention_seconds,
-            ),
-        ] {
-            if seconds > MAX_RETENTION_DAYS * 86_400 {
-                return Err(format!(
-                    "--{name} must be at most {} (ten years)",
-                    MAX_RETENTION_DAYS * 86_400
-                ));
+        let ten_years = |name: &str, v: u64, max: u64| {
+            if v > max {
+                Err(format!("--{name} must be at most {max} (ten years)"))
+            } else {
+                Ok(())
             }
-        }
-        if self.usage_retention_days > MAX_RETENTION_DAYS {
-            return Err(format!(
-                "--usage-retention-days must be at most {MAX_RETENTION_DAYS} (ten years)"
-            ));
-        }
+        };
+        let max_seconds = MAX_RETENTION_DAYS * 86_400;
+        ten_years(
+            "agent-retention-seconds",
+            self.agent_retention_seconds,
+            max_seconds,
+        )?;
+        ten_years(
+            "approval-retention-seconds",
+            self.approval_retention_seconds,
+            max_seconds,
+        )?;
+        ten_years(
+            "usage-retention-days",
+            self.usage_retention_days,
+            MAX_RETENTION_DAYS,
+        )?;
         if self.agent_retention_seconds < 3600 * 2 {
             // A record must outlive ttl + grace (at most 2 h) to ever be `down`.
             return Err("--agent-retention-seconds must be at least 7200".into());

@@ -1137,6 +1137,17 @@ async fn redis_a_beat_after_a_state_change_by_an_older_writer_takes_the_full_pat
     assert_eq!(app.events_of("agent.started").await.len(), 2);
 }
 
+/// An agent's score in the down-due index on Redis (ms).
+fn down_due_score(app: &TestApp, id: &str) -> i64 {
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let score: f64 = ::redis::cmd("ZSCORE")
+        .arg(format!("{{{}}}:agents:down-due", app.prefix))
+        .arg(id)
+        .query(&mut conn)
+        .expect("ZSCORE");
+    score as i64
+}
+
 /// Quick beats write the down-due score only now and then, a little beyond
 /// the deadline; whatever the order of beats from this writer and another
 /// replica, the score is never behind the last beat's deadline (an agent
@@ -1150,15 +1161,6 @@ async fn redis_the_down_due_score_is_never_behind_the_deadline() {
     let at = |k: i64| engine_beat("steady", Running, start + chrono::Duration::milliseconds(k));
     // ttl + grace of `engine_beat`.
     let deadline_after = 60_000;
-    let score = || -> i64 {
-        let mut conn = app.redis.as_ref().expect("redis").conn();
-        let score: f64 = ::redis::cmd("ZSCORE")
-            .arg(format!("{{{}}}:agents:down-due", app.prefix))
-            .arg("steady")
-            .query(&mut conn)
-            .expect("ZSCORE");
-        score as i64
-    };
     let start_ms = start.timestamp_millis();
     // Here, here (quick), here, there (a typical beat keeping the token),
     // here (quick again), and so on, ms after the start.
@@ -1175,7 +1177,7 @@ async fn redis_the_down_due_score_is_never_behind_the_deadline() {
     ];
     for (on, k) in beats {
         on.state.engine.record_beat(at(k)).await.unwrap();
-        let behind = score() - (start_ms + k + deadline_after);
+        let behind = down_due_score(&app, "steady") - (start_ms + k + deadline_after);
         assert!(
             (0..=250).contains(&behind),
             "after the beat at {k} ms the score is {behind} ms past the deadline"
@@ -1206,18 +1208,13 @@ async fn redis_a_replica_behind_in_time_never_pulls_the_down_due_score_back() {
     ] {
         on.state.engine.record_beat(at(k)).await.unwrap();
     }
-    let mut conn = app.redis.as_ref().expect("redis").conn();
-    let score: f64 = ::redis::cmd("ZSCORE")
-        .arg(format!("{{{}}}:agents:down-due", app.prefix))
-        .arg("skewed")
-        .query(&mut conn)
-        .expect("ZSCORE");
+    let score = down_due_score(&app, "skewed");
     // ttl + grace of `engine_beat` after the last beat applied.
     let deadline = start.timestamp_millis() + 2100 + 60_000;
     assert!(
-        score as i64 >= deadline,
+        score >= deadline,
         "the score is {} ms behind the last beat's deadline",
-        deadline - score as i64
+        deadline - score
     );
 }
 

@@ -10,14 +10,12 @@ use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use common::{Kind, Options, TestApp, TestKeys, eventually, problem_field};
+use common::{Kind, Options, TestApp, TestKeys, eventually, for_each_string, problem_field};
 
 /// A service with one key per role; the helpers' default token is the admin's.
 async fn spawn(kind: Kind) -> (TestApp, TestKeys) {
     let keys = TestKeys::new();
-    let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
-    let app = app.with_token(&keys.admin);
-    (app, keys)
+    (TestApp::spawn_as_admin(kind, &keys).await, keys)
 }
 
 /// Another instance on the same Redis and prefix, with the same keys.
@@ -1153,12 +1151,7 @@ impl Side {
     }
 
     fn rename_ids(&self, value: &mut Value) {
-        match value {
-            Value::String(s) => *s = self.renamed(s),
-            Value::Array(items) => items.iter_mut().for_each(|v| self.rename_ids(v)),
-            Value::Object(map) => map.values_mut().for_each(|v| self.rename_ids(v)),
-            _ => {}
-        }
+        for_each_string(value, &mut |s| *s = self.renamed(s));
     }
 
     /// `text` with every id this app gave replaced by `#<step>`.

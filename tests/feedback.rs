@@ -666,14 +666,9 @@ struct Twins {
 
 impl Twins {
     async fn spawn(keys: &TestKeys) -> Self {
-        let spawn = |kind| async move {
-            TestApp::spawn_with(Options::new(kind).keys(&keys.toml))
-                .await
-                .with_token(&keys.admin)
-        };
         Self {
-            memory: spawn(Kind::Memory).await,
-            redis: spawn(Kind::Redis).await,
+            memory: TestApp::spawn_as_admin(Kind::Memory, keys).await,
+            redis: TestApp::spawn_as_admin(Kind::Redis, keys).await,
             feedback_ids: HashMap::new(),
             scored_at: Vec::new(),
             seen: BTreeSet::new(),

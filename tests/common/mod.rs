@@ -249,6 +249,13 @@ impl TestApp {
         }
     }
 
+    /// A service with `keys`, whose helpers send the admin's token.
+    pub async fn spawn_as_admin(kind: Kind, keys: &TestKeys) -> Self {
+        Self::spawn_with(Options::new(kind).keys(&keys.toml))
+            .await
+            .with_token(&keys.admin)
+    }
+
     /// Another instance of the service on the same Redis and prefix.
     pub async fn replica(&self) -> Self {
         let url = self.redis_url().expect("replicas need the Redis engine");
@@ -462,17 +469,23 @@ pub fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
     }
 }
 
+/// Calls `f` on every string in `value`, however deep: to put one app's
+/// ids in the other app's terms before two answers are compared.
+pub fn for_each_string(value: &mut Value, f: &mut impl FnMut(&mut String)) {
+    match value {
+        Value::String(s) => f(s),
+        Value::Array(items) => items.iter_mut().for_each(|v| for_each_string(v, f)),
+        Value::Object(fields) => fields.values_mut().for_each(|v| for_each_string(v, f)),
+        _ => {}
+    }
+}
+
 /// Replaces every string in `value` that `names` has a name for by that
 /// name: ids one app made, renamed to the other app's for the same thing.
 pub fn rename_strings(value: &mut Value, names: &std::collections::HashMap<String, String>) {
-    match value {
-        Value::String(s) => {
-            if let Some(name) = names.get(s.as_str()) {
-                *s = name.clone();
-            }
+    for_each_string(value, &mut |s| {
+        if let Some(name) = names.get(s.as_str()) {
+            *s = name.clone();
         }
-        Value::Array(items) => items.iter_mut().for_each(|v| rename_strings(v, names)),
-        Value::Object(fields) => fields.values_mut().for_each(|v| rename_strings(v, names)),
-        _ => {}
-    }
+    });
 }
