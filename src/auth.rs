@@ -371,7 +371,7 @@ fn check_key_name(name: &str) -> Result<(), String> {
 pub fn new_key(name: &str, role: Role, agents: &[String]) -> (String, String) {
     let bytes: [u8; 32] = rand::random();
     let secret = format!("atk_{}", hex::encode(bytes));
-    let hash = hex::encode(Sha256::digest(secret.as_bytes()));
+    let hash = crate::types::sha256_hex(&secret);
     let mut entry = format!(
         "[[keys]]\nname = {}\nrole = \"{}\"\nsha256 = \"{hash}\"\n",
         toml_string(name),

@@ -349,6 +349,14 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
     text
 }
 
+/// The SHA-256 of `bytes` in lower-case hex: how the service names what a
+/// client chose (idempotency keys, record ids) inside storage keys, and
+/// how it fingerprints bodies, key secrets and price files.
+pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// Milliseconds since the Unix epoch to a UTC time.
 pub fn from_millis(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()

@@ -55,7 +55,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -66,7 +65,7 @@ use crate::engine::{Engine, EngineError, EngineResult, dispatch};
 use crate::error::{ApiError, ApiResult};
 use crate::events::EventBody;
 use crate::events::hub::wait_for;
-use crate::types::{Bounded, Id, JsonObject, Text, from_millis, millis_time};
+use crate::types::{Bounded, Id, JsonObject, Text, from_millis, millis_time, sha256_hex};
 
 /// Where a request is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -415,10 +414,6 @@ fn canonical_json(value: &serde_json::Value) -> String {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 /// Validates scope, stores a new request (or finds the one an idempotency
 /// key created) and returns it.
 pub async fn create(
@@ -439,8 +434,8 @@ pub async fn create(
             "timeout_seconds": timeout_seconds,
         });
         IdempotencyClaim {
-            key: sha256_hex(format!("{}\n{key}", caller.name).as_bytes()),
-            fingerprint: sha256_hex(canonical_json(&body).as_bytes()),
+            key: sha256_hex(format!("{}\n{key}", caller.name)),
+            fingerprint: sha256_hex(canonical_json(&body)),
         }
     });
     let now = now_millis(&state.clock);

@@ -161,8 +161,7 @@ impl Keys {
     /// [`crate::signals::RECEIPT_TTL`]. The client's key goes in as its
     /// SHA-256, so key names hold only what the service made.
     pub fn signal_receipt(&self, agent: &Id, key: &str) -> String {
-        use sha2::{Digest, Sha256};
-        let digest = hex::encode(Sha256::digest(key.as_bytes()));
+        let digest = crate::types::sha256_hex(key);
         self.key(&format!("receipt:{agent}:{digest}"))
     }
 

@@ -702,8 +702,7 @@ fn prepare(
 /// some agents could otherwise pre-empt the records of others). A hex
 /// SHA-256, so key names of any form never enter a storage key.
 fn claim_of(caller: &Identity, id: &Id) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(format!("{}\n{id}", caller.name)))
+    crate::types::sha256_hex(format!("{}\n{id}", caller.name))
 }
 
 /// Builds the storage write for the records at `live`; also returns, for

@@ -37,7 +37,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use crate::types::Id;
@@ -332,7 +331,7 @@ impl PriceTable {
             Some(v) if !v.trim().is_empty() => v,
             _ => format!(
                 "sha256-{}",
-                &hex::encode(Sha256::digest(text.as_bytes()))[..12]
+                &crate::types::sha256_hex(text)[..12]
             ),
         };
         let baseline = models[&baseline_model].rates;
