@@ -308,6 +308,7 @@ pub fn router(state: AppState) -> Router {
     .route_layer(middleware::from_fn_with_state(
         RouteSettings {
             timeout: config.request_timeout,
+            body_limit: config.body_limit_bytes,
             anonymous_origins: (!state.keys.requires_keys())
                 .then(|| Arc::new(config.allowed_origins.clone())),
             loopback_hosts_only: !state.keys.requires_keys() && config.listen.ip().is_loopback(),
@@ -416,6 +417,10 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
 struct RouteSettings {
     /// `--request-timeout-seconds`.
     timeout: Duration,
+    /// `--body-limit-bytes`: a body declared longer is refused before it
+    /// is read (and before a client waiting on `Expect: 100-continue` is
+    /// told to send it).
+    body_limit: usize,
     /// Without a keys file, the origins besides the service's own from
     /// which a browser may call it (`--allowed-origins`); `None` with keys.
     anonymous_origins: Option<Arc<Vec<String>>>,
@@ -500,8 +505,18 @@ async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Ne
     let route = req.extensions().get::<MatchedPath>().cloned();
     let method = req.method().clone();
     let started = Instant::now();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let response = if let Some(refusal) = settings.refuse_cross_site(&req) {
         refusal.into_response()
+    } else if declared.is_some_and(|n| n > settings.body_limit as u64) {
+        ApiError::PayloadTooLarge(format!(
+            "request body is too large (limit {} bytes)",
+            settings.body_limit
+        ))
+        .into_response()
     } else {
         let wait = req
             .uri()

@@ -118,6 +118,20 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         let inner = err.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => data_error(&path, &inner.to_string()),
+            // serde_json calls some values of the wrong kind syntax errors
+            // (a number where a status name goes, a number too large for
+            // a double); a body that parses as JSON is not malformed.
+            serde_json::error::Category::Syntax
+                if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() =>
+            {
+                let message = inner.to_string();
+                let message = if message.starts_with("expected value") {
+                    "is not an accepted value here"
+                } else {
+                    &message
+                };
+                data_error(&path, message)
+            }
             _ => ApiError::BadRequest(format!("malformed JSON: {inner}")),
         }
     })?;
@@ -134,17 +148,23 @@ fn data_error(path: &str, message: &str) -> ApiError {
         .map_or(message, |(head, _)| head)
         .to_owned();
     let path = if path == "." { "" } else { path };
-    // A missing field is reported at its parent; name the field itself.
-    let field = match message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next())
-    {
+    // A missing or repeated field is reported at its parent; name the
+    // field itself.
+    let field = match named_field(&message) {
         Some(name) if path.is_empty() => name.to_owned(),
         Some(name) => format!("{path}.{name}"),
         None if path.is_empty() => "body".to_owned(),
         None => path.to_owned(),
     };
     ApiError::Validation(vec![FieldError::new(field, message)])
+}
+
+/// The field a serde error about a missing or repeated field names.
+fn named_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")
+        .or_else(|| message.strip_prefix("duplicate field `"))
+        .and_then(|rest| rest.split('`').next())
 }
 
 /// Path parameters. axum's own rejection is plain text; a parameter that
@@ -198,10 +218,7 @@ pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
         let message = err.into_inner().to_string();
-        let field = match message
-            .strip_prefix("missing field `")
-            .and_then(|rest| rest.split('`').next())
-        {
+        let field = match named_field(&message) {
             Some(name) => name.to_owned(),
             None if path == "." => "query".to_owned(),
             None => path,
@@ -262,6 +279,57 @@ mod tests {
             parse_json::<Body>(br#"{"name":"a","tokens":{"input":1}} trailing"#),
             Err(ApiError::BadRequest(_))
         ));
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Status {
+        Running,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Beat {
+        status: Option<Status>,
+        progress: Option<f64>,
+        metadata: Option<serde_json::Value>,
+    }
+
+    /// serde_json reports these as syntax errors; the body parses, so the
+    /// value is what is wrong, and its field is named.
+    #[test]
+    fn values_of_the_wrong_kind_are_named() {
+        for body in [
+            br#"{"status":5}"#.as_slice(),
+            br#"{"status":true}"#,
+            br#"{"status":[]}"#,
+        ] {
+            let err = parse_json::<Beat>(body).unwrap_err();
+            assert_eq!(field_of(err), "status", "{}", String::from_utf8_lossy(body));
+        }
+        let err = parse_json::<Beat>(br#"{"progress":1e400}"#).unwrap_err();
+        assert_eq!(field_of(err), "progress");
+        let err = parse_json::<Beat>(br#"{"metadata":{"a":[1e400]}}"#).unwrap_err();
+        assert_eq!(field_of(err), "metadata.a[0]");
+        // Still malformed: a number cut short.
+        assert!(matches!(
+            parse_json::<Beat>(br#"{"status":-}"#),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn repeated_fields_are_named() {
+        let err =
+            parse_json::<Body>(br#"{"name":"a","name":"b","tokens":{"input":1}}"#).unwrap_err();
+        assert_eq!(field_of(err), "name");
+        let err =
+            parse_json::<Body>(br#"{"name":"a","tokens":{"input":1,"input":2}}"#).unwrap_err();
+        assert_eq!(field_of(err), "tokens.input");
+        assert_eq!(
+            field_of(parse_query::<Q>("limit=5&limit=6").unwrap_err()),
+            "limit"
+        );
     }
 
     #[derive(Debug, Deserialize)]

@@ -141,6 +141,35 @@ async fn stale_lists_oldest_first_and_pages(kind: Kind) {
     assert_eq!(third["next_cursor"], Value::Null);
 }
 
+/// A position in one index means nothing in another: a cursor is taken
+/// back only by the listing that gave it out.
+async fn a_cursor_is_refused_by_another_listing(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for i in 0..3 {
+        beat(&app, &format!("a{i}"), json!({})).await;
+    }
+    let (_, first) = app.get("/v1/agents?limit=1").await;
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("more pages")
+        .to_owned();
+    for listing in [
+        "/v1/agents/stale?threshold_seconds=1&",
+        "/v1/agents?state=up&",
+        "/v1/agents?state=down&",
+        "/v1/signals?",
+    ] {
+        let (status, body) = app.get(&format!("{listing}cursor={cursor}")).await;
+        assert_eq!(status, 422, "{listing}: {body}");
+        assert_eq!(problem_field(&body), "cursor", "{body}");
+    }
+    let (status, second) = app
+        .get(&format!("/v1/agents?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(ids(&second), vec!["a1"]);
+}
+
 async fn metadata_and_display_name_persist_across_beats_without_them(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     beat(
@@ -308,6 +337,8 @@ async fn bad_heartbeats_are_422s_naming_the_field(kind: Kind) {
     let cases = [
         ("agent-1", json!({"progress": 1.5}), "progress"),
         ("agent-1", json!({"status": "sleeping"}), "status"),
+        ("agent-1", json!({"status": 5}), "status"),
+        ("agent-1", json!({"status": true}), "status"),
         ("agent-1", json!({"ttl_seconds": 0}), "ttl_seconds"),
         ("agent-1", json!({"ttl_seconds": 3601}), "ttl_seconds"),
         ("agent-1", json!({"metadata": [1, 2]}), "metadata"),
@@ -748,6 +779,7 @@ async fn redis_counts_an_agent_past_its_grace_as_late_until_the_sweeper_marks_it
 
 conformance!(
     metrics_count_agents_per_state,
+    a_cursor_is_refused_by_another_listing,
     listing_everything_pages_oldest_first_across_states,
     paging_never_misses_an_agent_that_beats_meanwhile,
     a_page_examines_a_bounded_stretch_of_its_index,

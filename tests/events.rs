@@ -171,6 +171,41 @@ async fn a_trimmed_cursor_starts_with_a_stream_reset(kind: Kind) {
     assert_ne!(next_json(&mut fine).await.unwrap()["type"], "stream.reset");
 }
 
+/// An id ahead of the log and of the clock (no event has it): taken as it
+/// is, every event until the clock got there would count as already sent.
+async fn a_since_ahead_of_the_log_is_a_reset_then_every_new_event(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let newest = publish(&app, "test.ahead", 0).await;
+    let ahead = "99999999999999-0";
+    let mut socket = connect(&app, &format!("?types=test.ahead&since={ahead}")).await;
+    let reset = next_json(&mut socket).await.unwrap();
+    assert_eq!(reset["type"], "stream.reset", "{reset}");
+    assert_eq!(reset["oldest_id"].as_str().map(str::is_empty), Some(false));
+    let sent = publish(&app, "test.ahead", 1).await;
+    let next = next_json(&mut socket).await.unwrap();
+    assert_eq!(
+        next["id"],
+        sent.as_str(),
+        "the stream goes on from the newest event"
+    );
+
+    let resp = app
+        .client
+        .get(app.url("/v1/events/sse?types=test.ahead"))
+        .header("Last-Event-ID", ahead)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = publish(&app, "test.ahead", 2).await;
+    assert_eq!(read_sse_ids(resp, 1).await, vec![sent]);
+
+    // The newest id itself is a place in the log: no reset.
+    let mut fine = connect(&app, &format!("?types=test.ahead&since={newest}")).await;
+    let first = next_json(&mut fine).await.unwrap();
+    assert_eq!(first["type"], "test.ahead", "{first}");
+}
+
 async fn a_malformed_since_is_a_422(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     for path in [
@@ -203,9 +238,10 @@ async fn the_largest_possible_since_is_an_empty_page(kind: Kind) {
 
 async fn sse_blames_the_parameter_that_is_wrong(kind: Kind) {
     let app = TestApp::spawn(kind).await;
-    let problem = |last_event_id: &'static str, query: &'static str| {
+    let problem = |last_event_id: &'static [u8], query: &'static str| {
         let app = &app;
         async move {
+            let last_event_id = reqwest::header::HeaderValue::from_bytes(last_event_id).unwrap();
             let resp = app
                 .client
                 .get(app.url(&format!("/v1/events/sse{query}")))
@@ -219,14 +255,45 @@ async fn sse_blames_the_parameter_that_is_wrong(kind: Kind) {
         }
     };
     assert_eq!(
-        problem("1-0", "?agent_id=a:b").await,
+        problem(b"1-0", "?agent_id=a:b").await,
         (422, json!("agent_id"))
     );
     assert_eq!(
-        problem("1-0", "?types=Bad%20Type").await,
+        problem(b"1-0", "?types=Bad%20Type").await,
         (422, json!("types"))
     );
-    assert_eq!(problem("x-y", "").await, (422, json!("Last-Event-ID")));
+    assert_eq!(problem(b"x-y", "").await, (422, json!("Last-Event-ID")));
+    // Not text at all: refused, not passed over as if absent.
+    assert_eq!(problem(b"1-\xff", "").await, (422, json!("Last-Event-ID")));
+}
+
+async fn a_history_cursor_is_blamed_by_name_and_an_empty_one_is_absent(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let first = publish(&app, "test.cursor", 0).await;
+    let newest = publish(&app, "test.cursor", 1).await;
+    let (status, body) = app.get("/v1/events?cursor=abc").await;
+    assert_eq!(
+        (status, &body["errors"][0]["field"]),
+        (422, &json!("cursor"))
+    );
+    let (status, body) = app.get("/v1/events?since=abc").await;
+    assert_eq!(
+        (status, &body["errors"][0]["field"]),
+        (422, &json!("since"))
+    );
+    let (status, body) = app
+        .get(&format!(
+            "/v1/events?types=test.cursor&since={first}&cursor="
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![newest.as_str()], "`since` still applies");
 }
 
 async fn custom_events_are_validated_and_reserved_types_refused(kind: Kind) {
@@ -479,7 +546,9 @@ conformance!(
     a_subscriber_that_reconnects_with_since_gets_every_event_exactly_once,
     a_stream_filters_by_type_prefix_and_agent,
     a_trimmed_cursor_starts_with_a_stream_reset,
+    a_since_ahead_of_the_log_is_a_reset_then_every_new_event,
     a_malformed_since_is_a_422,
+    a_history_cursor_is_blamed_by_name_and_an_empty_one_is_absent,
     the_largest_possible_since_is_an_empty_page,
     sse_blames_the_parameter_that_is_wrong,
     custom_events_are_validated_and_reserved_types_refused,

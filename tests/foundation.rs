@@ -296,9 +296,35 @@ async fn metrics_count_requests_by_route() {
     assert!(text.contains("attune_agents{state=\"up\"}"));
 }
 
+/// A client that asks before sending (`Expect: 100-continue`) a body over
+/// the limit is told no at once, not invited to send it.
+#[tokio::test]
+async fn a_body_declared_over_the_limit_is_refused_before_it_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(Kind::Memory).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/agents/a/heartbeats HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n",
+        app.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("an answer without sending the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_is_a_fast_503_and_the_service_recovers() {
-    let mut app = TestApp::spawn(Kind::Redis).await;
+    let mut app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.redis_timeout = Duration::from_millis(500)),
+    )
+    .await;
     let (status, _) = app.post("/v1/agents/a/heartbeats", json!({})).await;
     assert_eq!(status, 200);
     app.redis.as_mut().unwrap().kill();

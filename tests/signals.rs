@@ -13,6 +13,10 @@ use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
+/// Ten seconds and the Redis timeout, and then some: broadcasts older than
+/// this are what an agent's watermark may cover.
+const PAST_THE_SEEN_MARGIN: Duration = Duration::from_secs(12 + common::REDIS_TIMEOUT.as_secs());
+
 /// Sends a signal and returns the stored signal, asserting a 201.
 async fn send(app: &TestApp, body: Value) -> Value {
     let (status, signal) = app.post("/v1/signals", body).await;
@@ -997,7 +1001,7 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
         let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
         futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
     }
-    app.state.clock.advance(Duration::from_secs(12));
+    app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
 
     let mut conn = app.redis.as_ref().expect("redis").conn();
@@ -1036,7 +1040,7 @@ async fn redis_a_long_clear_is_split_into_short_calls() {
         let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
         futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
     }
-    app.state.clock.advance(Duration::from_secs(12));
+    app.state.clock.advance(PAST_THE_SEEN_MARGIN);
 
     let mut conn = app.redis.as_ref().expect("redis").conn();
     let script_calls = |conn: &mut ::redis::Connection| calls_of(conn, "evalsha");
@@ -1108,7 +1112,7 @@ async fn redis_a_read_that_does_not_consume_goes_on_from_where_it_stopped() {
     }
     // The last broadcast walked: listed, and where the walk starts after.
     let last = task().await;
-    app.state.clock.advance(Duration::from_secs(12));
+    app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let mut conn = app.redis.as_ref().expect("redis").conn();
     let looked_at = |conn: &mut ::redis::Connection| calls_of(conn, "hmget");
 
@@ -1168,7 +1172,7 @@ async fn redis_a_long_first_read_that_does_not_consume_is_split_too() {
         futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
     }
     found.push(task(Some("w")).await);
-    app.state.clock.advance(Duration::from_secs(12));
+    app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let mut conn = app.redis.as_ref().expect("redis").conn();
     // Once, so that the script is loaded before calls are counted.
     assert!(inbox(&app, "v", "type=other").await.is_empty());
@@ -1211,7 +1215,7 @@ async fn redis_an_inbox_read_starts_after_what_the_agent_has_settled() {
     assert_eq!(seen(&mut conn), None, "nothing is ten seconds old yet");
 
     // Ten seconds and the Redis timeout later.
-    app.state.clock.advance(Duration::from_secs(12));
+    app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     assert!(inbox(&app, "w", "consume=true").await.is_empty());
     let mark = seen(&mut conn).expect("a watermark");
     assert!(mark.ends_with(&format!(" {}", sent[4])), "{mark}");

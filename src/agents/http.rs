@@ -161,7 +161,7 @@ async fn page(
 ) -> ApiResult<Json<AgentList>> {
     let cursor = cursor
         .filter(|c| !c.is_empty())
-        .map(|c| IndexCursor::decode("cursor", &c))
+        .map(|c| IndexCursor::decode("cursor", &c, selection.listing()))
         .transpose()?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
     let now_ms = state.clock.now_ms();
@@ -172,7 +172,7 @@ async fn page(
         .await?;
     Ok(Json(AgentList {
         agents: records.into_iter().map(|r| r.into_view(now_ms)).collect(),
-        next_cursor: next.map(|c| c.encode()),
+        next_cursor: next.map(|c| c.encode(selection.listing())),
     }))
 }
 

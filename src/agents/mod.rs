@@ -340,24 +340,49 @@ pub struct IndexCursor {
 }
 
 impl IndexCursor {
-    pub fn encode(&self) -> String {
+    /// The cursor as clients see it, naming the `listing` it continues
+    /// (`all`, a state, `stale`, `signals`): a position in one index means
+    /// nothing in another, so a cursor is only taken back by its own.
+    pub fn encode(&self, listing: &str) -> String {
         use base64::Engine as _;
         base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(format!("{}:{}", self.score, self.member))
+            .encode(format!("{listing}:{}:{}", self.score, self.member))
     }
 
-    pub fn decode(field: &str, raw: &str) -> Result<Self, ApiError> {
+    /// Reads a cursor of `listing`. One without a listing (as versions
+    /// before listings were named wrote them) is taken by any.
+    pub fn decode(field: &str, raw: &str, listing: &str) -> Result<Self, ApiError> {
         use base64::Engine as _;
         let bad = || ApiError::invalid(field, "is not a cursor returned by this endpoint");
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(raw)
             .map_err(|_| bad())?;
         let text = String::from_utf8(bytes).map_err(|_| bad())?;
-        let (score, member) = text.split_once(':').ok_or_else(bad)?;
+        let (first, rest) = text.split_once(':').ok_or_else(bad)?;
+        // Scores are numbers and listings are words: the first part tells.
+        let position = if first.parse::<i64>().is_ok() {
+            text.as_str()
+        } else if first == listing {
+            rest
+        } else {
+            return Err(bad());
+        };
+        let (score, member) = position.split_once(':').ok_or_else(bad)?;
         Ok(Self {
             score: score.parse().map_err(|_| bad())?,
             member: Id::new(member).map_err(|_| bad())?.to_string(),
         })
+    }
+}
+
+impl AgentSelection {
+    /// The listing's name in its cursors (see [`IndexCursor::encode`]).
+    pub fn listing(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::State(state) => state.as_str(),
+            Self::StaleBefore(_) => "stale",
+        }
     }
 }
 
@@ -621,9 +646,26 @@ mod tests {
             score: 42,
             member: "agent-1".into(),
         };
-        assert_eq!(IndexCursor::decode("cursor", &c.encode()).unwrap(), c);
-        assert!(IndexCursor::decode("cursor", "!!").is_err());
-        assert!(IndexCursor::decode("cursor", "eDp5").is_err());
+        assert_eq!(
+            IndexCursor::decode("cursor", &c.encode("all"), "all").unwrap(),
+            c
+        );
+        assert!(IndexCursor::decode("cursor", "!!", "all").is_err());
+        assert!(IndexCursor::decode("cursor", "eDp5", "all").is_err());
+    }
+
+    #[test]
+    fn a_cursor_is_taken_back_only_by_its_listing() {
+        use base64::Engine as _;
+        let c = IndexCursor {
+            score: -7,
+            member: "agent-1".into(),
+        };
+        assert!(IndexCursor::decode("cursor", &c.encode("stale"), "down").is_err());
+        assert!(IndexCursor::decode("cursor", &c.encode("stale"), "stale").is_ok());
+        // As earlier versions wrote them: taken by any listing.
+        let legacy = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("-7:agent-1");
+        assert_eq!(IndexCursor::decode("cursor", &legacy, "up").unwrap(), c);
     }
 
     #[test]

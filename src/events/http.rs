@@ -115,9 +115,10 @@ pub struct EventList {
     pub next_cursor: Option<String>,
 }
 
-/// Parses `since` (or `cursor`) and the filters shared by history and streams.
+/// Parses the position (`since`, or the history's `cursor`, named by
+/// `field` in errors) and the filters shared by history and streams.
 pub fn parse_position(
-    since: Option<&str>,
+    (field, since): (&'static str, Option<&str>),
     types: Option<&str>,
     agent_id: Option<&str>,
 ) -> ApiResult<(Option<StreamId>, EventFilter)> {
@@ -125,7 +126,7 @@ pub fn parse_position(
         .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<StreamId>()
-                .map_err(|m| ApiError::invalid("since", m))
+                .map_err(|m| ApiError::invalid(field, m))
         })
         .transpose()?;
     let filter = EventFilter {
@@ -159,8 +160,12 @@ async fn list_events(
     State(state): State<AppState>,
     ValidQuery(q): ValidQuery<HistoryQuery>,
 ) -> ApiResult<Response> {
-    let since = q.cursor.as_deref().or(q.since.as_deref());
-    let (since, filter) = parse_position(since, q.types.as_deref(), q.agent_id.as_deref())?;
+    // An empty `cursor=` counts as absent, as on every listing.
+    let position = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(cursor) => ("cursor", Some(cursor)),
+        None => ("since", q.since.as_deref()),
+    };
+    let (since, filter) = parse_position(position, q.types.as_deref(), q.agent_id.as_deref())?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
     let mut position = since.unwrap_or(StreamId::ZERO);
     let mut events = Vec::new();

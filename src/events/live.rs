@@ -7,7 +7,10 @@
 //! is sent twice. If `since` has been trimmed away, the first frame is a
 //! `stream.reset` naming the oldest id still there, and replay starts from
 //! the beginning of what is left; the same frame comes mid-replay if
-//! trimming overtakes a replay in progress.
+//! trimming overtakes a replay in progress. A `since` after the newest
+//! event and in the future (no id the log gave out) gets the same frame,
+//! then the events after the newest: taken as it is, it would silently
+//! hold back every event until the clock reached it.
 //!
 //! A subscriber that falls more than `--subscriber-buffer` events behind the
 //! live stream is disconnected (WebSocket close code 4008, or a final SSE
@@ -94,7 +97,9 @@ pub struct StreamQuery {
 /// One frame for a subscriber.
 #[derive(Debug, Clone)]
 pub enum Frame {
-    /// `since` was trimmed away; replay continues from `oldest`.
+    /// `since` was trimmed away (replay continues from `oldest`), or lies
+    /// ahead of the log and of the clock (the stream goes on from the
+    /// newest event).
     Reset {
         oldest: Option<StreamId>,
     },
@@ -148,12 +153,23 @@ impl Subscription {
     ) -> Result<Self, EngineError> {
         let live = state.hub.subscribe(state.config.redis_timeout * 2).await?;
         let mut pending = VecDeque::new();
-        if let Some(since) = since {
+        let mut since = since;
+        if let Some(asked) = since {
             let bounds = state.engine.log_bounds().await?;
-            if bounds.trimmed_after(since) {
+            let now_ms = u64::try_from(state.clock.now().timestamp_millis()).unwrap_or(0);
+            if bounds.trimmed_after(asked) {
                 pending.push_back(Frame::Reset {
                     oldest: bounds.oldest,
                 });
+            } else if asked.ms > now_ms && bounds.newest.is_none_or(|newest| asked > newest) {
+                // No event of this log has that id, nor will one until the
+                // clock gets there: every event before then would be
+                // dropped as already sent. The client is told its place is
+                // not in the log, and the stream goes on from its end.
+                pending.push_back(Frame::Reset {
+                    oldest: bounds.oldest,
+                });
+                since = bounds.newest;
             }
         }
         Ok(Self {
@@ -287,7 +303,9 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 ///
 /// One JSON text frame per event. With `since`, replays everything after
 /// that id and then goes live with no gap and no duplicate; if `since` was
-/// trimmed away the first frame is `{"type":"stream.reset","oldest_id":…}`.
+/// trimmed away the first frame is `{"type":"stream.reset","oldest_id":…}`,
+/// as it is for a `since` after the newest event and in the future (the
+/// stream then goes on from the newest event).
 /// The server pings every 15 s; client frames over 64 KiB close the socket
 /// with 1009; a subscriber that falls too far behind is closed with 4008 and
 /// the id to resume from.
@@ -309,7 +327,7 @@ async fn get_events_ws(
 ) -> ApiResult<Response> {
     check_origin(&state, &headers)?;
     let (since, filter) = parse_position(
-        q.since.as_deref(),
+        ("since", q.since.as_deref()),
         q.types.as_deref(),
         q.agent_id.as_deref(),
     )?;
@@ -525,20 +543,19 @@ async fn get_events_sse(
 ) -> ApiResult<Response> {
     check_origin(&state, &headers)?;
     let (since, filter) = parse_position(
-        q.since.as_deref(),
+        ("since", q.since.as_deref()),
         q.types.as_deref(),
         q.agent_id.as_deref(),
     )?;
     // A reconnecting browser sends where it stopped; that wins over `since`.
+    let not_an_id = || ApiError::invalid("Last-Event-ID", "is not an event id");
     let last_event_id = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_str().map_err(|_| not_an_id()))
+        .transpose()?
         .filter(|s| !s.is_empty());
     let since = match last_event_id {
-        Some(id) => Some(
-            id.parse::<StreamId>()
-                .map_err(|_| ApiError::invalid("Last-Event-ID", "is not an event id"))?,
-        ),
+        Some(id) => Some(id.parse::<StreamId>().map_err(|_| not_an_id())?),
         None => since,
     };
     let subscription = Subscription::start(&state, since, filter).await?;

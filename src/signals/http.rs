@@ -253,7 +253,7 @@ async fn list_signals(
     let cursor = q
         .cursor
         .filter(|c| !c.is_empty())
-        .map(|c| IndexCursor::decode("cursor", &c))
+        .map(|c| IndexCursor::decode("cursor", &c, "signals"))
         .transpose()?;
     let filter = SignalFilter {
         signal_type: q.signal_type,
@@ -268,6 +268,6 @@ async fn list_signals(
         .await?;
     Ok(Json(SignalList {
         signals,
-        next_cursor: next.map(|c| c.encode()),
+        next_cursor: next.map(|c| c.encode("signals")),
     }))
 }

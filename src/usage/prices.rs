@@ -329,10 +329,7 @@ impl PriceTable {
         };
         let version = match file.version {
             Some(v) if !v.trim().is_empty() => v,
-            _ => format!(
-                "sha256-{}",
-                &crate::types::sha256_hex(text)[..12]
-            ),
+            _ => format!("sha256-{}", &crate::types::sha256_hex(text)[..12]),
         };
         let baseline = models[&baseline_model].rates;
         Ok(Self {

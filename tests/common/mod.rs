@@ -191,6 +191,9 @@ impl Options {
     }
 }
 
+/// The Redis timeout of test apps (see [`TestApp::spawn_with`]).
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl TestApp {
     pub async fn spawn(kind: Kind) -> Self {
         Self::spawn_with(Options::new(kind)).await
@@ -200,6 +203,10 @@ impl TestApp {
         let mut config = Config::for_tests();
         config.sweep_interval = Duration::from_millis(50);
         config.shutdown_grace = Duration::from_secs(2);
+        // Generous: on a loaded machine a debug build's calls can queue past
+        // the production 500 ms, and a 503 there would fail a test about
+        // something else. Tests of the bound itself set it back.
+        config.redis_timeout = REDIS_TIMEOUT;
         let mut redis = None;
         let mut prefix = fresh_prefix();
         match (options.kind, options.redis_url) {
