@@ -320,6 +320,13 @@ async fn a_batch_of_1001_records_is_refused_naming_records(kind: Kind) {
     let (status, body) = app.post("/v1/usage", json!({ "records": [] })).await;
     assert_eq!(status, 422);
     assert_eq!(problem_field(&body), "records");
+    // A bare array is not a batch (nor a record read field by field).
+    let (status, body) = app.post("/v1/usage", json!([simple("r-x")])).await;
+    assert_eq!(
+        (status, problem_field(&body).as_str()),
+        (422, "body"),
+        "{body}"
+    );
 }
 
 async fn a_negative_token_count_is_refused_naming_the_field(kind: Kind) {
