@@ -740,6 +740,60 @@ async fn two_sweepers_on_one_memory_engine_time_a_request_out_once() {
 /// An approval record the service cannot decode (written by hand, or by
 /// another version) is passed over and counted by listings, so the queue a
 /// human works from still shows; reading that one approval is an error.
+/// Once created, the request exists: if Redis stops answering while its
+/// creator waits on it, the answer is the request as created, not a 503
+/// that loses its id (a retry without a key would create it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_creator_whose_wait_fails_gets_the_request_as_created() {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis)
+            .keys(&keys.toml)
+            .configure(|c| c.redis_timeout = Duration::from_millis(500)),
+    )
+    .await
+    .with_token(&keys.admin);
+    let creator = app.post_as(
+        "/v1/approvals?wait_seconds=2",
+        request("agent-1", 300),
+        Some(&keys.agent),
+    );
+    let hang = async {
+        eventually(Duration::from_secs(5), || async {
+            let (_, list) = app.get_as("/v1/approvals", Some(&keys.approver)).await;
+            list["approvals"][0]["request"]["request_id"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .await;
+        // Every client's commands are held for 4 s: the wait's deadline
+        // passes while Redis does not answer.
+        let mut conn = app.redis.as_ref().expect("redis").conn();
+        let _: () = ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(4000)
+            .arg("ALL")
+            .query(&mut conn)
+            .expect("CLIENT PAUSE");
+    };
+    let ((status, created), ()) = tokio::join!(creator, hang);
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["request"]["status"], "pending");
+    let id = created["request"]["request_id"].as_str().expect("its id");
+    let listed = eventually(Duration::from_secs(10), || async {
+        let (status, list) = app.get_as("/v1/approvals", Some(&keys.approver)).await;
+        (status == 200).then_some(list)
+    })
+    .await;
+    let ids: Vec<&str> = listed["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["request"]["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id]);
+}
+
 #[tokio::test]
 async fn redis_an_unreadable_approval_does_not_fail_the_listing() {
     let (app, keys) = spawn(Kind::Redis).await;

@@ -81,8 +81,17 @@ async fn create_approval(
     ValidJson(req): ValidJson<NewApprovalRequest>,
 ) -> ApiResult<(StatusCode, Json<Approval>)> {
     let key = idempotency_key(&headers)?;
-    let approval = super::create(&state, &caller, req, key.as_deref()).await?;
-    let approval = super::wait_while_pending(&state, approval, q.wait()).await?;
+    let created = super::create(&state, &caller, req, key.as_deref()).await?;
+    // The request exists now: a failure while waiting on it (Redis went
+    // away) answers with it as created, never with an error that would
+    // lose its id and make a client without a key create it again.
+    let approval = match super::wait_while_pending(&state, created.clone(), q.wait()).await {
+        Ok(approval) => approval,
+        Err(err) => {
+            tracing::warn!(request_id = %created.id(), error = %err, "waiting on a created approval failed; answering with it as created");
+            created
+        }
+    };
     Ok((StatusCode::CREATED, Json(approval)))
 }
 
