@@ -460,10 +460,11 @@ impl RouteSettings {
                  localhost or a loopback address"
             )));
         }
-        let origin = req.headers().get(header::ORIGIN)?.to_str().unwrap_or("");
-        let same_origin = origin
-            .split_once("://")
-            .is_some_and(|(_, authority)| !host.is_empty() && authority.eq_ignore_ascii_case(host));
+        let Some(origin) = req.headers().get(header::ORIGIN) else {
+            return refuse_side_effects_from_other_sites(req);
+        };
+        let origin = origin.to_str().unwrap_or("");
+        let same_origin = is_same_origin(origin, host);
         let listed = allowed
             .iter()
             .any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
@@ -475,6 +476,41 @@ impl RouteSettings {
             ))
         })
     }
+}
+
+/// Whether `origin` (`scheme://authority`) is the service's own, the one
+/// the request names in `Host`.
+pub(crate) fn is_same_origin(origin: &str, host: &str) -> bool {
+    origin
+        .split_once("://")
+        .is_some_and(|(_, authority)| !host.is_empty() && authority.eq_ignore_ascii_case(host))
+}
+
+/// Without a keys file, refuses a browser's request from another site that
+/// carries no `Origin` and changes something. Browsers leave `Origin` off
+/// the GETs of images, scripts and followed links, and one GET changes
+/// state: a consuming inbox read, which a page could make in a user's
+/// browser to empty an agent's inbox. `Sec-Fetch-Site` (sent by every
+/// current browser, never by curl, SDKs or the CLI) tells such a request
+/// apart; reads from another site stay allowed (their answers are opaque
+/// to the page), so a link to the API still opens.
+fn refuse_side_effects_from_other_sites(req: &Request) -> Option<ApiError> {
+    let site = req.headers().get("sec-fetch-site")?.as_bytes();
+    if site.eq_ignore_ascii_case(b"same-origin") || site.eq_ignore_ascii_case(b"none") {
+        return None;
+    }
+    let safe = req.method() == Method::GET || req.method() == Method::HEAD;
+    let consumes = req.uri().query().is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .any(|(k, v)| k == "consume" && v.trim().eq_ignore_ascii_case("true"))
+    });
+    (!safe || consumes).then(|| {
+        ApiError::Forbidden(
+            "a browser's request from another site may not change anything: without a keys \
+             file every caller is an administrator"
+                .into(),
+        )
+    })
 }
 
 /// Whether a `Host` value (with or without a port) names the loopback

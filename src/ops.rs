@@ -95,7 +95,8 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 /// pending approvals, live event subscribers, engine errors.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, content_type = "text/plain", body = String),
-              (status = 401, body = crate::error::Problem)))]
+              (status = 401, body = crate::error::Problem),
+              (status = 403, description = "An agent key", body = crate::error::Problem)))]
 async fn get_metrics(
     _caller: crate::auth::Caller<crate::auth::Viewer>,
     State(state): State<AppState>,

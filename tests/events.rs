@@ -625,6 +625,17 @@ async fn websockets_check_origin_and_credentials_before_upgrading() {
         status_of(tokio_tungstenite::connect_async(req).await.map(drop)),
         403
     );
+    // The service's own origin (a page it serves) is never foreign.
+    let mut req = app
+        .ws_url(&format!("/v1/events/ws?access_token={}", keys.viewer))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Origin", format!("http://{}", app.addr).parse().unwrap());
+    assert_eq!(
+        status_of(tokio_tungstenite::connect_async(req).await.map(drop)),
+        101
+    );
     // The allowed origin with a viewer token.
     let mut req = app
         .ws_url(&format!("/v1/events/ws?access_token={}", keys.viewer))
@@ -1039,6 +1050,35 @@ async fn without_keys_browsers_on_other_sites_are_refused() {
     assert_eq!(beat(Some("null")).await, 403);
     assert_eq!(beat(Some(&own)).await, 200);
     assert_eq!(beat(None).await, 200);
+
+    // An image or a followed link on another site's page: no `Origin`, but
+    // the browser says where it comes from. Reading is harmless (the page
+    // cannot see the answer); consuming an inbox is not.
+    let (status, _) = app
+        .post(
+            "/v1/signals",
+            json!({"signal_type": "task", "source_agent": "planner", "target_agent": "coder"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let read = |query: &'static str, site: &'static str| {
+        let req = app
+            .client
+            .get(app.url(&format!("/v1/agents/coder/signals{query}")))
+            .header("Sec-Fetch-Site", site)
+            .header("Sec-Fetch-Mode", "no-cors");
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(read("?consume=true", "cross-site").await, 403);
+    assert_eq!(read("?consume=true", "same-site").await, 403);
+    assert_eq!(read("", "cross-site").await, 200);
+    let (_, inbox) = app.get("/v1/agents/coder/signals").await;
+    assert_eq!(
+        inbox["signals"].as_array().map(Vec::len),
+        Some(1),
+        "still there"
+    );
+    assert_eq!(read("?consume=true", "same-origin").await, 200);
 
     // With keys, a key is what it takes, wherever the request comes from.
     let keys = TestKeys::new();

@@ -247,7 +247,7 @@ async fn decide_approval(
     super::decide(&state, &caller, id, req).await.map(Json)
 }
 
-/// Cancel an approval (the requesting key, or an admin).
+/// Cancel an approval (the requesting agent's keys, or an admin).
 ///
 /// Moves a pending request to `cancelled`; 409 if it is no longer pending.
 #[utoipa::path(
@@ -257,7 +257,7 @@ async fn decide_approval(
     responses(
         (status = 200, description = "The cancelled request", body = Approval),
         (status = 400, body = Problem), (status = 401, body = Problem),
-        (status = 403, description = "Not the requesting key or an admin", body = Problem),
+        (status = 403, description = "Not a key of the requesting agent, nor an admin", body = Problem),
         (status = 404, body = Problem),
         (status = 409, description = "No longer pending", body = Problem),
         (status = 415, body = Problem), (status = 422, body = Problem),

@@ -574,7 +574,8 @@ pub async fn decide(
     settle(state, id, status, response, event, now).await
 }
 
-/// Withdraws a request as `caller`: the key that requested it, or an admin.
+/// Withdraws a request as `caller`: an agent key that may act as the
+/// request's agent (the key that asked or another), or an admin.
 pub async fn cancel(
     state: &AppState,
     caller: &Identity,
@@ -582,9 +583,16 @@ pub async fn cancel(
     req: CancelRequest,
 ) -> ApiResult<Approval> {
     let current = get_visible(state, caller, id).await?;
-    if caller.role != Role::Admin && current.request.requested_by != caller.name {
+    // The requesting agent: any agent key that may act as it (the one that
+    // asked or another of its keys), besides an admin.
+    let agent = &current.request.agent_id;
+    let may_cancel = caller.role == Role::Admin
+        || current.request.requested_by == caller.name
+        || (caller.is_agent() && caller.may_act_as(agent));
+    if !may_cancel {
         return Err(ApiError::Forbidden(format!(
-            "only the requesting key or an admin may cancel approval {id}; key {:?} did not request it",
+            "only the requesting agent's keys or an admin may cancel approval {id}; key {:?} \
+             does not act as agent {agent:?}",
             caller.name
         )));
     }

@@ -290,7 +290,14 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         return Ok(());
     }
     let origin = origin.to_str().unwrap_or("");
-    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    // The service's own pages (a dashboard it serves) are never foreign.
+    if crate::app::is_same_origin(origin, host)
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    {
         Ok(())
     } else {
         Err(ApiError::Forbidden(format!(
