@@ -137,7 +137,6 @@ impl QualityStats {
     /// Statistics of `scores`, oldest first.
     pub fn of(workflow: &Id, stage: &Id, tier: Option<Tier>, scores: &[f64]) -> Self {
         let n = scores.len();
-        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
         let recent_trend = if n < 4 {
             0.0
         } else {
@@ -159,6 +158,23 @@ impl QualityStats {
     fn avg_or_zero(&self) -> f64 {
         self.avg.unwrap_or(0.0)
     }
+}
+
+/// The mean of `scores`, from a compensated (Neumaier) sum: a plain sum
+/// drifts by the last bits (ten scores of 0.9 add up to 9.000000000000002),
+/// and a mean exactly at a rule's threshold would then pass it.
+fn mean(scores: &[f64]) -> f64 {
+    let (mut sum, mut lost) = (0.0f64, 0.0f64);
+    for &x in scores {
+        let next = sum + x;
+        lost += if sum.abs() >= x.abs() {
+            (sum - next) + x
+        } else {
+            (x - next) + sum
+        };
+        sum = next;
+    }
+    (sum + lost) / scores.len() as f64
 }
 
 /// A tier recommendation.
@@ -668,6 +684,18 @@ mod tests {
         // An odd count puts the middle score in the newer half.
         let s = stats(&[0.4, 0.4, 0.6, 0.6, 0.6]);
         assert!((s.recent_trend - 0.5).abs() < 1e-12);
+    }
+
+    /// Ten scores of 0.9 average 0.9, which is not above 0.9 (a plain sum
+    /// gave 0.9000000000000001 and recommended a step down).
+    #[test]
+    fn a_mean_at_a_threshold_is_the_threshold() {
+        assert_eq!(stats(&[0.9; 10]).avg, Some(0.9));
+        assert_eq!(stats(&[0.85; 10]).avg, Some(0.85));
+        assert_eq!(stats(&[0.1; 10]).avg, Some(0.1));
+        assert_eq!(stats(&[0.7; 7]).avg, Some(0.7));
+        let r = recommend(Tier::Capable, stats(&[0.9; 10]), Some(&stats(&[0.86; 10])));
+        assert_eq!(r.recommended_tier, Tier::Capable, "{}", r.reason);
     }
 
     #[test]
