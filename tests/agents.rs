@@ -425,6 +425,35 @@ async fn only_admins_delete_agents(kind: Kind) {
     assert!(ids(&all).is_empty());
 }
 
+/// Like every listing, `performance` comes in pages: rows by agent id, the
+/// total row (all agents) on each.
+async fn performance_pages_its_agents(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for i in 0..5 {
+        beat(&app, &format!("p{i}"), json!({"status": "starting"})).await;
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/agents/performance?limit=2".to_owned();
+    loop {
+        let (status, page) = app.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["total"]["runs"], 5, "{page}");
+        let rows = page["agents"].as_array().unwrap();
+        assert!(rows.len() <= 2, "{page}");
+        seen.extend(
+            rows.iter()
+                .map(|r| r["agent_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/agents/performance?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["p0", "p1", "p2", "p3", "p4"]);
+    let (status, body) = app.get("/v1/agents/performance?cursor=nope").await;
+    assert_eq!((status, problem_field(&body).as_str()), (422, "cursor"));
+}
+
 /// `performance?hours=1`, and a lookup of one agent's row in it.
 async fn performance_rows(app: &TestApp) -> (Value, impl Fn(&str) -> Value) {
     let (status, perf) = app.get("/v1/agents/performance?hours=1").await;
@@ -781,6 +810,7 @@ async fn redis_counts_an_agent_past_its_grace_as_late_until_the_sweeper_marks_it
 
 conformance!(
     metrics_count_agents_per_state,
+    performance_pages_its_agents,
     a_cursor_is_refused_by_another_listing,
     listing_everything_pages_oldest_first_across_states,
     paging_never_misses_an_agent_that_beats_meanwhile,

@@ -276,23 +276,32 @@ struct PerformanceQuery {
     /// Window in hours, 1–720 (default 168).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 720)]
     hours: Option<Bounded<1, 720>>,
+    /// Agent rows per page (default 100).
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    limit: Option<Limit>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
 }
 
 /// Run statistics per agent.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Performance {
     pub hours: u64,
-    /// One row per agent with runs in the window, by agent id.
+    /// One row per agent with runs in the window, by agent id: a page of
+    /// them.
     pub agents: Vec<RunStats>,
-    /// All agents together (`agent_id` is `total`).
+    /// All agents together (`agent_id` is `total`), on every page.
     pub total: RunStats,
+    /// Pass as `cursor` for the next page of agents; null on the last.
+    pub next_cursor: Option<String>,
 }
 
 /// Agent performance.
 ///
 /// Runs started in the last `hours`: how many completed, failed, were
 /// cancelled or lost (went down and never came back), the success rate over
-/// finished runs and their average duration.
+/// finished runs and their average duration. Agents come a page at a time,
+/// by agent id; the total row counts them all.
 #[utoipa::path(
     get, path = "/v1/agents/performance", tag = "agents", params(PerformanceQuery),
     responses(
@@ -305,13 +314,32 @@ async fn get_agent_performance(
     State(state): State<AppState>,
     ValidQuery(q): ValidQuery<PerformanceQuery>,
 ) -> ApiResult<Json<Performance>> {
+    const LISTING: &str = "performance";
+    let after = q
+        .cursor
+        .filter(|c| !c.is_empty())
+        .map(|c| IndexCursor::decode("cursor", &c, LISTING))
+        .transpose()?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
     let hours = q.hours.map_or(168, Bounded::get);
     let since = state.clock.now_ms() - (hours * 3_600_000) as i64;
     let runs = state.engine.runs_since(since).await?;
-    let (agents, total) = run_stats(&runs);
+    let (rows, total) = run_stats(&runs);
+    // Rows come by agent id: the page starts after the cursor's.
+    let start = after.map_or(0, |c| rows.partition_point(|r| r.agent_id <= c.member));
+    let mut agents: Vec<RunStats> = rows.into_iter().skip(start).take(limit + 1).collect();
+    let next_cursor = (agents.len() > limit).then(|| {
+        agents.truncate(limit);
+        IndexCursor {
+            score: 0,
+            member: agents[limit - 1].agent_id.clone(),
+        }
+        .encode(LISTING)
+    });
     Ok(Json(Performance {
         hours,
         agents,
         total,
+        next_cursor,
     }))
 }

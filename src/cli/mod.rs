@@ -375,9 +375,18 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
         }
         ClientCommand::AgentPerformance { client, hours } => {
             let api = Api::new(&client)?;
-            let body = api
-                .get(&format!("/v1/agents/performance?hours={hours}"))
-                .await?;
+            // Every agent's row: the pages, one after the other, as one.
+            let first = format!("/v1/agents/performance?hours={hours}&limit=1000");
+            let mut body = api.get(&first).await?;
+            while let Some(cursor) = body["next_cursor"].as_str().map(q) {
+                let mut next = api.get(&format!("{first}&cursor={cursor}")).await?;
+                if let (Some(rows), Some(more)) =
+                    (body["agents"].as_array_mut(), next["agents"].as_array_mut())
+                {
+                    rows.append(more);
+                }
+                body["next_cursor"] = next["next_cursor"].take();
+            }
             if client.json {
                 return print_json(&body);
             }
