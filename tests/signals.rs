@@ -981,6 +981,37 @@ fn calls_of(conn: &mut ::redis::Connection, command: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `GET /v1/signals` with a filter that matches little examines up to
+/// 10,000 entries per page, in script calls of a thousand: one call doing
+/// it all held Redis for a tenth of a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_long_listing_scan_is_split_into_short_calls() {
+    // No sweeps (scripts too) while script calls are counted.
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    for _ in 0..50 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
+    let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let script_calls = |conn: &mut ::redis::Connection| calls_of(conn, "evalsha");
+    // Once, so that the script is loaded before calls are counted.
+    let (status, _) = app.get("/v1/signals?type=other&limit=1").await;
+    assert_eq!(status, 200);
+    let before = script_calls(&mut conn);
+    let (status, page) = app.get("/v1/signals?type=task&limit=10").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        ids(page["signals"].as_array().unwrap()),
+        vec![task["signal_id"].as_str().unwrap().to_owned()]
+    );
+    assert_eq!(page["next_cursor"], Value::Null, "{page}");
+    assert_eq!(script_calls(&mut conn) - before, 3, "2,501 signals");
+}
+
 /// On Redis the first read with a filter walks every live broadcast; it
 /// does so in script calls of at most a thousand broadcasts, each moving the
 /// watermark on and resuming past the targeted signals already walked, so

@@ -449,7 +449,9 @@ return { 'cleared', cleared }
     )
 });
 
-/// Most index entries one `GET /v1/signals` page examines.
+/// Most index entries one `GET /v1/signals` page examines, in calls of
+/// [`INBOX_WALK`] entries: one call examining them all would hold Redis
+/// for a tenth of a second.
 const LIST_SCAN_BUDGET: usize = 10_000;
 
 /// How far an agent's broadcast watermark stays behind the reading
@@ -598,41 +600,49 @@ impl RedisEngine {
         cursor: Option<IndexCursor>,
         limit: usize,
     ) -> EngineResult<(Vec<Signal>, Option<IndexCursor>)> {
-        let (score, member) = match &cursor {
-            Some(c) => (c.score.to_string(), c.member.clone()),
-            None => (String::new(), String::new()),
-        };
-        let (raw, next_score, next_member): (Vec<String>, String, String) = self
-            .invoke_signals(
-                &LIST,
-                filter.target.as_ref(),
-                now_ms,
-                &args![
-                    optional(filter.signal_type.as_ref()),
-                    optional(filter.source.as_ref()),
-                    optional(filter.target.as_ref()),
-                    limit,
-                    score,
-                    member,
-                    LIST_SCAN_BUDGET,
-                ],
-            )
-            .await?;
-        let signals = raw
-            .iter()
-            .map(|json| decode(json))
-            .collect::<EngineResult<_>>()?;
-        let next = if next_member.is_empty() {
-            None
-        } else {
-            Some(IndexCursor {
-                score: next_score.parse().map_err(|_| {
-                    EngineError::Corrupt(format!("signal index score {next_score:?}"))
-                })?,
-                member: next_member,
-            })
-        };
-        Ok((signals, next))
+        let mut signals = Vec::with_capacity(limit);
+        let mut position = cursor;
+        for _ in 0..LIST_SCAN_BUDGET.div_ceil(INBOX_WALK) {
+            let (score, member) = match &position {
+                Some(c) => (c.score.to_string(), c.member.clone()),
+                None => (String::new(), String::new()),
+            };
+            let (raw, next_score, next_member): (Vec<String>, String, String) = self
+                .invoke_signals(
+                    &LIST,
+                    filter.target.as_ref(),
+                    now_ms,
+                    &args![
+                        optional(filter.signal_type.as_ref()),
+                        optional(filter.source.as_ref()),
+                        optional(filter.target.as_ref()),
+                        limit - signals.len(),
+                        score,
+                        member,
+                        INBOX_WALK,
+                    ],
+                )
+                .await?;
+            for json in &raw {
+                signals.push(decode(json)?);
+            }
+            position = if next_member.is_empty() {
+                None
+            } else {
+                Some(IndexCursor {
+                    score: next_score.parse().map_err(|_| {
+                        EngineError::Corrupt(format!("signal index score {next_score:?}"))
+                    })?,
+                    member: next_member,
+                })
+            };
+            // The end of the index, or a full page: otherwise the call
+            // stopped at its budget, and the next goes on from there.
+            if position.is_none() || signals.len() >= limit {
+                break;
+            }
+        }
+        Ok((signals, position))
     }
 
     pub async fn clear_inbox(
