@@ -923,6 +923,30 @@ async fn redis_beats_resending_unchanged_metadata_take_the_quick_path() {
     assert_eq!(stored["display_name"], "Summarizer");
 }
 
+/// A writer remembers an agent's stored fields to answer its quick beats,
+/// but not past 1 KiB of them: an agent with large metadata beats in the
+/// full form (an `HMGET` of its record each time), so that what writers
+/// keep stays bounded; its answers are the same.
+#[tokio::test]
+async fn redis_agents_with_large_metadata_beat_in_the_full_form() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let small = json!({"model": "m"});
+    beat(&app, "small", json!({ "metadata": small })).await;
+    let before = redis_calls(&app, "hmget");
+    for _ in 0..3 {
+        assert_eq!(beat(&app, "small", json!({})).await["metadata"], small);
+    }
+    assert_eq!(redis_calls(&app, "hmget"), before, "quick beats");
+
+    let large = json!({"notes": "x".repeat(2000)});
+    beat(&app, "large", json!({ "metadata": large })).await;
+    let before = redis_calls(&app, "hmget");
+    for _ in 0..3 {
+        assert_eq!(beat(&app, "large", json!({})).await["metadata"], large);
+    }
+    assert_eq!(redis_calls(&app, "hmget"), before + 3, "full beats");
+}
+
 /// A replica answers a typical beat from what it learned of the agent's
 /// last beat; whatever another replica, the sweeper or a delete changed in
 /// between must show in its answer and in the agent's state.

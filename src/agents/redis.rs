@@ -343,6 +343,11 @@ const WRITERS: usize = 2;
 /// one would exceed this, the writer forgets them all and relearns them
 /// from their next beats, which then go in the full form once.
 const KNOWN_AGENTS: usize = 50_000;
+/// Most bytes of stored fields (metadata, display name, run id, as JSON)
+/// an agent may have for its writer to remember it: with [`KNOWN_AGENTS`],
+/// a writer keeps at most about 60 MiB however large agents' metadata is
+/// (up to 64 KiB each).
+const KNOWN_STORED_BYTES: usize = 1024;
 
 type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
 
@@ -391,6 +396,8 @@ struct Stored {
     metadata: serde_json::Map<String, serde_json::Value>,
     display_name: Option<String>,
     run_id: Option<String>,
+    /// Their size as stored (JSON text), which bounds what a writer keeps.
+    bytes: usize,
 }
 
 /// What a writer remembers of an agent in the typical state after its last
@@ -645,6 +652,12 @@ impl BatchWriter {
             self.known.remove(&beat.agent_id);
             return;
         };
+        // An agent with large metadata is not remembered (its beats go in
+        // the full form), so that what writers keep stays bounded.
+        if stored.bytes > KNOWN_STORED_BYTES {
+            self.known.remove(&beat.agent_id);
+            return;
+        }
         if self.known.len() >= KNOWN_AGENTS && !self.known.contains_key(&beat.agent_id) {
             self.known.clear();
         }
@@ -765,6 +778,10 @@ fn decode_stored(
             .as_str()
             .map(str::to_owned),
         run_id: run_id.map(str::to_owned),
+        bytes: [metadata, display_name, run_id]
+            .iter()
+            .map(|field| field.map_or(0, str::len))
+            .sum(),
     })
 }
 
