@@ -981,6 +981,37 @@ fn calls_of(conn: &mut ::redis::Connection, command: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// On the memory engine too, a listing page examines at most 10,000
+/// entries: a filter that matches little answers a short page with a
+/// cursor, and the next page goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_matches_little_answers_a_short_page_with_a_cursor() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    for _ in 0..201 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
+    let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
+    let (status, first) = app.get("/v1/signals?type=task&limit=10").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        first["signals"],
+        json!([]),
+        "10,050 entries, 10,000 examined"
+    );
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a cursor: more follow");
+    let (_, second) = app
+        .get(&format!("/v1/signals?type=task&limit=10&cursor={cursor}"))
+        .await;
+    assert_eq!(
+        ids(second["signals"].as_array().unwrap()),
+        vec![task["signal_id"].as_str().unwrap().to_owned()]
+    );
+    assert_eq!(second["next_cursor"], Value::Null);
+}
+
 /// `GET /v1/signals` with a filter that matches little examines up to
 /// 10,000 entries per page, in script calls of a thousand: one call doing
 /// it all held Redis for a tenth of a second.

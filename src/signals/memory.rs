@@ -12,7 +12,8 @@ use crate::engine::EngineResult;
 use crate::engine::memory::MemoryEngine;
 use crate::events::EventBody;
 use crate::signals::{
-    InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord, live_only,
+    InboxAnswer, InboxQuery, LIST_SCAN_BUDGET, RECEIPT_TTL, Signal, SignalFilter, SignalRecord,
+    live_only,
 };
 use crate::types::Id;
 
@@ -261,7 +262,22 @@ impl MemoryEngine {
             let mut out = Vec::new();
             let mut last = None;
             let mut next = None;
-            for (created, id) in index.range((start, std::ops::Bound::Unbounded)) {
+            for (examined, (created, id)) in
+                index.range((start, std::ops::Bound::Unbounded)).enumerate()
+            {
+                if examined == LIST_SCAN_BUDGET {
+                    // A long run that matches little: a short page that
+                    // goes on after the last entry examined.
+                    next =
+                        index
+                            .range(..(*created, id.clone()))
+                            .next_back()
+                            .map(|(score, member)| IndexCursor {
+                                score: *score,
+                                member: member.clone(),
+                            });
+                    break;
+                }
                 let Some(entry) = t.signals.get(id) else {
                     continue;
                 };

@@ -60,6 +60,11 @@ pub type WaitSeconds = Bounded<0, 60>;
 /// for a retry.
 pub const RECEIPT_TTL: Duration = Duration::from_secs(600);
 
+/// Most index entries one `GET /v1/signals` page examines, on either
+/// engine: a filter that matches little answers a short page (with a
+/// cursor to go on) in bounded time.
+pub const LIST_SCAN_BUDGET: usize = 10_000;
+
 /// The wake-up key of waiters on the broadcast inbox. `*` cannot occur in an
 /// [`Id`], so it never collides with an agent's key.
 pub const BROADCAST_WAKE: &str = "signal:*broadcast";

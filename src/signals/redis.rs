@@ -37,7 +37,8 @@ use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::events::EventBody;
 use crate::signals::{
-    InboxAnswer, InboxQuery, RECEIPT_TTL, Signal, SignalFilter, SignalRecord, live_only,
+    InboxAnswer, InboxQuery, LIST_SCAN_BUDGET, RECEIPT_TTL, Signal, SignalFilter, SignalRecord,
+    live_only,
 };
 use crate::types::Id;
 
@@ -449,11 +450,6 @@ return { 'cleared', cleared }
     )
 });
 
-/// Most index entries one `GET /v1/signals` page examines, in calls of
-/// [`INBOX_WALK`] entries: one call examining them all would hold Redis
-/// for a tenth of a second.
-const LIST_SCAN_BUDGET: usize = 10_000;
-
 /// How far an agent's broadcast watermark stays behind the reading
 /// replica's clock (see [`Keys::broadcasts_seen`]), on top of the Redis
 /// timeout (a send's score is taken before its call, which may take that
@@ -602,6 +598,8 @@ impl RedisEngine {
     ) -> EngineResult<(Vec<Signal>, Option<IndexCursor>)> {
         let mut signals = Vec::with_capacity(limit);
         let mut position = cursor;
+        // [`LIST_SCAN_BUDGET`] in calls of [`INBOX_WALK`] entries: one call
+        // examining them all would hold Redis for a tenth of a second.
         for _ in 0..LIST_SCAN_BUDGET.div_ceil(INBOX_WALK) {
             let (score, member) = match &position {
                 Some(c) => (c.score.to_string(), c.member.clone()),
