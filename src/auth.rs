@@ -317,6 +317,9 @@ impl KeyRing {
                     entry.name
                 ));
             }
+            if let Some(patterns) = &entry.agents {
+                check_agent_patterns(&entry.name, patterns)?;
+            }
             let scope = entry
                 .agents
                 .map(|patterns| patterns.iter().map(|p| WildMatch::new(p)).collect());
@@ -359,10 +362,43 @@ const RESERVED_KEY_NAMES: [&str; 2] = [crate::approvals::SYSTEM, "anonymous"];
 
 /// Refuses a key name that would pass for one of the service's own.
 fn check_key_name(name: &str) -> Result<(), String> {
-    if RESERVED_KEY_NAMES.contains(&name) {
+    if name.trim().is_empty() || name.trim() != name || name.chars().any(char::is_control) {
+        return Err(format!(
+            "key name {name:?} must be visible text without spaces around it: it is \
+             recorded as event source and approval responder"
+        ));
+    }
+    if RESERVED_KEY_NAMES
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(name))
+    {
         return Err(format!(
             "key name {name:?} is reserved: the service uses it for itself"
         ));
+    }
+    Ok(())
+}
+
+/// An agent key's `agents` patterns must each be able to match an agent
+/// id (letters, digits, `.`, `_`, `-`, with `*` and `?`), and there must
+/// be one: a key that may act as no agent could do nothing.
+fn check_agent_patterns(name: &str, patterns: &[String]) -> Result<(), String> {
+    if patterns.is_empty() {
+        return Err(format!(
+            "key {name:?}: `agents = []` admits no agent; leave `agents` out for every agent"
+        ));
+    }
+    for pattern in patterns {
+        let usable = !pattern.is_empty()
+            && pattern.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'*' | b'?')
+            });
+        if !usable {
+            return Err(format!(
+                "key {name:?}: agents pattern {pattern:?} can match no agent id (letters, \
+                 digits, `.`, `_`, `-`, with `*` and `?`)"
+            ));
+        }
     }
     Ok(())
 }
@@ -446,11 +482,36 @@ mod tests {
                 .unwrap_err()
                 .contains("agents")
         );
-        for name in ["system", "anonymous"] {
+        for name in ["system", "anonymous", "System", "ANONYMOUS"] {
             let (_, entry) = new_key(name, Role::Approver, &[]);
             let err = KeyRing::parse(&entry).unwrap_err();
             assert!(err.contains("reserved"), "{name}: {err}");
         }
+        for name in ["", " ", "system ", " ops", "a\nb"] {
+            let (_, entry) = new_key(name, Role::Approver, &[]);
+            let err = KeyRing::parse(&entry).unwrap_err();
+            assert!(err.contains("visible text"), "{name:?}: {err}");
+        }
+    }
+
+    /// Keys that could never act for any agent are refused, not loaded
+    /// silently.
+    #[test]
+    fn agent_patterns_must_be_able_to_match_an_agent() {
+        let with = |agents: &str| {
+            KeyRing::parse(&format!(
+                "[[keys]]\nname='a'\nrole='agent'\nsha256='{}'\nagents={agents}\n",
+                "0".repeat(64)
+            ))
+        };
+        assert!(with("[]").unwrap_err().contains("admits no agent"));
+        for bad in ["['']", "['a b']", "['ci:*']"] {
+            assert!(
+                with(bad).unwrap_err().contains("can match no agent id"),
+                "{bad}"
+            );
+        }
+        assert!(with("['ci-*', 'agent-?', 'x.y_z']").is_ok());
     }
 
     #[test]
