@@ -159,10 +159,7 @@ async fn page(
     cursor: Option<String>,
     limit: Option<Limit>,
 ) -> ApiResult<Json<AgentList>> {
-    let cursor = cursor
-        .filter(|c| !c.is_empty())
-        .map(|c| IndexCursor::decode("cursor", &c, selection.listing()))
-        .transpose()?;
+    let cursor = IndexCursor::from_param(cursor.as_deref(), selection.listing())?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
     let now_ms = state.clock.now_ms();
     let query = AgentQuery { selection, status };
@@ -315,11 +312,7 @@ async fn get_agent_performance(
     ValidQuery(q): ValidQuery<PerformanceQuery>,
 ) -> ApiResult<Json<Performance>> {
     const LISTING: &str = "performance";
-    let after = q
-        .cursor
-        .filter(|c| !c.is_empty())
-        .map(|c| IndexCursor::decode("cursor", &c, LISTING))
-        .transpose()?;
+    let after = IndexCursor::from_param(q.cursor.as_deref(), LISTING)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize;
     let hours = q.hours.map_or(168, Bounded::get);
     let since = state.clock.now_ms() - (hours * 3_600_000) as i64;

@@ -349,6 +349,14 @@ impl IndexCursor {
             .encode(format!("{listing}:{}:{}", self.score, self.member))
     }
 
+    /// The `cursor` query parameter of `listing`: absent when missing or
+    /// empty, a 422 naming `cursor` when it is not one of the listing's.
+    pub fn from_param(raw: Option<&str>, listing: &str) -> Result<Option<Self>, ApiError> {
+        raw.filter(|c| !c.is_empty())
+            .map(|c| Self::decode("cursor", c, listing))
+            .transpose()
+    }
+
     /// Reads a cursor of `listing`. One without a listing (as versions
     /// before listings were named wrote them) is taken by any.
     pub fn decode(field: &str, raw: &str, listing: &str) -> Result<Self, ApiError> {

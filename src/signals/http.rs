@@ -250,11 +250,7 @@ async fn list_signals(
     State(state): State<AppState>,
     ValidQuery(q): ValidQuery<ListParams>,
 ) -> ApiResult<Json<SignalList>> {
-    let cursor = q
-        .cursor
-        .filter(|c| !c.is_empty())
-        .map(|c| IndexCursor::decode("cursor", &c, "signals"))
-        .transpose()?;
+    let cursor = IndexCursor::from_param(q.cursor.as_deref(), "signals")?;
     let filter = SignalFilter {
         signal_type: q.signal_type,
         source: q.source,
