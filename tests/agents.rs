@@ -497,6 +497,48 @@ async fn a_retried_start_is_the_same_run(kind: Kind) {
     assert_eq!((of("retry"), of("anew")), (1, 3));
 }
 
+/// A run opened without a `run_id` — a `running` beat after the last run
+/// finished, or `starting` without one — has none: it does not take the
+/// id of the run before it, in the view, the run record or `agent.started`.
+async fn a_run_opened_without_a_run_id_has_none(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let run_id = |view: &Value| view["run_id"].clone();
+    beat(&app, "w", json!({"status": "starting", "run_id": "r1"})).await;
+    // Beats of the open run keep its id.
+    assert_eq!(run_id(&beat(&app, "w", json!({})).await), "r1");
+    assert_eq!(
+        run_id(&beat(&app, "w", json!({"status": "completed"})).await),
+        "r1"
+    );
+    app.state.clock.advance(Duration::from_millis(5));
+    // A new run, opened implicitly; its beats (quick ones on Redis too)
+    // keep it nameless.
+    for _ in 0..3 {
+        assert_eq!(run_id(&beat(&app, "w", json!({})).await), Value::Null);
+    }
+    let (_, view) = app.get("/v1/agents/w").await;
+    assert_eq!(run_id(&view), Value::Null, "{view}");
+    app.state.clock.advance(Duration::from_millis(5));
+    beat(&app, "w", json!({"status": "starting", "run_id": "r2"})).await;
+    app.state.clock.advance(Duration::from_millis(5));
+    assert_eq!(
+        run_id(&beat(&app, "w", json!({"status": "starting"})).await),
+        Value::Null
+    );
+    let started: Vec<Value> = app
+        .events_of("agent.started")
+        .await
+        .iter()
+        .map(|e| e["data"]["run_id"].clone())
+        .collect();
+    assert_eq!(
+        started,
+        [json!("r1"), Value::Null, json!("r2"), Value::Null]
+    );
+    let (perf, row) = performance_rows(&app).await;
+    assert_eq!(row("w")["runs"], 4, "{perf}");
+}
+
 async fn deleting_an_agent_ends_its_open_run_as_lost(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     beat(&app, "gone", json!({"status": "starting", "run_id": "r1"})).await;
@@ -833,6 +875,7 @@ conformance!(
     only_admins_delete_agents,
     deleting_an_agent_ends_its_open_run_as_lost,
     a_retried_start_is_the_same_run,
+    a_run_opened_without_a_run_id_has_none,
     listing_filters_by_state_and_status,
 );
 

@@ -199,6 +199,11 @@ impl MemoryEngine {
             let agents = &mut s.agents;
             let mut events = Vec::new();
             if opens {
+                // A run opened without a `run_id` has none: the one stored
+                // named an earlier run.
+                if new_run_id.is_none() {
+                    record.run_id = None;
+                }
                 if let Some(old) = run_key.take().and_then(|k| agents.runs.get_mut(&k)) {
                     // Superseded by a new run before it closed.
                     old.lost = old.outcome.is_none();

@@ -211,6 +211,12 @@ local function full_beat(rec, a, prev, renew, token)
       n = n + 1
       run_key = base .. '/' .. n
     end
+    -- A run opened without a `run_id` has none: the one stored named an
+    -- earlier run.
+    if ARGV[a + 10] == '' and run_id then
+      run_id = nil
+      redis.call('HDEL', rec, 'run_id')
+    end
     local run = { agent_id = id, started_ms = now, lost = false }
     if run_id then run.run_id = run_id end
     redis.call('HSET', KEYS[7], run_key, cjson.encode(run))
