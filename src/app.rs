@@ -162,8 +162,55 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The API routes and their document, finished.
 fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = api_router().split_for_parts();
+    declare_refusals_of_the_stack(&mut doc);
     problems_as_problem_json(&mut doc);
     (router, doc)
+}
+
+/// Declares, on every operation that does not already, the answers the
+/// layers in front of the handlers may give it: 403 from the origin and
+/// host checks (see [`RouteSettings`]), and 413 for a body over the limit.
+fn declare_refusals_of_the_stack(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let problem = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build()
+    };
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let responses = &mut operation.responses.responses;
+            if !responses.contains_key("403") {
+                responses.insert(
+                    "403".into(),
+                    problem(
+                        "Without a keys file: a request from another site, or for a host \
+                         name that is not this machine's loopback",
+                    )
+                    .into(),
+                );
+            }
+            if operation.request_body.is_some() && !responses.contains_key("413") {
+                responses.insert(
+                    "413".into(),
+                    problem("The body is over `--body-limit-bytes`").into(),
+                );
+            }
+        }
+    }
 }
 
 /// Declares every error answer with the media type it is sent with,

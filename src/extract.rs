@@ -343,7 +343,7 @@ mod tests {
     #[derive(Debug, Deserialize)]
     #[allow(dead_code)]
     struct Q {
-        limit: Option<Bounded<1, 1000>>,
+        limit: Option<crate::types::Param<1, 1000>>,
         flag: Option<bool>,
     }
 

@@ -128,11 +128,17 @@ impl<'de> Deserialize<'de> for EventType {
 }
 
 /// An integer that must lie in `MIN..=MAX` (durations, limits, counts).
+/// In a JSON body it must be a JSON number, as the API description says
+/// (`"30"` is a 422, like `"0.5"` for a fraction); [`Param`] is the same
+/// integer in a query string, where every value arrives as text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, ToSchema)]
 #[schema(value_type = u64)]
-pub struct Bounded<const MIN: u64, const MAX: u64>(u64);
+pub struct Bounded<const MIN: u64, const MAX: u64, const TEXT: bool = false>(u64);
 
-impl<const MIN: u64, const MAX: u64> Bounded<MIN, MAX> {
+/// A [`Bounded`] query parameter: taken from text.
+pub type Param<const MIN: u64, const MAX: u64> = Bounded<MIN, MAX, true>;
+
+impl<const MIN: u64, const MAX: u64, const TEXT: bool> Bounded<MIN, MAX, TEXT> {
     pub fn new(value: u64) -> Result<Self, String> {
         if (MIN..=MAX).contains(&value) {
             Ok(Self(value))
@@ -152,13 +158,15 @@ impl<const MIN: u64, const MAX: u64> Bounded<MIN, MAX> {
     }
 }
 
-impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+impl<'de, const MIN: u64, const MAX: u64, const TEXT: bool> Deserialize<'de>
+    for Bounded<MIN, MAX, TEXT>
+{
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // Any number (so `-1`, `1.5` and `1e9` get the range message rather
-        // than a type error) or a string holding one (query strings).
-        struct Visit<const MIN: u64, const MAX: u64>;
-        impl<const MIN: u64, const MAX: u64> de::Visitor<'_> for Visit<MIN, MAX> {
-            type Value = Bounded<MIN, MAX>;
+        // than a type error), or for a query parameter a string holding one.
+        struct Visit<const MIN: u64, const MAX: u64, const TEXT: bool>;
+        impl<const MIN: u64, const MAX: u64, const TEXT: bool> de::Visitor<'_> for Visit<MIN, MAX, TEXT> {
+            type Value = Bounded<MIN, MAX, TEXT>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "an integer between {MIN} and {MAX}")
             }
@@ -180,13 +188,16 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX>
                 }
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                if !TEXT {
+                    return Err(E::invalid_type(de::Unexpected::Str(v), &self));
+                }
                 v.trim()
                     .parse::<u64>()
                     .map_err(|_| E::custom(range_msg(MIN, MAX)))
                     .and_then(|v| self.visit_u64(v))
             }
         }
-        d.deserialize_any(Visit::<MIN, MAX>)
+        d.deserialize_any(Visit::<MIN, MAX, TEXT>)
     }
 }
 
@@ -310,7 +321,7 @@ impl<'de, const MAX: usize> Deserialize<'de> for Text<MAX> {
 }
 
 /// `limit` of a list endpoint: 1–1000, default 100.
-pub type Limit = Bounded<1, 1000>;
+pub type Limit = Param<1, 1000>;
 
 /// The default page size of list endpoints.
 pub const DEFAULT_LIMIT: Limit = Limit::constant(100);
@@ -509,6 +520,19 @@ mod tests {
         // What JSON Schema calls an integer.
         assert_eq!(serde_json::from_str::<Ttl>("30.0").unwrap().get(), 30);
         assert_eq!(serde_json::from_str::<Ttl>("3e3").unwrap().get(), 3000);
+    }
+
+    #[test]
+    fn bounded_numbers_come_as_text_only_in_query_strings() {
+        let err = serde_json::from_str::<Bounded<1, 3600>>(r#""30""#).unwrap_err();
+        assert!(err.to_string().contains("invalid type: string"), "{err}");
+        #[derive(Debug, Deserialize)]
+        struct Q {
+            ttl: Param<1, 3600>,
+        }
+        let q: Q = serde_urlencoded::from_str("ttl=30").unwrap();
+        assert_eq!(q.ttl.get(), 30);
+        assert!(serde_urlencoded::from_str::<Q>("ttl=0").is_err());
     }
 
     #[test]

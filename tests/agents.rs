@@ -341,6 +341,8 @@ async fn bad_heartbeats_are_422s_naming_the_field(kind: Kind) {
         ("agent-1", json!({"status": true}), "status"),
         ("agent-1", json!({"ttl_seconds": 0}), "ttl_seconds"),
         ("agent-1", json!({"ttl_seconds": 3601}), "ttl_seconds"),
+        // A number in a string is text, as for `progress`.
+        ("agent-1", json!({"ttl_seconds": "30"}), "ttl_seconds"),
         ("agent-1", json!({"metadata": [1, 2]}), "metadata"),
         // serde would read it as the fields in order: status, progress, …
         ("agent-1", json!(["completed", 0.5]), "body"),

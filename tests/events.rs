@@ -156,8 +156,7 @@ async fn a_stream_filters_by_type_prefix_and_agent(kind: Kind) {
 async fn a_trimmed_cursor_starts_with_a_stream_reset(kind: Kind) {
     let app = TestApp::spawn_with(Options::new(kind).configure(|c| c.stream_max_len = 10)).await;
     let first = publish(&app, "test.old", 0).await;
-    // Redis trims approximately (whole nodes of ~100 entries): publish enough.
-    for n in 1..400 {
+    for n in 1..40 {
         publish(&app, "test.old", n).await;
     }
     let mut socket = connect(&app, &format!("?since={first}")).await;
@@ -169,6 +168,30 @@ async fn a_trimmed_cursor_starts_with_a_stream_reset(kind: Kind) {
     // A cursor that was not trimmed gets no reset.
     let mut fine = connect(&app, &format!("?since={oldest}")).await;
     assert_ne!(next_json(&mut fine).await.unwrap()["type"], "stream.reset");
+}
+
+/// A short log is trimmed to its length exactly, beats' events included
+/// (Redis's approximate trimming would keep a whole node of them).
+async fn the_log_holds_at_most_its_maximum_length(kind: Kind) {
+    let app = TestApp::spawn_with(Options::new(kind).configure(|c| c.stream_max_len = 5)).await;
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(publish(&app, "test.trim", n).await);
+    }
+    assert_eq!(log_ids(&app, "test.trim").await, ids[25..]);
+    for _ in 0..20 {
+        let (status, _) = app
+            .post("/v1/agents/trim/heartbeats", json!({"ttl_seconds": 60}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let (_, page) = app.get("/v1/events?limit=1000").await;
+    let events = page["events"].as_array().expect("events");
+    assert_eq!(events.len(), 5, "{page}");
+    assert!(
+        events.iter().all(|e| e["type"] == "agent.heartbeat"),
+        "{page}"
+    );
 }
 
 /// An id ahead of the log and of the clock (no event has it): taken as it
@@ -546,6 +569,7 @@ conformance!(
     a_subscriber_that_reconnects_with_since_gets_every_event_exactly_once,
     a_stream_filters_by_type_prefix_and_agent,
     a_trimmed_cursor_starts_with_a_stream_reset,
+    the_log_holds_at_most_its_maximum_length,
     a_since_ahead_of_the_log_is_a_reset_then_every_new_event,
     a_malformed_since_is_a_422,
     a_history_cursor_is_blamed_by_name_and_an_empty_one_is_absent,

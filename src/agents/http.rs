@@ -16,7 +16,7 @@ use crate::auth::{Admin, AgentWrite, AnyRole, Caller};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::EventBody;
 use crate::extract::{ValidJson, ValidPath, ValidQuery};
-use crate::types::{Bounded, DEFAULT_LIMIT, Id, Limit};
+use crate::types::{Bounded, DEFAULT_LIMIT, Id, Limit, Param};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -117,7 +117,7 @@ async fn list_agents(
 struct StaleQuery {
     /// Seconds since the last beat (default 60, at most the retention period).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 31_536_000)]
-    threshold_seconds: Option<Bounded<1, 31_536_000>>,
+    threshold_seconds: Option<Param<1, 31_536_000>>,
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     cursor: Option<String>,
@@ -244,6 +244,7 @@ async fn get_agent_alive(
     responses(
         (status = 204, description = "Deleted"), (status = 401, body = Problem),
         (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 405, description = "`stale` and `performance`: those paths are listings", body = Problem),
         (status = 422, body = Problem), (status = 503, body = Problem),
     )
 )]
@@ -272,7 +273,7 @@ async fn delete_agent(
 struct PerformanceQuery {
     /// Window in hours, 1–720 (default 168).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 720)]
-    hours: Option<Bounded<1, 720>>,
+    hours: Option<Param<1, 720>>,
     /// Agent rows per page (default 100).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,

@@ -104,12 +104,12 @@ pub struct HeartbeatRequest {
     /// 0.0–1.0.
     pub progress: Option<Fraction>,
     /// What the agent is doing now (at most 1024 characters).
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 1024)]
     pub current_task: Option<Text<1024>>,
     /// Kept across beats until a beat sends a new object (at most 64 KiB).
     pub metadata: Option<JsonObject>,
     /// Kept across beats until a beat sends a new one (at most 256 characters).
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 256)]
     pub display_name: Option<Text<256>>,
     /// A new run id opens a new run; beats without one continue the current run.
     pub run_id: Option<Id>,

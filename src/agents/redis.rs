@@ -324,7 +324,7 @@ for i = 9, #KEYS do
   end
 end
 flush()
-redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[1])
+redis.call('XTRIM', KEYS[1], 'MAXLEN', trim_mode(), ARGV[1])
 return out
 "#
         .replace("QUICK_ARGS", &QUICK_ARGS.to_string())

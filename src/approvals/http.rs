@@ -253,7 +253,7 @@ async fn decide_approval(
 #[utoipa::path(
     post, path = "/v1/approvals/{request_id}/cancel", tag = "approvals",
     params(("request_id" = Uuid, Path, description = "The request's id")),
-    request_body(content = CancelRequest, description = "Optional"),
+    request_body(content = Option<CancelRequest>, description = "Optional"),
     responses(
         (status = 200, description = "The cancelled request", body = Approval),
         (status = 400, body = Problem), (status = 401, body = Problem),
@@ -268,8 +268,11 @@ async fn cancel_approval(
     caller: Caller<AgentWrite>,
     State(state): State<AppState>,
     ValidPath(request_id): ValidPath<String>,
-    ValidJson(req): ValidJson<CancelRequest>,
+    // No body, `{}` and `null` all cancel without a reason.
+    ValidJson(req): ValidJson<Option<CancelRequest>>,
 ) -> ApiResult<Json<Approval>> {
     let id = parse_id(&request_id)?;
-    super::cancel(&state, &caller, id, req).await.map(Json)
+    super::cancel(&state, &caller, id, req.unwrap_or_default())
+        .await
+        .map(Json)
 }

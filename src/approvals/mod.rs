@@ -112,7 +112,7 @@ pub type TimeoutSeconds = Bounded<1, 86_400>;
 const DEFAULT_TIMEOUT: TimeoutSeconds = TimeoutSeconds::constant(300);
 
 /// `wait_seconds` of a long poll: 0–60.
-pub type WaitSeconds = Bounded<0, 60>;
+pub type WaitSeconds = crate::types::Param<0, 60>;
 
 /// The responder recorded for timeouts.
 pub const SYSTEM: &str = "system";
@@ -137,7 +137,7 @@ pub struct DecisionRequest {
     /// `true` approves, `false` rejects.
     pub approved: bool,
     /// Why (at most 2048 characters).
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 2048)]
     pub reason: Option<Text<2048>>,
 }
 
@@ -145,7 +145,7 @@ pub struct DecisionRequest {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CancelRequest {
     /// Why (at most 2048 characters).
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 2048)]
     pub reason: Option<Text<2048>>,
 }
 

@@ -37,16 +37,29 @@ use crate::engine::{EngineError, EngineResult};
 /// only that key, to the wake-up stream (`KEYS[1]` + `:wakes`, the same hash
 /// tag), which the hub's tailer reads instead of the whole log while no
 /// client subscribes (see [`crate::events::hub`]).
+///
+/// The log is trimmed to `ARGV[1]` entries exactly while that is under
+/// [`EXACT_TRIM_BELOW`]; from there on approximately, which costs Redis far
+/// less: it only drops whole nodes of the stream (at most 100 entries by
+/// default, `stream-node-max-entries`), so the log may hold up to a node more.
 pub const EMIT_PRELUDE: &str = r#"
+local function trim_mode()
+  if tonumber(ARGV[1]) < EXACT_TRIM_BELOW then return '=' end
+  return '~'
+end
 local function emit(kind, agent, wake, body)
-  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', trim_mode(), ARGV[1], '*',
     't', kind, 'a', agent or '', 'w', wake or '', 'b', body)
   if wake and wake ~= '' then
-    redis.call('XADD', KEYS[1] .. ':wakes', 'MAXLEN', '~', ARGV[1], id, 'w', wake)
+    redis.call('XADD', KEYS[1] .. ':wakes', 'MAXLEN', trim_mode(), ARGV[1], id, 'w', wake)
   end
   return id
 end
 "#;
+
+/// Logs shorter than this are trimmed exactly (see [`EMIT_PRELUDE`]): above
+/// it, a node's worth of extra entries is at most 1 % of the log.
+pub const EXACT_TRIM_BELOW: usize = 10_000;
 
 /// Stringifies script arguments: `args![id, ttl, json]` (an array, which
 /// borrows as the `&[String]` that [`RedisEngine::invoke`] takes).
@@ -85,7 +98,8 @@ pub fn passed_over<T>(
 
 /// Builds a script with the event prelude.
 pub fn script(body: &str) -> Script {
-    Script::new(&format!("{EMIT_PRELUDE}\n{body}"))
+    let prelude = EMIT_PRELUDE.replace("EXACT_TRIM_BELOW", &EXACT_TRIM_BELOW.to_string());
+    Script::new(&format!("{prelude}\n{body}"))
 }
 
 pub struct RedisEngine {

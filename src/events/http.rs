@@ -73,7 +73,11 @@ async fn post_event(
     {
         return Err(ApiError::invalid(
             "type",
-            format!("{kind:?} is written by the service itself; choose another type"),
+            format!(
+                "{kind:?} is in a namespace the service writes (agent.*, signal.*, approval.*, \
+                 usage.*, feedback.*, stream.*; agent.error and agent.log are open); \
+                 choose another type"
+            ),
         ));
     }
     caller.ensure_may_write_for(req.agent_id.as_ref(), "agent_id")?;

@@ -534,7 +534,12 @@ struct SseEvent {
 /// The same stream as the WebSocket, as `text/event-stream` with `id:` lines,
 /// so `curl -N` can tail it; honours `Last-Event-ID` (over `since`).
 #[utoipa::path(
-    get, path = "/v1/events/sse", tag = "events", params(StreamQuery),
+    get, path = "/v1/events/sse", tag = "events",
+    params(
+        StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header,
+         description = "Where a reconnecting client stopped: the id of the last event it received"),
+    ),
     responses(
         (status = 200, description = "An event stream, one `SseEvent` per event",
          content_type = "text/event-stream", body = SseEvent),

@@ -21,7 +21,7 @@ use crate::feedback::{
     TemplateCursor, TemplateOrder, TemplateRating, quality_stats, rate_template, recommendation,
     record_feedback, underperforming,
 };
-use crate::types::{Bounded, DEFAULT_LIMIT, Fraction, Id, Limit};
+use crate::types::{Bounded, DEFAULT_LIMIT, Fraction, Id, Limit, Param};
 use crate::usage::Tier;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -132,7 +132,7 @@ struct UnderperformingQuery {
     threshold: Option<Fraction>,
     /// Scores a stage needs to be judged, 1–10000 (default 10, as for recommendations).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 10000)]
-    min_samples: Option<Bounded<1, 10_000>>,
+    min_samples: Option<Param<1, 10_000>>,
     /// Rows, 1–1000 (default 100).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,

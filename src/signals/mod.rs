@@ -54,7 +54,7 @@ pub type SignalTtl = Bounded<1, 86_400>;
 const DEFAULT_TTL: SignalTtl = SignalTtl::constant(60);
 
 /// `wait_seconds` of an inbox read: 0–60.
-pub type WaitSeconds = Bounded<0, 60>;
+pub type WaitSeconds = crate::types::Param<0, 60>;
 
 /// How long a consuming read with an `Idempotency-Key` keeps its answer
 /// for a retry.

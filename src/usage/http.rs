@@ -11,7 +11,7 @@ use crate::app::AppState;
 use crate::auth::{AgentWrite, Caller, Viewer};
 use crate::error::{ApiResult, Problem};
 use crate::extract::{ValidJson, ValidQuery};
-use crate::types::{Bounded, Limit};
+use crate::types::{Bounded, Limit, Param};
 use crate::usage::prices::PriceTableView;
 use crate::usage::{
     CacheStats, RecentUsage, Savings, UsageAccepted, UsageBody, UsageStats, cache_stats, recent,
@@ -61,7 +61,7 @@ async fn post_usage(
 }
 
 /// A `days` window: 1–3660 (reads never go past the retention period).
-type Days = Bounded<1, 3660>;
+type Days = Param<1, 3660>;
 
 /// Reads an optional `days`, treating `days=` like an absent one.
 fn optional_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Days>, D::Error> {

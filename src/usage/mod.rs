@@ -264,6 +264,7 @@ pub struct UsageRecordIn {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct UsageBatchIn {
     /// 1–1000 records.
+    #[schema(min_items = 1, max_items = 1000)]
     pub records: Vec<UsageRecordIn>,
 }
 
