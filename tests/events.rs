@@ -437,6 +437,8 @@ async fn sse_streams_end_with_stream_closed_on_shutdown(kind: Kind) {
             .expect("the stream ends within 5 s")
             .unwrap()
     });
+    let sent = publish(&app, "test.closing", 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     app.stop().await;
     let text = body.await.unwrap();
     let last = text.trim_end().rsplit("\n\n").next().unwrap();
@@ -448,21 +450,32 @@ async fn sse_streams_end_with_stream_closed_on_shutdown(kind: Kind) {
             .to_owned()
     };
     assert_eq!(field("event:"), "error", "{text}");
+    assert!(text.contains(&format!("id: {sent}")), "{text}");
+    // Where to resume: after the last event it received.
     assert_eq!(
         serde_json::from_str::<Value>(&field("data:")).unwrap(),
-        json!({"type": "stream.closed"})
+        json!({"type": "stream.closed", "resume_from": sent})
     );
 }
 
 async fn websockets_close_with_going_away_on_shutdown(kind: Kind) {
     let mut app = TestApp::spawn(kind).await;
     let mut socket = connect(&app, "").await;
+    let sent = publish(&app, "test.closing", 0).await;
+    assert_eq!(next_json(&mut socket).await.unwrap()["id"], sent.as_str());
     app.stop().await;
     let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
         .await
         .expect("close within 5 s");
     match frame {
-        Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 1001),
+        Some(Ok(Message::Close(Some(close)))) => {
+            assert_eq!(u16::from(close.code), 1001);
+            assert!(
+                close.reason.ends_with(&format!("since={sent}")),
+                "{}",
+                close.reason
+            );
+        }
         other => panic!("expected a close frame, got {other:?}"),
     }
 }

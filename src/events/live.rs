@@ -138,6 +138,8 @@ pub struct Subscription {
     filter: EventFilter,
     /// The last id sent (or skipped by the filter); `None` before any.
     last: Option<StreamId>,
+    /// The last event handed out of `pending` (replay), or `since`.
+    handed: Option<StreamId>,
     /// Where replay started (checked for trimming by [`Subscription::start`]).
     since: Option<StreamId>,
     replaying: bool,
@@ -177,6 +179,7 @@ impl Subscription {
             live,
             filter,
             last: since,
+            handed: since,
             since,
             replaying: since.is_some(),
             pending,
@@ -254,7 +257,22 @@ impl Subscription {
     }
 
     fn ready(&mut self) -> Option<Result<Frame, Ended>> {
-        self.pending.pop_front().map(Ok)
+        let frame = self.pending.pop_front()?;
+        if let Frame::Event(event) = &frame {
+            self.handed = Some(event.id);
+        }
+        Some(Ok(frame))
+    }
+
+    /// Where a client that received every frame handed out so far resumes
+    /// (its `since`): after the last event examined, or while replayed
+    /// events are still queued, after the last one handed out.
+    pub fn resume_point(&self) -> Option<StreamId> {
+        if self.pending.iter().any(|f| matches!(f, Frame::Event(_))) {
+            self.handed
+        } else {
+            self.last
+        }
     }
 
     /// What a live receive yields: a frame, the end, or `None` for an event
@@ -419,15 +437,25 @@ async fn run_socket(
             _ = &mut cancelled => break Ended::Shutdown,
         }
     };
+    let resume = subscription
+        .resume_point()
+        .map(|id| id.to_string())
+        .unwrap_or_default();
     let message = match ended {
         Ended::Lagged { last } => {
             let resume = last.map(|id| id.to_string()).unwrap_or_default();
             close(CLOSE_LAGGED, format!("lagged; resume with since={resume}"))
         }
-        Ended::Shutdown => close(1001, "server shutting down".into()),
+        Ended::Shutdown => close(
+            1001,
+            format!("server shutting down; resume with since={resume}"),
+        ),
         Ended::Engine(err) => {
             tracing::warn!(error = %err, "event replay failed");
-            close(1011, "storage unavailable; reconnect with since".into())
+            close(
+                1011,
+                format!("storage unavailable; reconnect with since={resume}"),
+            )
         }
     };
     let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await;
@@ -520,8 +548,10 @@ async fn send_ready(
 )]
 struct SseEvent {
     /// The frame's JSON: an event envelope, `stream.reset`, or, on an
-    /// `error` event, why the stream ends (`stream.lagged` with
-    /// `resume_from`, `stream.closed`, `stream.unavailable`).
+    /// `error` event, why the stream ends (`stream.lagged`,
+    /// `stream.closed`, `stream.unavailable`) and where to resume
+    /// (`resume_from`: the id to send as `Last-Event-ID`, null to start
+    /// from the live end).
     data: String,
     /// The event's id, for `Last-Event-ID` (absent on other frames).
     id: Option<String>,
@@ -600,14 +630,19 @@ fn sse_stream(
                 Some((Ok(event), Some((sub, cancelled, guard))))
             }
             Err(ended) => {
-                let detail = match ended {
-                    Ended::Lagged { last } => serde_json::json!({
-                        "type": "stream.lagged",
-                        "resume_from": last.map(|id| id.to_string()),
-                    }),
-                    Ended::Shutdown => serde_json::json!({ "type": "stream.closed" }),
-                    Ended::Engine(_) => serde_json::json!({ "type": "stream.unavailable" }),
+                let resume_from = match ended {
+                    Ended::Lagged { last } => last,
+                    Ended::Shutdown | Ended::Engine(_) => sub.resume_point(),
                 };
+                let kind = match ended {
+                    Ended::Lagged { .. } => "stream.lagged",
+                    Ended::Shutdown => "stream.closed",
+                    Ended::Engine(_) => "stream.unavailable",
+                };
+                let detail = serde_json::json!({
+                    "type": kind,
+                    "resume_from": resume_from.map(|id| id.to_string()),
+                });
                 // A final event, then the stream ends (the client resumes
                 // with Last-Event-ID).
                 Some((
