@@ -368,7 +368,9 @@ pub fn router(state: AppState) -> Router {
     .layer(
         tower::ServiceBuilder::new()
             .layer(SetRequestIdLayer::new(x_request_id.clone(), MakeRequestUuidV7))
-            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            // One line per request, when it is answered (at debug level):
+            // no "started processing" line before it.
+            .layer(TraceLayer::new_for_http().on_request(()).make_span_with(|req: &Request| {
                 let id = req
                     .headers()
                     .get("x-request-id")

@@ -83,8 +83,9 @@ pub enum LogFormat {
 /// Where Redis is, for `serve` and `migrate`.
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
-    /// Redis URL (`redis://host:port/db`). Without it the embedded memory
-    /// engine is used. `REDIS_URL` is honoured too.
+    /// Redis URL (`redis://host:port/db`); `REDIS_URL` is honoured too.
+    /// Without it `serve` uses the embedded memory engine, and `migrate`
+    /// refuses to run.
     #[arg(long, env = "ATTUNE_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key (also the Cluster hash tag).
@@ -126,7 +127,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ATTUNE_INSECURE_ALLOW_ANONYMOUS", value_parser = BoolishValueParser::new())]
     pub insecure_allow_anonymous: bool,
     /// Comma-separated origins allowed for CORS and WebSocket `Origin`
-    /// (`*` for any). Empty: no CORS, any WebSocket origin.
+    /// (`*` for any). Empty: no CORS; WebSockets from any origin with a
+    /// keys file, only from the service's own without one.
     #[arg(long, env = "ATTUNE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// Log format.

@@ -145,7 +145,9 @@ impl ApiError {
 }
 
 impl From<EngineError> for ApiError {
+    /// Counted as an engine error of a request (`op="request"`).
     fn from(err: EngineError) -> Self {
+        metrics::counter!("attune_engine_errors_total", "op" => "request").increment(1);
         match err {
             EngineError::Unavailable(msg) => Self::Unavailable(msg),
             EngineError::Corrupt(msg) => Self::Internal(msg),

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             // The entry must load as the server will load it.
             attune_telemetry::auth::KeyRing::parse(&entry).map(|_| {
                 eprintln!("Secret (shown once; give it to the key's holder):");
-                println!("{secret}");
+                attune_telemetry::cli::out(format_args!("{secret}"));
                 eprintln!("\nAdd this entry to the keys file:\n");
                 eprint!("{entry}");
             })
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             let doc = attune_telemetry::app::openapi();
             match doc.to_pretty_json() {
                 Ok(json) => {
-                    println!("{json}");
+                    attune_telemetry::cli::out(format_args!("{json}"));
                     Ok(())
                 }
                 Err(e) => Err(format!("cannot render the OpenAPI document: {e}")),
@@ -102,9 +102,9 @@ async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), Stri
         .await
         .map_err(|e| format!("migration failed: {e}"))?;
     if applied.is_empty() {
-        println!("keyspace is up to date");
+        attune_telemetry::cli::out(format_args!("keyspace is up to date"));
     } else {
-        println!("applied: {}", applied.join(", "));
+        attune_telemetry::cli::out(format_args!("applied: {}", applied.join(", ")));
     }
     Ok(())
 }

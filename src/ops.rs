@@ -87,6 +87,14 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         // Another recorder may already be installed (embedding); then this
         // handle simply renders nothing of ours.
         let _ = metrics::set_global_recorder(recorder);
+        // Failure counters are on the first scrape at 0, so that a rate or
+        // an alert over them has a series before the first failure.
+        metrics::counter!("attune_engine_errors_total", "op" => "request").absolute(0);
+        metrics::counter!("attune_panics_total").absolute(0);
+        metrics::counter!("attune_events_unreadable_total").absolute(0);
+        for kind in ["agent", "approval", "run"] {
+            metrics::counter!("attune_records_unreadable_total", "kind" => kind).absolute(0);
+        }
         handle
     })
 }

@@ -558,3 +558,34 @@ fn boolean_settings_read_1_and_yes_from_the_environment() {
         "a value that is no boolean is refused"
     );
 }
+
+/// A reader that goes away (`| head`) ends a command quietly, as it ends
+/// any Unix tool: no panic, exit 0.
+#[test]
+fn a_closed_output_pipe_ends_a_command_quietly() {
+    use std::process::{Command, Stdio};
+    // Standard output is a pipe whose reading end is closed before the
+    // command writes (the OpenAPI document is far larger than a pipe holds).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .arg("openapi")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("it ends");
+    let err = stderr(&output);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(output.status.code(), Some(0), "{err}");
+}
+
+#[test]
+fn stale_and_state_are_alternatives() {
+    let output = run_bin(&["agents", "--stale", "60", "--state", "down"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("cannot be used with"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -294,6 +294,15 @@ async fn metrics_count_requests_by_route() {
     assert_eq!(count("422").as_deref(), Some("1"), "{text}");
     assert!(text.contains("attune_http_request_duration_seconds_bucket"));
     assert!(text.contains("attune_agents{state=\"up\"}"));
+    // Failure counters have a series before the first failure.
+    for series in [
+        "attune_engine_errors_total{op=\"request\"} 0",
+        "attune_panics_total 0",
+        "attune_events_unreadable_total 0",
+        "attune_records_unreadable_total{kind=\"agent\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series}: {text}");
+    }
 }
 
 /// A client that asks before sending (`Expect: 100-continue`) a body over
@@ -355,6 +364,14 @@ async fn a_redis_outage_is_a_fast_503_and_the_service_recovers() {
     })
     .await;
     assert_eq!(app.get("/readyz").await.0, 200);
+    // The 503s are counted as engine errors of requests.
+    let text = app.metrics_text().await;
+    let failed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("attune_engine_errors_total{op=\"request\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(failed >= 2, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,14 @@
 
 mod render;
 
+/// `println!` for command output (see [`out`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::out(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
 use std::io::Write;
 use std::time::Duration;
 
@@ -74,7 +82,7 @@ pub enum ClientCommand {
         #[command(flatten)]
         client: ClientArgs,
         /// Only non-terminal agents silent for more than N seconds.
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", conflicts_with = "state")]
         stale: Option<u64>,
         /// Only agents in this state (up, late, down, finished).
         #[arg(long)]
@@ -116,7 +124,7 @@ pub enum ClientCommand {
 pub enum ApprovalAction {
     /// Requests, oldest first (default: pending).
     List {
-        /// pending, approved, rejected, timeout or cancelled.
+        /// pending, approved, rejected, timeout, cancelled, or all.
         #[arg(long, default_value = "pending")]
         status: String,
         #[arg(long = "type")]
@@ -324,8 +332,22 @@ impl Api {
 
 fn print_json(value: &Value) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
+}
+
+/// Writes one line of command output. A reader that went away (`| head`)
+/// ends the command quietly, as it ends any Unix tool, rather than with a
+/// panic; any other failure to write is reported and exits non-zero.
+pub fn out(line: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = writeln!(stdout, "{line}") {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {err}");
+        std::process::exit(1);
+    }
 }
 
 /// Percent-encodes a query value.
@@ -477,7 +499,7 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     if client.json {
                         return print_json(&sent);
                     }
-                    println!(
+                    outln!(
                         "sent {} {} (expires {})",
                         sent["signal_type"].as_str().unwrap_or(""),
                         sent["signal_id"].as_str().unwrap_or(""),
@@ -538,7 +560,7 @@ async fn decide(
     if client.json {
         return print_json(&decided);
     }
-    println!(
+    outln!(
         "{} {} as {}",
         if approved { "approved" } else { "rejected" },
         id,

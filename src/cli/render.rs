@@ -5,6 +5,8 @@ use comfy_table::presets::NOTHING;
 use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement};
 use serde_json::Value;
 
+use super::outln;
+
 /// A borderless table with a header row.
 pub struct Table(comfy_table::Table);
 
@@ -39,7 +41,7 @@ impl Table {
     pub fn print(&self) {
         // comfy-table pads the first column with a space; trim line ends.
         for line in self.0.to_string().lines() {
-            println!("{}", line.trim_end());
+            outln!("{}", line.trim_end());
         }
     }
 }
@@ -119,7 +121,7 @@ pub fn recent(body: &Value) {
     }
     table.numeric(&[4, 5, 7]).print();
     let totals = &body["totals"];
-    println!(
+    outln!(
         "\n{} calls, {} total, {} input / {} output tokens",
         num(&totals["calls"]),
         money(&totals["cost_usd"]),
@@ -129,7 +131,7 @@ pub fn recent(body: &Value) {
 }
 
 pub fn savings(body: &Value, days: u32) {
-    println!(
+    outln!(
         "Savings over the last {days} days ({} calls, prices {})\n",
         num(&body["total_calls"]),
         text(&body["price_table_version"])
@@ -164,12 +166,12 @@ pub fn savings(body: &Value, days: u32) {
             .iter()
             .map(|(tier, p)| format!("{tier} {}", percent(p)))
             .collect();
-        println!("\ncalls by tier: {}", parts.join(", "));
+        outln!("\ncalls by tier: {}", parts.join(", "));
     }
 }
 
 pub fn cache_stats(body: &Value, days: u32) {
-    println!(
+    outln!(
         "Prompt cache over the last {days} days: hit rate {}, {} of {} requests\n",
         fraction_percent(&body["hit_rate"]),
         num(&body["hit_count"]),
@@ -270,7 +272,7 @@ pub fn agents(body: &Value) {
     }
     table.numeric(&[3, 6]).print();
     if body["next_cursor"].is_string() {
-        println!("(more: raise --limit)");
+        outln!("(more: raise --limit)");
     }
 }
 
@@ -300,7 +302,7 @@ pub fn approvals(body: &Value) {
     }
     table.print();
     if body["next_cursor"].is_string() {
-        println!("(more: raise --limit)");
+        outln!("(more: raise --limit)");
     }
 }
 

@@ -52,8 +52,22 @@ pub const BUILTIN_VERSION: &str = "attune-2026-11";
 const MAX_PRICE: f64 = 1000.0;
 
 /// Converts nano-dollars to dollars.
+///
+/// The closest `f64` to the exact amount: below 2^53 n$ (about $9M) the
+/// count is exact as a float and one division rounds once; above, the
+/// amount's decimal text is parsed, which also rounds once (converting
+/// the count first would round twice).
 pub fn usd(nanos: impl Into<i128>) -> f64 {
-    nanos.into() as f64 / NANOS_PER_USD as f64
+    let nanos = nanos.into();
+    if nanos.unsigned_abs() < 1 << 53 {
+        return nanos as f64 / NANOS_PER_USD as f64;
+    }
+    let per = NANOS_PER_USD.unsigned_abs() as u128;
+    let (whole, fraction) = (nanos.unsigned_abs() / per, nanos.unsigned_abs() % per);
+    let sign = if nanos < 0 { "-" } else { "" };
+    format!("{sign}{whole}.{fraction:09}")
+        .parse()
+        .unwrap_or(nanos as f64 / NANOS_PER_USD as f64)
 }
 
 /// Converts dollars to nano-dollars (rounded).
@@ -233,6 +247,15 @@ impl FileRates {
                 if !(p.is_finite() && (0.0..=MAX_PRICE).contains(&p)) {
                     return Err(format!(
                         "{what}: {name} must be between 0 and {MAX_PRICE} dollars per million tokens"
+                    ));
+                }
+                // Kept as whole nano-dollars per token: a finer price would
+                // be rounded without anyone knowing.
+                let thousandths = p * 1000.0;
+                if (thousandths - thousandths.round()).abs() > 1e-6 {
+                    return Err(format!(
+                        "{what}: {name} = {p} is finer than prices are kept \
+                         ($0.001 per million tokens)"
                     ));
                 }
             }
@@ -465,5 +488,21 @@ mod tests {
                 .unwrap_err()
                 .contains("cache_read must not be above input")
         );
+        let fine = "[[models]]\nmodel = \"a\"\ntier = \"premium\"\ninput = 1.0001\noutput = 1\n";
+        assert!(PriceTable::parse(fine).unwrap_err().contains("finer"));
+        // Thousandths are kept exactly, whatever their binary form.
+        let exact =
+            "[[models]]\nmodel = \"a\"\ntier = \"premium\"\ninput = 0.003\noutput = 2.675\n";
+        assert_eq!(PriceTable::parse(exact).unwrap().rates("a").output, 2675);
+    }
+
+    #[test]
+    fn dollars_are_the_closest_float_to_the_exact_amount() {
+        assert_eq!(usd(1_500_000_000i64), 1.5);
+        assert_eq!(usd(-22i64), -0.000000022);
+        // 8000000000.022 $: the count is past 2^53, where converting it to
+        // a float first would round twice (to 8000000000.021999).
+        assert_eq!(usd(8_000_000_000_022_000_000i128), 8000000000.022);
+        assert_eq!(usd(-8_000_000_000_022_000_000i128), -8000000000.022);
     }
 }
