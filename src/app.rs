@@ -367,29 +367,44 @@ pub fn router(state: AppState) -> Router {
     // allocation and a move of the response future per layer and request.
     .layer(
         tower::ServiceBuilder::new()
-            .layer(SetRequestIdLayer::new(x_request_id.clone(), MakeRequestUuidV7))
+            .layer(SetRequestIdLayer::new(
+                x_request_id.clone(),
+                MakeRequestUuidV7,
+            ))
             // One line per request, when it is answered (at debug level):
-            // no "started processing" line before it.
-            .layer(TraceLayer::new_for_http().on_request(()).make_span_with(|req: &Request| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-            }))
+            // no "started processing" line before it. 5xx answers are
+            // logged where they arise (an error; a storage outage as a
+            // warning), not a second time here.
+            .layer(
+                TraceLayer::new_for_http()
+                    .on_request(())
+                    .on_failure(())
+                    .make_span_with(request_span),
+            )
             .layer(PropagateRequestIdLayer::new(x_request_id))
             .option_layer(cors(&config.allowed_origins))
-            .layer(CompressionLayer::new().compress_when(
-                SizeAbove::new(COMPRESS_FROM_BYTES)
-                    .and(NotForContentType::GRPC)
-                    .and(NotForContentType::IMAGES)
-                    .and(NotForContentType::SSE),
-            ))
+            .layer(
+                CompressionLayer::new().compress_when(
+                    SizeAbove::new(COMPRESS_FROM_BYTES)
+                        .and(NotForContentType::GRPC)
+                        .and(NotForContentType::IMAGES)
+                        .and(NotForContentType::SSE),
+                ),
+            )
             .layer(CatchPanicLayer::custom(panic_response))
             .layer(DefaultBodyLimit::max(config.body_limit_bytes)),
     )
     .with_state(state)
+}
+
+/// The span every log line of a request carries.
+fn request_span(req: &Request) -> tracing::Span {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
 }
 
 /// Smallest body the server compresses. Most HTTP clients ask for gzip by

@@ -1259,3 +1259,46 @@ async fn usage_events(app: &TestApp) -> Value {
     }
     Value::Array(events)
 }
+
+/// The `user_hash` of `user` in a record posted through `app`.
+async fn hash_through(app: &TestApp, user: &str, id: &str) -> String {
+    let mut r = simple(id);
+    r["user_id"] = json!(user);
+    let (status, body) = app.post("/v1/usage", r).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, recent) = app.get("/v1/usage/recent?limit=1").await;
+    assert_eq!(recent["records"][0]["id"], id, "{recent}");
+    recent["records"][0]["user_hash"]
+        .as_str()
+        .expect("a hash")
+        .to_owned()
+}
+
+/// After Redis lost its data (restarted empty), replicas still hash a user
+/// one way: a running replica's first write puts its secret back, and one
+/// holding another secret than the stored one (a replica started meanwhile
+/// made a new one) takes the stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_replicas_hash_a_user_alike_after_redis_lost_its_data() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let flush = || {
+        let _: () = ::redis::cmd("FLUSHALL")
+            .query(&mut app.redis.as_ref().unwrap().conn())
+            .unwrap();
+    };
+    let first = hash_through(&app, "alice", "u-1").await;
+
+    // Lost, then written through the running replica first.
+    flush();
+    assert_eq!(hash_through(&app, "alice", "u-2").await, first);
+    let later = app.replica().await;
+    assert_eq!(hash_through(&later, "alice", "u-3").await, first);
+
+    // Lost, then a replica starts first (and makes a new secret).
+    flush();
+    let newer = app.replica().await;
+    let fresh = hash_through(&newer, "alice", "u-4").await;
+    assert_ne!(fresh, first);
+    assert_eq!(hash_through(&app, "alice", "u-5").await, fresh);
+    assert_eq!(hash_through(&later, "alice", "u-6").await, fresh);
+}

@@ -43,6 +43,7 @@ pub mod prices;
 mod redis;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration as ChronoDuration, NaiveDate, Utc};
 use hmac::{Hmac, KeyInit, Mac};
@@ -315,8 +316,10 @@ pub struct UsageRecordView {
 pub struct UsageSettings {
     /// Model prices and the savings baseline.
     pub prices: PriceTable,
-    /// Key of the `user_id` HMAC, shared by every replica on Redis.
-    user_secret: Vec<u8>,
+    /// Key of the `user_id` HMAC, shared by every replica on Redis: the
+    /// stored one, replaced when a write finds Redis holds another (see
+    /// [`record_usage`]).
+    user_secret: std::sync::RwLock<Arc<[u8]>>,
     /// `--usage-retention-days`.
     pub retention_days: u64,
 }
@@ -348,18 +351,29 @@ impl UsageSettings {
     pub fn new(prices: PriceTable, user_secret: Vec<u8>, retention_days: u64) -> Self {
         Self {
             prices,
-            user_secret,
+            user_secret: std::sync::RwLock::new(user_secret.into()),
             retention_days,
         }
     }
 
+    /// The `user_id` HMAC secret as this replica knows it.
+    pub fn user_secret(&self) -> Arc<[u8]> {
+        self.user_secret
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace_user_secret(&self, secret: Vec<u8>) {
+        *self
+            .user_secret
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = secret.into();
+    }
+
     /// The stored form of a `user_id`: 16 hex digits of its HMAC-SHA256.
     pub fn hash_user(&self, user_id: &str) -> String {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.user_secret)
-            .expect("HMAC accepts keys of any length");
-        mac.update(user_id.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        hex::encode(&digest[..8])
+        hash_user(&self.user_secret(), user_id)
     }
 
     fn retention(&self) -> ChronoDuration {
@@ -388,6 +402,15 @@ impl UsageSettings {
     }
 }
 
+/// 16 hex digits of the HMAC-SHA256 of `user_id` under `secret`.
+fn hash_user(secret: &[u8], user_id: &str) -> String {
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(user_id.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    hex::encode(&digest[..8])
+}
+
 /// Everything one batch adds to storage, grouped by day.
 #[derive(Debug, Clone)]
 pub struct UsageWrite {
@@ -399,6 +422,10 @@ pub struct UsageWrite {
     pub days: Vec<DayWrite>,
     /// The `usage.recorded` event, appended in the same atomic step.
     pub event: EventBody,
+    /// The secret the batch's `user_id`s were hashed with. On Redis the
+    /// write puts it back if the stored one is gone (Redis restarted
+    /// empty), and is refused if the stored one is another.
+    pub user_secret: Arc<[u8]>,
     pub now_ms: i64,
 }
 
@@ -423,6 +450,9 @@ pub enum UsageOutcome {
     Duplicates(Vec<usize>),
     /// Nothing was recorded: a total of this day would pass [`TOTAL_LIMIT`].
     Overflow(NaiveDate),
+    /// Nothing was recorded: the stored `user_id` secret is not the one
+    /// the batch was hashed with.
+    OtherSecret,
 }
 
 /// Names of the aggregate fields of a day.
@@ -453,6 +483,9 @@ struct Prepared {
     view: UsageRecordView,
     /// `view` serialized, as stored for `recent`.
     json: String,
+    /// The `user_id` sent, kept (never stored) to hash it again under
+    /// another secret.
+    user_id: Option<Text<256>>,
     claim: Option<Id>,
     day: NaiveDate,
     ts_ms: i64,
@@ -464,6 +497,14 @@ struct Prepared {
 }
 
 impl Prepared {
+    /// Hashes the `user_id` again, under `secret`.
+    fn rehash(&mut self, secret: &[u8]) {
+        if let Some(user_id) = &self.user_id {
+            self.view.user_hash = Some(hash_user(secret, user_id.as_str()));
+            self.json = serde_json::to_string(&self.view).expect("a record view always serializes");
+        }
+    }
+
     fn add_fields(&self, into: &mut BTreeMap<String, i64>) {
         let mut add = |name: String, v: i64| {
             if v != 0 {
@@ -568,6 +609,7 @@ pub async fn record_usage(
         ));
     }
     let now = state.clock.now();
+    let mut secret = settings.user_secret();
     let mut prepared = Vec::with_capacity(records.len());
     for (i, record) in records.into_iter().enumerate() {
         let at = |name: &str| {
@@ -577,7 +619,7 @@ pub async fn record_usage(
                 name.to_owned()
             }
         };
-        prepared.push(prepare(settings, caller, record, now, &at)?);
+        prepared.push(prepare(settings, caller, record, now, &secret, &at)?);
     }
 
     // Repeats inside the batch never reach storage: the first one counts.
@@ -592,14 +634,34 @@ pub async fn record_usage(
     }
     // A batch is applied whole or not at all; when storage reports ids it
     // has seen, they are set aside and the rest is tried again. Each round
-    // sets aside at least one record, so this ends.
+    // sets aside at least one record, so this ends. When it holds another
+    // `user_id` secret (another replica made a new one after Redis lost
+    // its data), this replica takes that one and hashes the batch again:
+    // one user hashes one way whichever replica records it.
+    let mut secrets_replaced = 0;
     loop {
         let live: Vec<usize> = (0..prepared.len()).filter(|i| !duplicate[*i]).collect();
         if live.is_empty() {
             break;
         }
-        let (write, claim_owner) = plan(settings, &prepared, &live, caller, now);
+        let (write, claim_owner) = plan(settings, &prepared, &live, caller, now, &secret);
         match state.engine.apply_usage(&write).await? {
+            UsageOutcome::OtherSecret if secrets_replaced < 3 => {
+                secrets_replaced += 1;
+                settings.replace_user_secret(state.engine.usage_secret().await?);
+                secret = settings.user_secret();
+                tracing::warn!(
+                    "the stored user-id HMAC secret changed (Redis lost its data?); using it"
+                );
+                for p in &mut prepared {
+                    p.rehash(&secret);
+                }
+            }
+            UsageOutcome::OtherSecret => {
+                return Err(ApiError::Unavailable(
+                    "the user-id HMAC secret keeps changing".into(),
+                ));
+            }
             UsageOutcome::Applied => break,
             UsageOutcome::Duplicates(claims) => {
                 for c in claims {
@@ -637,6 +699,7 @@ fn prepare(
     caller: &Identity,
     r: UsageRecordIn,
     now: DateTime<Utc>,
+    secret: &[u8],
     at: &dyn Fn(&str) -> String,
 ) -> ApiResult<Prepared> {
     let ts = r.ts.unwrap_or(now);
@@ -676,7 +739,7 @@ fn prepare(
         model: r.model.to_string(),
         provider: r.provider.to_string(),
         agent_id: r.agent_id.map(|a| a.to_string()),
-        user_hash: r.user_id.map(|u| settings.hash_user(u.as_str())),
+        user_hash: r.user_id.as_ref().map(|u| hash_user(secret, u.as_str())),
         tokens,
         cache: r.cache.unwrap_or(CacheInfo {
             hit: false,
@@ -687,6 +750,7 @@ fn prepare(
     };
     Ok(Prepared {
         json: serde_json::to_string(&view).expect("a record view always serializes"),
+        user_id: r.user_id,
         view,
         claim: r.id,
         day: ts.date_naive(),
@@ -714,6 +778,7 @@ fn plan(
     live: &[usize],
     caller: &Identity,
     now: DateTime<Utc>,
+    user_secret: &Arc<[u8]>,
 ) -> (UsageWrite, Vec<usize>) {
     let mut claims = Vec::new();
     let mut claim_owner = Vec::new();
@@ -774,6 +839,7 @@ fn plan(
         days,
         event,
         now_ms: now.timestamp_millis(),
+        user_secret: user_secret.clone(),
     };
     (write, claim_owner)
 }

@@ -20,22 +20,36 @@ use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
 use crate::usage::{NAMES_PER_DAY, OTHER, RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
 
-/// KEYS: 2..1+n claim markers, then per day its hash and its record set.
+/// KEYS: 2..1+n claim markers, then per day its hash and its record set,
+/// and last the `user_id` HMAC secret.
 /// ARGV: 2 n, 3 number of days, 4 claim ttl ms, 5 records kept per day,
 /// 6 event, 7 event agent or '', 8 total limit, 9 names a day breaks each
 /// group down by, 10 the entry of the names past them; then per day:
 /// expire-at ms, field count f, record count r, f `(field, increment)`
-/// pairs and r `(score, record)` pairs.
+/// pairs and r `(score, record)` pairs; and last the secret the batch's
+/// `user_id`s were hashed with.
+///
+/// The secret is checked first: missing (Redis lost its data), it is put
+/// back, so that replicas started later load it; another one (a replica
+/// started meanwhile made a new one), nothing is written and the reply says
+/// so: the service takes the stored secret and hashes the batch again.
 ///
 /// A breakdown (`<group>:<name>:<metric>`) of a name the day does not have
 /// yet counts under that name while the day's `names:<group>` count has
 /// room, and under the other entry after that (see [`NAMES_PER_DAY`]).
 ///
 /// Returns `{0}` when applied, `{1, i…}` with the 0-based indexes of
-/// repeated claims, or `{2, j}` when day `j` (1-based) would overflow.
+/// repeated claims, `{2, j}` when day `j` (1-based) would overflow, or
+/// `{3}` when the stored secret is another.
 static APPLY: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
+local stored = redis.call('GET', KEYS[#KEYS])
+if not stored then
+  redis.call('SET', KEYS[#KEYS], ARGV[#ARGV])
+elseif stored ~= ARGV[#ARGV] then
+  return {3}
+end
 local n, d = tonumber(ARGV[2]), tonumber(ARGV[3])
 local names_per_day, other = tonumber(ARGV[9]), ARGV[10]
 local days, p = {}, 11
@@ -177,6 +191,8 @@ impl RedisEngine {
                 argv.push(member.clone());
             }
         }
+        keys.push(self.keys.user_hmac_secret());
+        argv.push(String::from_utf8_lossy(&write.user_secret).into_owned());
         let reply: Vec<i64> = self.invoke(&APPLY, &keys, &argv).await?;
         match reply.split_first() {
             Some((&0, _)) => Ok(UsageOutcome::Applied),
@@ -188,6 +204,7 @@ impl RedisEngine {
                 .get((*day as usize).wrapping_sub(1))
                 .map(|d| UsageOutcome::Overflow(d.day))
                 .ok_or_else(|| EngineError::Corrupt("usage script named no day".into())),
+            Some((&3, [])) => Ok(UsageOutcome::OtherSecret),
             _ => Err(EngineError::Corrupt(format!(
                 "unexpected usage script reply {reply:?}"
             ))),
