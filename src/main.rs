@@ -28,9 +28,13 @@ fn main() -> ExitCode {
             let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
             // The entry must load as the server will load it.
             attune_telemetry::auth::KeyRing::parse(&entry).map(|_| {
-                eprintln!("Secret (shown once; give it to the key's holder):");
+                // Standard error is only TOML (comments and the entry), so
+                // `keys new … 2>> keys.toml` appends a loadable entry.
+                eprintln!(
+                    "# The secret, shown once, is on standard output: give it to the key's holder."
+                );
                 attune_telemetry::cli::out(format_args!("{secret}"));
-                eprintln!("\nAdd this entry to the keys file:\n");
+                eprintln!("# Add this entry to the keys file:");
                 eprint!("{entry}");
             })
         }

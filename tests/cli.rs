@@ -526,6 +526,15 @@ fn keys_new_refuses_an_entry_the_server_would_refuse() {
     );
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert!(stdout(&ok).starts_with("atk_"), "{}", stdout(&ok));
+    // Standard error is a keys file as it is (`2>> keys.toml`), holding
+    // the key whose secret went to standard output.
+    let ring = attune_telemetry::auth::KeyRing::parse(&stderr(&ok)).expect("loadable TOML");
+    assert_eq!(
+        ring.authenticate(Some(stdout(&ok).trim()))
+            .map(|id| id.name)
+            .ok(),
+        Some("ci".to_owned())
+    );
     for args in [
         [
             "keys", "new", "--name", "dash", "--role", "viewer", "--agents", "ci-*",

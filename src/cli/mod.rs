@@ -613,11 +613,9 @@ async fn tail(
             } else {
                 render::event_line(&event)
             };
-            // A closed pipe (`tail | head`) ends the command quietly.
-            let mut out = std::io::stdout().lock();
-            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-                return Ok(());
-            }
+            // Line by line, as events come (standard output is flushed at
+            // each newline); a closed pipe (`tail | head`) ends the command.
+            outln!("{line}");
         }
     }
     Ok(())

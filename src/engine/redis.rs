@@ -114,7 +114,7 @@ pub struct RedisEngine {
     pub keys: Keys,
     /// Bound on every ordinary call, connecting included.
     pub timeout: Duration,
-    /// `MAXLEN ~` of the event log.
+    /// Most entries of the event log (see [`EMIT_PRELUDE`] for how exactly).
     pub stream_max_len: usize,
     /// Group commit of heartbeats, started on the first beat (see
     /// [`crate::agents`]'s Redis engine).

@@ -266,12 +266,13 @@ impl Subscription {
 
     /// Where a client that received every frame handed out so far resumes
     /// (its `since`): after the last event examined, or while replayed
-    /// events are still queued, after the last one handed out.
+    /// frames are still queued, after the last event handed out (a queued
+    /// `stream.reset` is then sent again when it resumes).
     pub fn resume_point(&self) -> Option<StreamId> {
-        if self.pending.iter().any(|f| matches!(f, Frame::Event(_))) {
-            self.handed
-        } else {
+        if self.pending.is_empty() {
             self.last
+        } else {
+            self.handed
         }
     }
 
@@ -654,4 +655,51 @@ fn sse_stream(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventBody;
+
+    /// A stream that ends while replayed events are still queued resumes
+    /// after the last one handed out, not after the end of the queue; once
+    /// the queue is empty, after the last event examined.
+    #[tokio::test]
+    async fn the_resume_point_is_the_last_event_handed_out() {
+        let state = crate::app::build(crate::config::Config::for_tests())
+            .await
+            .expect("app builds")
+            .state;
+        let tailer = state
+            .hub
+            .spawn_tailer(state.engine.clone(), state.shutdown.clone());
+        let mut ids = Vec::new();
+        for n in 0..10 {
+            let body = EventBody::new(
+                "test.resume",
+                "test",
+                None,
+                state.clock.now(),
+                serde_json::json!({ "n": n }),
+            );
+            ids.push(state.engine.publish(body).await.expect("published"));
+        }
+        let mut sub = Subscription::start(&state, Some(StreamId::ZERO), EventFilter::default())
+            .await
+            .expect("subscribed");
+        assert_eq!(sub.resume_point(), Some(StreamId::ZERO));
+        let Ok(Frame::Event(first)) = sub.next().await else {
+            panic!("an event first");
+        };
+        assert_eq!(first.id, ids[0]);
+        // The other nine are read and queued, not yet handed out.
+        assert_eq!(sub.resume_point(), Some(ids[0]));
+        for _ in 1..10 {
+            sub.next().await.expect("a frame");
+        }
+        assert_eq!(sub.resume_point(), Some(ids[9]));
+        state.shutdown.cancel();
+        tailer.await.expect("the tailer stops");
+    }
 }
