@@ -380,6 +380,26 @@ async fn agents_write_feedback_and_read_recommendations_and_viewers_read_summari
         .post_as("/v1/feedback", scoped, Some(&keys.ci_agent))
         .await;
     assert_eq!(status, 403);
+    // Template ratings alike.
+    let rate = |body: Value| app.post_as("/v1/templates/t/feedback", body, Some(&keys.ci_agent));
+    let (status, problem) = rate(json!({"rating": "good"})).await;
+    assert_eq!(
+        (status, problem_field(&problem).as_str()),
+        (422, "agent_id")
+    );
+    let (status, _) = rate(json!({"rating": "good", "agent_id": "prod-1"})).await;
+    assert_eq!(status, 403);
+    let (status, rated) = rate(json!({"rating": "good", "agent_id": "ci-1"})).await;
+    assert_eq!((status, rated["good"].clone()), (200, json!(1)), "{rated}");
+    let (_, page) = app
+        .get_as("/v1/events?types=feedback.recorded", Some(&keys.viewer))
+        .await;
+    let last = page["events"].as_array().and_then(|e| e.last()).cloned();
+    assert_eq!(
+        last.map(|e| e["agent_id"].clone()),
+        Some(json!("ci-1")),
+        "{page}"
+    );
     let recommendation = "/v1/feedback/recommendation?workflow=w&stage=s&current_tier=cheap";
     let (status, _) = app.get_as(recommendation, Some(&keys.agent)).await;
     assert_eq!(status, 200);

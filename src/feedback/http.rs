@@ -198,6 +198,9 @@ async fn get_feedback_underperforming(
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TemplateFeedbackIn {
     pub rating: Rating,
+    /// The agent giving the rating; agent keys may only name agents in
+    /// their scope, and keys limited to some agents must name one.
+    pub agent_id: Option<Id>,
 }
 
 /// Rate a template.
@@ -223,7 +226,7 @@ async fn post_template_feedback(
     ValidJson(req): ValidJson<TemplateFeedbackIn>,
 ) -> ApiResult<Json<TemplateRating>> {
     let id = Id::parse("template_id", &template_id)?;
-    rate_template(&state, &caller, &id, req.rating)
+    rate_template(&state, &caller, &id, req.rating, req.agent_id.as_ref())
         .await
         .map(Json)
 }

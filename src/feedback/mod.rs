@@ -646,17 +646,20 @@ pub async fn underperforming(
     Ok((rows, next))
 }
 
-/// Adds a rating to a template.
+/// Adds a rating to a template, given by `agent` if named (a key limited
+/// to some agents must name one of them, as for every feedback).
 pub async fn rate_template(
     state: &AppState,
     caller: &Identity,
     id: &Id,
     rating: Rating,
+    agent: Option<&Id>,
 ) -> ApiResult<TemplateRating> {
+    caller.ensure_may_write_for(agent, "agent_id")?;
     let event = EventBody::new(
         "feedback.recorded",
         &caller.name,
-        None,
+        agent,
         state.clock.now(),
         serde_json::json!({ "kind": "template", "template_id": id, "rating": rating }),
     );
