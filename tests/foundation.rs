@@ -639,3 +639,64 @@ async fn numbers_come_back_exactly_as_they_were_sent() {
         }
     }
 }
+
+/// Every listing reads an index, never the keyspace: no `SCAN` or `KEYS`
+/// reaches Redis however the listings are filtered (the original scanned
+/// every key for each of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_listings_never_scan_the_keyspace() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    for i in 0..30 {
+        let (status, _) = app
+            .post(
+                &format!("/v1/agents/a-{i}/heartbeats"),
+                json!({"ttl_seconds": 1}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    app.post(
+        "/v1/approvals",
+        json!({"approval_type": "deploy", "agent_id": "a-1"}),
+    )
+    .await;
+    app.post(
+        "/v1/signals",
+        json!({"signal_type": "go", "source_agent": "a-1", "target_agent": "a-2"}),
+    )
+    .await;
+    let mut conn = app.redis.as_ref().unwrap().conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut conn)
+        .unwrap();
+    // Past every ttl and grace, so that state and stale filters match.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    for path in [
+        "/v1/agents",
+        "/v1/agents?state=up",
+        "/v1/agents?state=down",
+        "/v1/agents?status=running",
+        "/v1/agents/stale?threshold_seconds=1",
+        "/v1/agents/performance",
+        "/v1/approvals?status=all",
+        "/v1/approvals?agent_id=a-1",
+        "/v1/signals?type=go",
+        "/v1/agents/a-2/signals",
+        "/v1/events?types=agent.down",
+        "/v1/usage/recent",
+        "/v1/templates",
+        "/v1/feedback/underperforming",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    assert!(stats.contains("cmdstat_zrange"), "{stats}");
+    for scanning in ["cmdstat_scan:", "cmdstat_keys:"] {
+        assert!(!stats.contains(scanning), "{scanning} in {stats}");
+    }
+}

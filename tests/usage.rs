@@ -1260,6 +1260,57 @@ async fn usage_events(app: &TestApp) -> Value {
     Value::Array(events)
 }
 
+/// Two replicas recording different calls at the same time lose none of
+/// them: every total adds up exactly, read through either replica (the
+/// original kept usage in local files, and concurrent writers lost updates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_recording_at_once_lose_no_update() {
+    let app = TestApp::spawn(Kind::Redis).await;
+    let replica = app.replica().await;
+    let mut tasks = Vec::new();
+    for (n, target) in [&app, &replica, &app, &replica].into_iter().enumerate() {
+        let records: Vec<Value> = (0..250)
+            .map(|i| simple(&format!("at-once-{n}-{i}")))
+            .collect();
+        let (url, client) = (target.url("/v1/usage"), target.client.clone());
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .json(&json!({ "records": records }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 201);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Each record: 1,000 input and 100 output tokens of the cheap model.
+    let (_, one) = app.get("/v1/usage/stats").await;
+    let (_, other) = replica.get("/v1/usage/stats").await;
+    assert_eq!(one, other);
+    assert_eq!(one["total_calls"], 1000, "{one}");
+    assert_eq!(one["tokens_input"], 1_000_000, "{one}");
+    assert_eq!(one["tokens_output"], 100_000, "{one}");
+    let (_, prices) = app.get("/v1/usage/prices").await;
+    let model = prices["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == "claude-haiku-4-5")
+        .expect("the cheap model's prices")
+        .clone();
+    let per_call = (1000.0 * model["input"].as_f64().unwrap()
+        + 100.0 * model["output"].as_f64().unwrap())
+        / 1e6;
+    let total = one["total_cost_usd"].as_f64().unwrap();
+    assert!(
+        (total - 1000.0 * per_call).abs() < 1e-9,
+        "{total} vs {per_call}"
+    );
+}
+
 /// The `user_hash` of `user` in a record posted through `app`.
 async fn hash_through(app: &TestApp, user: &str, id: &str) -> String {
     let mut r = simple(id);
