@@ -160,9 +160,13 @@ impl QualityStats {
     }
 }
 
-/// The mean of `scores`, from a compensated (Neumaier) sum: a plain sum
-/// drifts by the last bits (ten scores of 0.9 add up to 9.000000000000002),
-/// and a mean exactly at a rule's threshold would then pass it.
+/// The mean of `scores`, from a compensated (Neumaier) sum, to 12 decimal
+/// places. A plain sum drifts by the last bits (ten scores of 0.9 add up to
+/// 9.000000000000002), and even an exact sum of the binary scores is not
+/// the decimal one (six of 0.57 and six of 0.83 average
+/// 0.6999999999999998): a mean exactly at a rule's threshold would pass it
+/// or fall short of it. Scores are decimals people send; twelve places keep
+/// every digit that means something and drop the binary noise.
 fn mean(scores: &[f64]) -> f64 {
     let (mut sum, mut lost) = (0.0f64, 0.0f64);
     for &x in scores {
@@ -174,7 +178,8 @@ fn mean(scores: &[f64]) -> f64 {
         };
         sum = next;
     }
-    (sum + lost) / scores.len() as f64
+    let mean = (sum + lost) / scores.len() as f64;
+    (mean * 1e12).round() / 1e12
 }
 
 /// A tier recommendation.
@@ -698,6 +703,28 @@ mod tests {
         assert_eq!(stats(&[0.1; 10]).avg, Some(0.1));
         assert_eq!(stats(&[0.7; 7]).avg, Some(0.7));
         let r = recommend(Tier::Capable, stats(&[0.9; 10]), Some(&stats(&[0.86; 10])));
+        assert_eq!(r.recommended_tier, Tier::Capable, "{}", r.reason);
+        // Means whose decimal value is a threshold, though their binary
+        // sums are not: each rule's "below" or "above" is strict.
+        let mixed = |parts: &[(usize, f64)]| -> Vec<f64> {
+            parts
+                .iter()
+                .flat_map(|&(n, x)| std::iter::repeat_n(x, n))
+                .collect()
+        };
+        let at_07 = stats(&mixed(&[(6, 0.57), (6, 0.83)]));
+        assert_eq!(at_07.avg, Some(0.7));
+        assert_eq!(
+            recommend(Tier::Cheap, at_07, None).recommended_tier,
+            Tier::Cheap
+        );
+        let at_09 = stats(&mixed(&[(1, 0.54), (12, 0.93)]));
+        assert_eq!(at_09.avg, Some(0.9));
+        let lower_085 = stats(&mixed(&[(7, 0.81), (4, 0.92)]));
+        assert_eq!(lower_085.avg, Some(0.85));
+        let r = recommend(Tier::Capable, at_09, Some(&stats(&[0.95; 10])));
+        assert_eq!(r.recommended_tier, Tier::Capable, "{}", r.reason);
+        let r = recommend(Tier::Capable, stats(&[0.95; 10]), Some(&lower_085));
         assert_eq!(r.recommended_tier, Tier::Capable, "{}", r.reason);
     }
 
