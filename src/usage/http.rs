@@ -103,12 +103,15 @@ struct RecentQuery {
     #[serde(default, deserialize_with = "optional_days")]
     #[param(value_type = Option<u64>, minimum = 1, maximum = 3660)]
     days: Option<Days>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
 }
 
 /// Recent usage records.
 ///
-/// Newest first, with the totals of the rows returned. The newest 1000
-/// records of each UTC day are kept for this view (for the retention period).
+/// Newest first, with the totals of the rows returned, in pages
+/// (`next_cursor`). The newest 1000 records of each UTC day are kept for
+/// this view (for the retention period).
 #[utoipa::path(
     get, path = "/v1/usage/recent", tag = "usage", params(RecentQuery),
     responses(
@@ -123,7 +126,8 @@ async fn get_usage_recent(
     ValidQuery(q): ValidQuery<RecentQuery>,
 ) -> ApiResult<Json<RecentUsage>> {
     let limit = q.limit.map_or(20, Bounded::get) as usize;
-    recent(&state, limit, q.days.map(Bounded::get))
+    let after = crate::usage::RecentCursor::from_param(q.cursor.as_deref())?;
+    recent(&state, limit, q.days.map(Bounded::get), after)
         .await
         .map(Json)
 }

@@ -8,7 +8,8 @@ use chrono::NaiveDate;
 use crate::engine::EngineResult;
 use crate::engine::memory::MemoryEngine;
 use crate::usage::{
-    NAMES_PER_DAY, OTHER, RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite, names_field,
+    NAMES_PER_DAY, OTHER, RECENT_PER_DAY, RecentCursor, TOTAL_LIMIT, UsageOutcome, UsageWrite,
+    names_field,
 };
 
 /// One UTC day: what the Redis day hash and record set hold.
@@ -163,15 +164,42 @@ impl MemoryEngine {
     pub async fn usage_recent(
         &self,
         days: &[NaiveDate],
+        after: Option<&RecentCursor>,
         limit: usize,
     ) -> EngineResult<Vec<String>> {
         let now = chrono::Utc::now().timestamp_millis();
         let state = self.lock();
-        Ok(days
+        let after_day = after.and_then(RecentCursor::day);
+        let mut out = Vec::with_capacity(limit);
+        for (date, day) in days
             .iter()
-            .filter_map(|d| state.usage.live_day(d, now))
-            .flat_map(|day| day.recent.iter().rev().map(|(_, json)| json.clone()))
-            .take(limit)
-            .collect())
+            .filter(|d| after_day.is_none_or(|a| **d <= a))
+            .filter_map(|d| state.usage.live_day(d, now).map(|day| (d, day)))
+        {
+            // Newest first, as Redis lists a sorted set in reverse: by time,
+            // then by the record's JSON.
+            let records: Box<dyn Iterator<Item = &(i64, String)>> = match after {
+                Some(cursor) if Some(*date) == after_day => {
+                    let prefix = cursor.record_prefix();
+                    let at = day
+                        .recent
+                        .range((cursor.ts_ms, String::new())..(cursor.ts_ms + 1, String::new()))
+                        .find(|(_, json)| json.starts_with(&prefix))
+                        .cloned()
+                        .unwrap_or((cursor.ts_ms, String::new()));
+                    Box::new(day.recent.range(..at).rev())
+                }
+                _ => Box::new(day.recent.iter().rev()),
+            };
+            out.extend(
+                records
+                    .take(limit - out.len())
+                    .map(|(_, json)| json.clone()),
+            );
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 }

@@ -559,13 +559,15 @@ impl Engine {
         dispatch!(self, usage_days(days))
     }
 
-    /// Up to `limit` record JSONs of `days` (given newest first), newest first.
+    /// Up to `limit` record JSONs of `days` (given newest first), newest
+    /// first, after `after` if given.
     pub async fn usage_recent(
         &self,
         days: &[NaiveDate],
+        after: Option<&RecentCursor>,
         limit: usize,
     ) -> EngineResult<Vec<String>> {
-        dispatch!(self, usage_recent(days, limit))
+        dispatch!(self, usage_recent(days, after, limit))
     }
 }
 
@@ -1137,13 +1139,83 @@ pub struct RecentTotals {
 pub struct RecentUsage {
     /// Newest first.
     pub records: Vec<UsageRecordView>,
+    /// The totals of `records` (this page).
     pub totals: RecentTotals,
+    /// Pass as `cursor` for the records after these; absent at the end.
+    pub next_cursor: Option<String>,
 }
 
-pub async fn recent(state: &AppState, limit: usize, days: Option<u64>) -> ApiResult<RecentUsage> {
+/// Where a page of recent records ends: its last record, by the time it
+/// is filed under (ms) and its id. The next page starts after that record,
+/// or, if it has been dropped meanwhile (a day keeps its newest records),
+/// with the records older than it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentCursor {
+    pub ts_ms: i64,
+    pub id: String,
+}
+
+impl RecentCursor {
+    const TAG: &'static str = "recent";
+
+    fn encode(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}:{}:{}",
+            Self::TAG,
+            self.ts_ms,
+            self.id
+        ))
+    }
+
+    /// A `cursor` parameter: absent or empty is none.
+    pub fn from_param(raw: Option<&str>) -> ApiResult<Option<Self>> {
+        use base64::Engine as _;
+        let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+            return Ok(None);
+        };
+        let invalid = || ApiError::invalid("cursor", "is not a cursor this listing returned");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(raw)
+            .map_err(|_| invalid())?;
+        let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+        let mut parts = text.splitn(3, ':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(Self::TAG), Some(ts), Some(id)) if Id::new(id).is_ok() => Ok(Some(Self {
+                ts_ms: ts.parse().map_err(|_| invalid())?,
+                id: id.to_owned(),
+            })),
+            _ => Err(invalid()),
+        }
+    }
+
+    /// How a stored record with this id begins (records are stored as their
+    /// view's JSON, `id` first).
+    pub fn record_prefix(&self) -> String {
+        format!("{{\"id\":\"{}\",", self.id)
+    }
+
+    /// The UTC day the record is filed under.
+    pub fn day(&self) -> Option<NaiveDate> {
+        DateTime::<Utc>::from_timestamp_millis(self.ts_ms).map(|t| t.date_naive())
+    }
+}
+
+pub async fn recent(
+    state: &AppState,
+    limit: usize,
+    days: Option<u64>,
+    after: Option<RecentCursor>,
+) -> ApiResult<RecentUsage> {
     let days = days.unwrap_or(state.usage.retention_days + 1);
     let window = state.usage.window(state.clock.now(), days);
-    let raw = state.engine.usage_recent(&window, limit).await?;
+    // One more than asked, to tell whether a next page starts after it.
+    let mut raw = state
+        .engine
+        .usage_recent(&window, after.as_ref(), limit + 1)
+        .await?;
+    let more = raw.len() > limit;
+    raw.truncate(limit);
     let mut records = Vec::with_capacity(raw.len());
     let mut totals = RecentTotals::default();
     let mut cost = 0i64;
@@ -1163,7 +1235,27 @@ pub async fn recent(state: &AppState, limit: usize, days: Option<u64>) -> ApiRes
         records.push(r);
     }
     totals.cost_usd = usd(cost);
-    Ok(RecentUsage { records, totals })
+    let next_cursor = records
+        .last()
+        .filter(|_| more)
+        .map(|r| {
+            let ts_ms = DateTime::parse_from_rfc3339(&r.ts)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| ApiError::Internal(format!("stored usage record: {e}")))?;
+            Ok::<_, ApiError>(
+                RecentCursor {
+                    ts_ms,
+                    id: r.id.clone(),
+                }
+                .encode(),
+            )
+        })
+        .transpose()?;
+    Ok(RecentUsage {
+        records,
+        totals,
+        next_cursor,
+    })
 }
 
 #[cfg(test)]

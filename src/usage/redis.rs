@@ -18,7 +18,9 @@ use redis::Script;
 
 use crate::engine::redis::{RedisEngine, args, script};
 use crate::engine::{EngineError, EngineResult};
-use crate::usage::{NAMES_PER_DAY, OTHER, RECENT_PER_DAY, TOTAL_LIMIT, UsageOutcome, UsageWrite};
+use crate::usage::{
+    NAMES_PER_DAY, OTHER, RECENT_PER_DAY, RecentCursor, TOTAL_LIMIT, UsageOutcome, UsageWrite,
+};
 
 /// KEYS: 2..1+n claim markers, then per day its hash and its record set,
 /// and last the `user_id` HMAC secret.
@@ -139,6 +141,25 @@ return {0}
     )
 });
 
+/// The records of one day's recent set after a cursor, newest first: after
+/// the cursor's record if the set still holds it, else those older than it.
+/// KEYS: 2 the day's set. ARGV: 2 the record's time (ms), 3 how its JSON
+/// begins (see [`RecentCursor::record_prefix`]), 4 how many.
+static RECENT_AFTER: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local count = tonumber(ARGV[4])
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], ARGV[2])) do
+  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then
+    local rank = redis.call('ZREVRANK', KEYS[2], m)
+    return redis.call('ZREVRANGE', KEYS[2], rank + 1, rank + count)
+  end
+end
+return redis.call('ZREVRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '-inf', 'LIMIT', 0, count)
+"#,
+    )
+});
+
 /// Days read per round trip by `recent`.
 const RECENT_DAYS_PER_ROUND: usize = 7;
 
@@ -226,11 +247,35 @@ impl RedisEngine {
     pub async fn usage_recent(
         &self,
         days: &[NaiveDate],
+        after: Option<&RecentCursor>,
         limit: usize,
     ) -> EngineResult<Vec<String>> {
         let mut out = Vec::with_capacity(limit);
+        let mut days = days;
+        if let Some(cursor) = after {
+            let Some(day) = cursor.day() else {
+                return Ok(out);
+            };
+            // Days after the cursor's are done; its own continues after it.
+            let from = days.iter().position(|d| *d <= day).unwrap_or(days.len());
+            days = &days[from..];
+            if days.first() == Some(&day) {
+                let page: Vec<String> = self
+                    .invoke(
+                        &RECENT_AFTER,
+                        &[self.keys.usage_recent(day)],
+                        &args![cursor.ts_ms, cursor.record_prefix(), limit],
+                    )
+                    .await?;
+                out.extend(page);
+                days = &days[1..];
+            }
+        }
         let mut conn = self.conn();
         for chunk in days.chunks(RECENT_DAYS_PER_ROUND) {
+            if out.len() >= limit {
+                break;
+            }
             let want = limit - out.len();
             let mut pipe = redis::pipe();
             for day in chunk {
