@@ -776,6 +776,35 @@ async fn a_consuming_read_retried_with_its_key_gets_the_same_signals(kind: Kind)
     );
 }
 
+/// An `Idempotency-Key` belongs to the API key that sent it: another API
+/// key's consuming read with the same one reads afresh and never gets what
+/// the first took.
+async fn an_idempotency_key_belongs_to_its_api_key(kind: Kind) {
+    let keys = TestKeys::new();
+    let app = TestApp::spawn_with(Options::new(kind).keys(&keys.toml)).await;
+    let sent = app
+        .post_as(
+            "/v1/signals",
+            json!({"signal_type": "task", "source_agent": "boss", "target_agent": "worker"}),
+            Some(&keys.admin),
+        )
+        .await
+        .1;
+    let read = |token: &str| {
+        app.client
+            .get(app.url("/v1/agents/worker/signals?consume=true"))
+            .bearer_auth(token.to_owned())
+            .header("Idempotency-Key", "shared-7")
+            .send()
+    };
+    let taken: Value = read(&keys.agent).await.unwrap().json().await.unwrap();
+    assert_eq!(taken_ids(&taken), [sent["signal_id"].as_str().unwrap()]);
+    let other: Value = read(&keys.admin).await.unwrap().json().await.unwrap();
+    assert_eq!(taken_ids(&other), Vec::<String>::new(), "{other}");
+    let again: Value = read(&keys.agent).await.unwrap().json().await.unwrap();
+    assert_eq!(again, taken);
+}
+
 /// Reads racing with one key (a client that retried before its first read
 /// answered) take once between them and answer alike; a retry after a
 /// signal's TTL leaves it out, as every read does.
@@ -961,6 +990,7 @@ conformance!(
     every_send_emits_signal_sent_with_the_signal,
     live_signals_are_listed_oldest_first_with_filters_and_pages,
     a_consuming_read_retried_with_its_key_gets_the_same_signals,
+    an_idempotency_key_belongs_to_its_api_key,
     a_consuming_read_that_took_nothing_keeps_nothing,
     reads_racing_with_one_key_take_once_and_expired_signals_stay_out,
     broadcasts_a_filter_passes_over_stay_until_taken,

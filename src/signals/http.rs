@@ -147,9 +147,11 @@ async fn get_inbox(
         source: q.source,
         limit: q.limit.unwrap_or(DEFAULT_LIMIT).get() as usize,
         consume,
-        // Only a consuming read has anything to keep.
+        // Only a consuming read has anything to keep. Keys are each API
+        // key's own: another key's read with the same one is another read
+        // (and never sees what the first took).
         receipt: if consume {
-            idempotency_key(&headers)?
+            idempotency_key(&headers)?.map(|key| format!("{}\n{key}", caller.name))
         } else {
             None
         },
