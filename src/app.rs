@@ -183,34 +183,42 @@ fn declare_refusals_of_the_stack(doc: &mut utoipa::openapi::OpenApi) {
             )
             .build()
     };
-    for item in doc.paths.paths.values_mut() {
-        let operations = [
+    for operation in operations_mut(doc) {
+        let responses = &mut operation.responses.responses;
+        if !responses.contains_key("403") {
+            responses.insert(
+                "403".into(),
+                problem(
+                    "Without a keys file: a request from another site, or for a host \
+                     name that is not this machine's loopback",
+                )
+                .into(),
+            );
+        }
+        if operation.request_body.is_some() && !responses.contains_key("413") {
+            responses.insert(
+                "413".into(),
+                problem("The body is over `--body-limit-bytes`").into(),
+            );
+        }
+    }
+}
+
+/// Every operation of `doc`.
+fn operations_mut(
+    doc: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    doc.paths.paths.values_mut().flat_map(|item| {
+        [
             &mut item.get,
             &mut item.put,
             &mut item.post,
             &mut item.delete,
             &mut item.patch,
-        ];
-        for operation in operations.into_iter().flatten() {
-            let responses = &mut operation.responses.responses;
-            if !responses.contains_key("403") {
-                responses.insert(
-                    "403".into(),
-                    problem(
-                        "Without a keys file: a request from another site, or for a host \
-                         name that is not this machine's loopback",
-                    )
-                    .into(),
-                );
-            }
-            if operation.request_body.is_some() && !responses.contains_key("413") {
-                responses.insert(
-                    "413".into(),
-                    problem("The body is over `--body-limit-bytes`").into(),
-                );
-            }
-        }
-    }
+        ]
+        .into_iter()
+        .flatten()
+    })
 }
 
 /// Declares every error answer with the media type it is sent with,
@@ -220,28 +228,19 @@ fn declare_refusals_of_the_stack(doc: &mut utoipa::openapi::OpenApi) {
 fn problems_as_problem_json(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::RefOr;
     const PROBLEM: &str = "#/components/schemas/Problem";
-    for item in doc.paths.paths.values_mut() {
-        let operations = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
-        ];
-        for operation in operations.into_iter().flatten() {
-            for response in operation.responses.responses.values_mut() {
-                let RefOr::T(response) = response else {
-                    continue;
-                };
-                let is_problem = response.content.get("application/json").is_some_and(
-                    |c| matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location == PROBLEM),
-                );
-                if is_problem {
-                    let content = response.content.shift_remove("application/json");
-                    response
-                        .content
-                        .extend(content.map(|c| ("application/problem+json".to_owned(), c)));
-                }
+    for operation in operations_mut(doc) {
+        for response in operation.responses.responses.values_mut() {
+            let RefOr::T(response) = response else {
+                continue;
+            };
+            let is_problem = response.content.get("application/json").is_some_and(
+                |c| matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location == PROBLEM),
+            );
+            if is_problem {
+                let content = response.content.shift_remove("application/json");
+                response
+                    .content
+                    .extend(content.map(|c| ("application/problem+json".to_owned(), c)));
             }
         }
     }
