@@ -515,6 +515,12 @@ async fn recent_pages_with_a_cursor(kind: Kind) {
     assert_eq!(paged, everything);
     let (status, body) = app.get("/v1/usage/recent?cursor=abc").await;
     assert_eq!((status, problem_field(&body).as_str()), (422, "cursor"));
+    // A well-formed cursor at a time no record can have.
+    use base64::Engine as _;
+    let forged =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("recent:{}:x", i64::MAX));
+    let (status, body) = app.get(&format!("/v1/usage/recent?cursor={forged}")).await;
+    assert_eq!((status, problem_field(&body).as_str()), (422, "cursor"));
 }
 
 async fn tiers_are_accepted_in_any_case_and_stored_lower_case(kind: Kind) {

@@ -183,7 +183,10 @@ impl MemoryEngine {
                     let prefix = cursor.record_prefix();
                     let at = day
                         .recent
-                        .range((cursor.ts_ms, String::new())..(cursor.ts_ms + 1, String::new()))
+                        .range(
+                            (cursor.ts_ms, String::new())
+                                ..(cursor.ts_ms.saturating_add(1), String::new()),
+                        )
                         .find(|(_, json)| json.starts_with(&prefix))
                         .cloned()
                         .unwrap_or((cursor.ts_ms, String::new()));

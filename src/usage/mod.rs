@@ -1180,13 +1180,16 @@ impl RecentCursor {
             .map_err(|_| invalid())?;
         let text = String::from_utf8(bytes).map_err(|_| invalid())?;
         let mut parts = text.splitn(3, ':');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(Self::TAG), Some(ts), Some(id)) if Id::new(id).is_ok() => Ok(Some(Self {
+        let cursor = match (parts.next(), parts.next(), parts.next()) {
+            (Some(Self::TAG), Some(ts), Some(id)) if Id::new(id).is_ok() => Self {
                 ts_ms: ts.parse().map_err(|_| invalid())?,
                 id: id.to_owned(),
-            })),
-            _ => Err(invalid()),
-        }
+            },
+            _ => return Err(invalid()),
+        };
+        // A time no record can have (outside the calendar) is no cursor.
+        cursor.day().ok_or_else(invalid)?;
+        Ok(Some(cursor))
     }
 
     /// How a stored record with this id begins (records are stored as their
