@@ -598,3 +598,48 @@ fn stale_and_state_are_alternatives() {
         stderr(&output)
     );
 }
+
+/// A server that takes the connection and never answers fails the command
+/// within `--timeout`, with a reason, instead of hanging it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_fails_the_command_in_time() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let output = cli_at(&url, None, &["agents", "--timeout", "1"]).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("did not answer in time"),
+        "{}",
+        stderr(&output)
+    );
+    drop(silent);
+}
+
+/// Text agents send is shown with control characters escaped: a row stays
+/// one line, and no escape sequence reaches the terminal. An agent id with
+/// a space travels as `%20` in a path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_text_cannot_break_a_table_or_reach_the_terminal() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    app.post(
+        "/v1/agents/noisy/heartbeats",
+        json!({"current_task": "line1\nline2\u{1b}[31mRED\u{7}"}),
+    )
+    .await;
+    let output = cli(&app, None, &["agents"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+    let row = text.lines().find(|l| l.contains("noisy")).expect("a row");
+    assert!(row.contains(r"line1\nline2\u{1b}[31mRED"), "{row}");
+
+    let output = cli(&app, None, &["signals", "inbox", "bad id"]).await;
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("agent_id"), "{}", stderr(&output));
+    assert!(!stderr(&output).contains('+'), "{}", stderr(&output));
+}

@@ -41,6 +41,17 @@ pub struct ClientArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Seconds the server has to answer a request, beyond any wait it asks
+    /// the server for (`--wait`); `tail` instead fails after 45 s without a
+    /// keep-alive.
+    #[arg(
+        long,
+        env = "ATTUNE_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        global = true,
+        value_name = "SECONDS"
+    )]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,22 +207,38 @@ struct Api {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// `--timeout`.
+    answer_limit: Duration,
 }
 
 impl Api {
     fn new(args: &ClientArgs) -> Result<Self, String> {
+        // A server that stops answering fails a command instead of hanging
+        // it: `tail` hears from the server at least every 15 s (keep-alive
+        // comments), and every other request has its own limit (see
+        // `request`).
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .read_timeout(READ_LIMIT)
             .build()
             .map_err(|e| format!("cannot create an HTTP client: {e}"))?;
         Ok(Self {
             http,
             base: args.url.trim_end_matches('/').to_owned(),
             token: args.token.clone(),
+            answer_limit: Duration::from_secs(args.timeout),
         })
     }
 
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+    /// A request that must be answered within `--timeout`, plus the
+    /// `wait` it asks the server to hold it for.
+    fn request(&self, method: Method, path: &str, wait: Duration) -> reqwest::RequestBuilder {
+        self.stream_request(method, path)
+            .timeout(self.answer_limit + wait)
+    }
+
+    /// A request whose answer may last (a stream): only each read is bounded.
+    fn stream_request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, format!("{}{path}", self.base));
         match &self.token {
             Some(t) => req.bearer_auth(t),
@@ -262,7 +289,13 @@ impl Api {
     }
 
     fn unreachable(&self, err: reqwest::Error) -> String {
-        if err.is_connect() || err.is_timeout() {
+        if err.is_timeout() && !err.is_connect() {
+            format!(
+                "the server at {} did not answer in time (--timeout {} s)",
+                self.base,
+                self.answer_limit.as_secs()
+            )
+        } else if err.is_connect() {
             format!(
                 "cannot reach the server at {} — is it running? (set --url or ATTUNE_URL)",
                 self.base
@@ -281,7 +314,8 @@ impl Api {
     }
 
     async fn get(&self, path: &str) -> Result<Value, String> {
-        self.json(self.request(Method::GET, path)).await
+        self.json(self.request(Method::GET, path, Duration::ZERO))
+            .await
     }
 
     /// A consuming read (`GET path`), made safe to retry with an
@@ -291,13 +325,13 @@ impl Api {
     /// waits of 1, 2, 4 … s — and gets what the first attempt took instead
     /// of losing it. The last error names the key, which keeps the answer
     /// for ten minutes (`--idempotency-key` to ask again by hand).
-    async fn take(&self, path: &str, key: Option<String>) -> Result<Value, String> {
+    async fn take(&self, path: &str, key: Option<String>, held: Duration) -> Result<Value, String> {
         let key = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let mut wait = Duration::from_secs(1);
         let mut attempt = 1;
         loop {
             let req = self
-                .request(Method::GET, path)
+                .request(Method::GET, path, held)
                 .header("Idempotency-Key", &key);
             let lost = match req.send().await {
                 Ok(resp) if matches!(resp.status().as_u16(), 502..=504) => {
@@ -326,7 +360,8 @@ impl Api {
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
-        self.json(self.request(Method::POST, path).json(body)).await
+        self.json(self.request(Method::POST, path, Duration::ZERO).json(body))
+            .await
     }
 }
 
@@ -350,9 +385,25 @@ pub fn out(line: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Longest silence on a connection (a stream's keep-alives come every 15 s).
+const READ_LIMIT: Duration = Duration::from_secs(45);
+
 /// Percent-encodes a query value.
 fn q(value: &str) -> String {
     form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// Percent-encodes a path segment: a space is `%20` there, not `+`.
+fn segment(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Runs one client command.
@@ -516,15 +567,16 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                 } => {
                     let mut path = format!(
                         "/v1/agents/{}/signals?consume={consume}&wait_seconds={wait}",
-                        q(&agent)
+                        segment(&agent)
                     );
                     if let Some(t) = signal_type {
                         path.push_str(&format!("&type={}", q(&t)));
                     }
+                    let held = Duration::from_secs(wait);
                     let body = if consume {
-                        api.take(&path, idempotency_key).await?
+                        api.take(&path, idempotency_key, held).await?
                     } else {
-                        api.get(&path).await?
+                        api.json(api.request(Method::GET, &path, held)).await?
                     };
                     if client.json {
                         return print_json(&body);
@@ -555,7 +607,7 @@ async fn decide(
         body["reason"] = json!(reason);
     }
     let decided = api
-        .post(&format!("/v1/approvals/{}/decision", q(id)), &body)
+        .post(&format!("/v1/approvals/{}/decision", segment(id)), &body)
         .await?;
     if client.json {
         return print_json(&decided);
@@ -588,11 +640,18 @@ async fn tail(
         query.push(format!("since={}", q(&s)));
     }
     let path = format!("/v1/events/sse?{}", query.join("&"));
-    let resp = api.send(api.request(Method::GET, &path)).await?;
+    let resp = api.send(api.stream_request(Method::GET, &path)).await?;
     let mut stream = resp.bytes_stream();
     let mut buffer = Vec::new();
+    // The last event printed: where to resume when the stream breaks.
+    let mut last: Option<String> = None;
+    let resume = |last: &Option<String>| {
+        last.as_ref()
+            .map(|id| format!(" (resume with --since {id})"))
+            .unwrap_or_default()
+    };
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| format!("the event stream broke: {e}"))?;
+        let chunk = chunk.map_err(|e| format!("the event stream broke: {e}{}", resume(&last)))?;
         buffer.extend_from_slice(&chunk);
         while let Some(block) = next_sse_block(&mut buffer) {
             let is_error = block.lines().any(|l| l.trim() == "event: error");
@@ -606,7 +665,13 @@ async fn tail(
             }
             let event: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
             if is_error {
-                return Err(format!("the server ended the stream: {event}"));
+                return Err(format!(
+                    "the server ended the stream: {event}{}",
+                    resume(&last)
+                ));
+            }
+            if let Some(id) = event["id"].as_str() {
+                last = Some(id.to_owned());
             }
             let line = if client.json {
                 serde_json::to_string(&event).unwrap_or_default()

@@ -23,8 +23,12 @@ impl Table {
         Self(table)
     }
 
+    /// Adds a row. Control characters in cells (text agents sent) are
+    /// shown escaped: a newline would break the row, and terminal escape
+    /// sequences would reach the operator's terminal.
     pub fn row(&mut self, cells: Vec<String>) -> &mut Self {
-        self.0.add_row(cells);
+        self.0
+            .add_row(cells.into_iter().map(|cell| printable(&cell)));
         self
     }
 
@@ -46,9 +50,27 @@ impl Table {
     }
 }
 
-/// `$0.0123` — four decimals, because single calls cost fractions of a cent.
+/// `text` with every control character escaped (`\n`, `\u{1b}`).
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// `$0.0123` — four decimals, because single calls cost fractions of a cent;
+/// `-$0.0123` below zero.
 pub fn money(v: &Value) -> String {
     match v.as_f64() {
+        Some(x) if x < 0.0 => format!("-${:.4}", -x),
         Some(x) => format!("${x:.4}"),
         None => "-".into(),
     }
@@ -103,10 +125,19 @@ pub fn recent(body: &Value) {
         let tokens = format!("{}/{}", num(&t["input"]), num(&t["output"]));
         let cache = if r["cache"]["hit"].as_bool() == Some(true) {
             "hit".to_owned()
-        } else if t["cache_read"].as_u64().unwrap_or(0) > 0 {
-            format!("read {}", num(&t["cache_read"]))
         } else {
-            "-".to_owned()
+            let read = t["cache_read"].as_u64().unwrap_or(0);
+            let write = t["cache_creation"].as_u64().unwrap_or(0);
+            match (read > 0, write > 0) {
+                (true, true) => format!(
+                    "read {}, write {}",
+                    num(&t["cache_read"]),
+                    num(&t["cache_creation"])
+                ),
+                (true, false) => format!("read {}", num(&t["cache_read"])),
+                (false, true) => format!("write {}", num(&t["cache_creation"])),
+                (false, false) => "-".to_owned(),
+            }
         };
         table.row(vec![
             short_time(&r["ts"]),
@@ -330,11 +361,15 @@ pub fn signals(body: &Value) {
 /// `14:03:07.123  agent.down  summarizer-1  {"ttl_seconds":30}`
 pub fn event_line(e: &Value) -> String {
     let ts = e["ts"].as_str().and_then(|t| t.get(11..23)).unwrap_or("");
+    // A `stream.reset` has no data: what it says is where the log now starts.
+    let data = match &e["oldest_id"] {
+        Value::Null => e["data"].to_string(),
+        oldest => format!("oldest_id {}", text(oldest)),
+    };
     format!(
-        "{ts}  {:<18}  {:<16}  {}",
+        "{ts}  {:<18}  {:<16}  {data}",
         text(&e["type"]),
         e["agent_id"].as_str().unwrap_or("-"),
-        e["data"]
     )
 }
 
@@ -347,6 +382,9 @@ mod tests {
     fn money_and_percentages_are_formatted_for_people() {
         assert_eq!(money(&json!(0.0123)), "$0.0123");
         assert_eq!(money(&json!(12)), "$12.0000");
+        assert_eq!(money(&json!(-93456.62891)), "-$93456.6289");
+        assert_eq!(printable("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
+        assert_eq!(printable("José"), "José");
         assert_eq!(percent(&json!(42.46)), "42.5%");
         assert_eq!(fraction_percent(&json!(0.5)), "50.0%");
         assert_eq!(fraction_percent(&Value::Null), "-");
