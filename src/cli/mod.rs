@@ -214,12 +214,10 @@ struct Api {
 impl Api {
     fn new(args: &ClientArgs) -> Result<Self, String> {
         // A server that stops answering fails a command instead of hanging
-        // it: `tail` hears from the server at least every 15 s (keep-alive
-        // comments), and every other request has its own limit (see
-        // `request`).
+        // it: every request has its own limit (see `request`), and `tail`
+        // hears from the server at least every 15 s (keep-alive comments).
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .read_timeout(READ_LIMIT)
             .build()
             .map_err(|e| format!("cannot create an HTTP client: {e}"))?;
         Ok(Self {
@@ -385,8 +383,9 @@ pub fn out(line: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Longest silence on a connection (a stream's keep-alives come every 15 s).
-const READ_LIMIT: Duration = Duration::from_secs(45);
+/// Longest silence `tail` waits out (the stream's keep-alives come every
+/// 15 s).
+const STREAM_SILENCE: Duration = Duration::from_secs(45);
 
 /// Percent-encodes a query value.
 fn q(value: &str) -> String {
@@ -650,7 +649,19 @@ async fn tail(
             .map(|id| format!(" (resume with --since {id})"))
             .unwrap_or_default()
     };
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(STREAM_SILENCE, stream.next())
+            .await
+            .map_err(|_| {
+                format!(
+                    "the event stream went silent for {} s{}",
+                    STREAM_SILENCE.as_secs(),
+                    resume(&last)
+                )
+            })?;
+        let Some(chunk) = next else {
+            break;
+        };
         let chunk = chunk.map_err(|e| format!("the event stream broke: {e}{}", resume(&last)))?;
         buffer.extend_from_slice(&chunk);
         while let Some(block) = next_sse_block(&mut buffer) {
