@@ -484,10 +484,10 @@ async fn a_waiter_whose_wait_ends_gets_the_pending_state_and_can_wait_again(kind
 }
 
 /// How soon after a decision is answered its waiters are (the original
-/// polled once a second).
-const WAKE_BOUND: Duration = Duration::from_millis(50);
+/// polled once a second; a poll of even a few hundred ms would miss this).
+const WAKE_BOUND: Duration = Duration::from_millis(100);
 
-async fn a_waiter_is_answered_within_50_ms_of_the_decision(kind: Kind) {
+async fn a_waiter_is_answered_within_100_ms_of_the_decision(kind: Kind) {
     let (app, keys) = spawn(kind).await;
     let app = std::sync::Arc::new(app);
     let id = create(&app, &keys.agent, request("agent-1", 300)).await;
@@ -688,7 +688,7 @@ conformance!(
     the_requesting_agent_or_an_admin_may_cancel,
     an_agent_key_sees_and_creates_only_approvals_in_its_scope,
     a_waiter_whose_wait_ends_gets_the_pending_state_and_can_wait_again,
-    a_waiter_is_answered_within_50_ms_of_the_decision,
+    a_waiter_is_answered_within_100_ms_of_the_decision,
     creating_with_wait_seconds_returns_the_decision_made_meanwhile,
     listing_is_oldest_first_paginated_and_filtered,
     invalid_requests_are_refused_naming_the_field,

@@ -497,8 +497,10 @@ async fn recent_pages_with_a_cursor(kind: Kind) {
     assert_eq!(everything.len(), 8, "{all}");
     assert_eq!(all["next_cursor"], Value::Null);
     let mut paged = Vec::new();
+    let mut pages = 0;
     let mut path = "/v1/usage/recent?limit=2".to_owned();
     loop {
+        pages += 1;
         let (status, page) = app.get(&path).await;
         assert_eq!(status, 200, "{page}");
         assert_eq!(
@@ -513,6 +515,8 @@ async fn recent_pages_with_a_cursor(kind: Kind) {
         assert!(paged.len() <= 8, "{paged:?}");
     }
     assert_eq!(paged, everything);
+    // The last full page says there is no more (it looked one record ahead).
+    assert_eq!(pages, 4);
     let (status, body) = app.get("/v1/usage/recent?cursor=abc").await;
     assert_eq!((status, problem_field(&body).as_str()), (422, "cursor"));
     // A well-formed cursor at a time no record can have.
@@ -847,6 +851,7 @@ conformance!(
     user_ids_are_never_stored_in_clear,
     recent_lists_newest_first_with_totals,
     recent_pages_with_a_cursor,
+    a_leap_second_record_is_filed_where_it_is_listed,
     tiers_are_accepted_in_any_case_and_stored_lower_case,
     timestamps_too_far_ahead_or_beyond_retention_are_refused,
     agent_keys_record_usage_only_for_their_agents_and_viewers_read_it,
@@ -1413,6 +1418,39 @@ async fn redis_replicas_hash_a_user_alike_after_redis_lost_its_data() {
     assert_ne!(fresh, first);
     assert_eq!(hash_through(&app, "alice", "u-5").await, fresh);
     assert_eq!(hash_through(&later, "alice", "u-6").await, fresh);
+}
+
+/// A record sent in a leap second is filed by the millisecond it counts as
+/// (the next day's first second), so paging over it ends.
+async fn a_leap_second_record_is_filed_where_it_is_listed(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let day = (Utc::now() - chrono::Duration::days(2)).date_naive();
+    let next = day.succ_opt().unwrap();
+    let mut leap = simple("leap");
+    leap["ts"] = json!(format!("{day}T23:59:60.500Z"));
+    let mut before = simple("before");
+    before["ts"] = json!(format!("{day}T12:00:00.000Z"));
+    let mut after = simple("after");
+    after["ts"] = json!(format!("{next}T12:00:00.000Z"));
+    let (status, body) = app
+        .post("/v1/usage", json!({ "records": [leap, before, after] }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let mut seen = Vec::new();
+    let mut path = "/v1/usage/recent?limit=1".to_owned();
+    for _ in 0..5 {
+        let (_, page) = app.get(&path).await;
+        let record = &page["records"][0];
+        seen.push(record["id"].as_str().unwrap().to_owned());
+        if record["id"] == "leap" {
+            assert_eq!(record["ts"], format!("{next}T00:00:00.500Z"));
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/usage/recent?limit=1&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["after", "leap", "before"]);
 }
 
 /// A page whose last record was dropped meanwhile (a day keeps its newest

@@ -48,6 +48,7 @@ pub struct ClientArgs {
         long,
         env = "ATTUNE_TIMEOUT_SECONDS",
         default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..),
         global = true,
         value_name = "SECONDS"
     )]
@@ -639,7 +640,19 @@ async fn tail(
         query.push(format!("since={}", q(&s)));
     }
     let path = format!("/v1/events/sse?{}", query.join("&"));
-    let resp = api.send(api.stream_request(Method::GET, &path)).await?;
+    // The stream's first answer is bounded like any request's.
+    let resp = tokio::time::timeout(
+        api.answer_limit,
+        api.send(api.stream_request(Method::GET, &path)),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "the server at {} did not answer in time (--timeout {} s)",
+            api.base,
+            api.answer_limit.as_secs()
+        )
+    })??;
     let mut stream = resp.bytes_stream();
     let mut buffer = Vec::new();
     // The last event printed: where to resume when the stream breaks.

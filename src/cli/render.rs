@@ -366,11 +366,12 @@ pub fn event_line(e: &Value) -> String {
         Value::Null => e["data"].to_string(),
         oldest => format!("oldest_id {}", text(oldest)),
     };
-    format!(
+    // JSON escapes only the controls below 0x20: DEL and C1 are escaped here.
+    printable(&format!(
         "{ts}  {:<18}  {:<16}  {data}",
         text(&e["type"]),
         e["agent_id"].as_str().unwrap_or("-"),
-    )
+    ))
 }
 
 #[cfg(test)]

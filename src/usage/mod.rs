@@ -704,7 +704,11 @@ fn prepare(
     secret: &[u8],
     at: &dyn Fn(&str) -> String,
 ) -> ApiResult<Prepared> {
+    // To the millisecond it is stored and listed by: a leap second
+    // (`23:59:60.5`) becomes the next day's first second, the day its
+    // milliseconds count in, so the record's day and its place agree.
     let ts = r.ts.unwrap_or(now);
+    let ts = DateTime::from_timestamp_millis(ts.timestamp_millis()).unwrap_or(ts);
     if ts > now + MAX_FUTURE {
         return Err(ApiError::invalid(
             at("ts"),
