@@ -357,9 +357,22 @@ impl IndexCursor {
             .transpose()
     }
 
+    /// As [`from_param`](Self::from_param), for a listing that came after
+    /// cursors were named: only its own named cursors are taken.
+    pub fn from_named_param(raw: Option<&str>, listing: &str) -> Result<Option<Self>, ApiError> {
+        raw.filter(|c| !c.is_empty())
+            .map(|c| Self::parse("cursor", c, listing, false))
+            .transpose()
+    }
+
     /// Reads a cursor of `listing`. One without a listing (as versions
     /// before listings were named wrote them) is taken by any.
     pub fn decode(field: &str, raw: &str, listing: &str) -> Result<Self, ApiError> {
+        Self::parse(field, raw, listing, true)
+    }
+
+    /// Reads a cursor of `listing`, or with `unnamed`, one of no listing.
+    fn parse(field: &str, raw: &str, listing: &str, unnamed: bool) -> Result<Self, ApiError> {
         use base64::Engine as _;
         let bad = || ApiError::invalid(field, "is not a cursor returned by this endpoint");
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -368,7 +381,7 @@ impl IndexCursor {
         let text = String::from_utf8(bytes).map_err(|_| bad())?;
         let (first, rest) = text.split_once(':').ok_or_else(bad)?;
         // Scores are numbers and listings are words: the first part tells.
-        let position = if first.parse::<i64>().is_ok() {
+        let position = if unnamed && first.parse::<i64>().is_ok() {
             text.as_str()
         } else if first == listing {
             rest

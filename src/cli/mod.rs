@@ -287,13 +287,18 @@ impl Api {
         Err(message)
     }
 
+    /// The error of a request not answered within `--timeout`.
+    fn no_answer(&self) -> String {
+        format!(
+            "the server at {} did not answer in time (--timeout {} s)",
+            self.base,
+            self.answer_limit.as_secs()
+        )
+    }
+
     fn unreachable(&self, err: reqwest::Error) -> String {
         if err.is_timeout() && !err.is_connect() {
-            format!(
-                "the server at {} did not answer in time (--timeout {} s)",
-                self.base,
-                self.answer_limit.as_secs()
-            )
+            self.no_answer()
         } else if err.is_connect() {
             format!(
                 "cannot reach the server at {} — is it running? (set --url or ATTUNE_URL)",
@@ -646,13 +651,7 @@ async fn tail(
         api.send(api.stream_request(Method::GET, &path)),
     )
     .await
-    .map_err(|_| {
-        format!(
-            "the server at {} did not answer in time (--timeout {} s)",
-            api.base,
-            api.answer_limit.as_secs()
-        )
-    })??;
+    .map_err(|_| api.no_answer())??;
     let mut stream = resp.bytes_stream();
     let mut buffer = Vec::new();
     // The last event printed: where to resume when the stream breaks.

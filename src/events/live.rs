@@ -631,14 +631,10 @@ fn sse_stream(
                 Some((Ok(event), Some((sub, cancelled, guard))))
             }
             Err(ended) => {
-                let resume_from = match ended {
-                    Ended::Lagged { last } => last,
-                    Ended::Shutdown | Ended::Engine(_) => sub.resume_point(),
-                };
-                let kind = match ended {
-                    Ended::Lagged { .. } => "stream.lagged",
-                    Ended::Shutdown => "stream.closed",
-                    Ended::Engine(_) => "stream.unavailable",
+                let (kind, resume_from) = match ended {
+                    Ended::Lagged { last } => ("stream.lagged", last),
+                    Ended::Shutdown => ("stream.closed", sub.resume_point()),
+                    Ended::Engine(_) => ("stream.unavailable", sub.resume_point()),
                 };
                 let detail = serde_json::json!({
                     "type": kind,

@@ -178,7 +178,7 @@ impl MemoryEngine {
         {
             // Newest first, as Redis lists a sorted set in reverse: by time,
             // then by the record's JSON.
-            let records: Box<dyn Iterator<Item = &(i64, String)>> = match after {
+            let records = match after {
                 Some(cursor) if Some(*date) == after_day => {
                     let prefix = cursor.record_prefix();
                     let at = day
@@ -190,12 +190,13 @@ impl MemoryEngine {
                         .find(|(_, json)| json.starts_with(&prefix))
                         .cloned()
                         .unwrap_or((cursor.ts_ms, String::new()));
-                    Box::new(day.recent.range(..at).rev())
+                    day.recent.range(..at)
                 }
-                _ => Box::new(day.recent.iter().rev()),
+                _ => day.recent.range::<(i64, String), _>(..),
             };
             out.extend(
                 records
+                    .rev()
                     .take(limit - out.len())
                     .map(|(_, json)| json.clone()),
             );

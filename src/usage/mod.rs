@@ -51,6 +51,7 @@ use serde::{Deserialize, Deserializer, Serialize, de};
 use sha2::Sha256;
 use utoipa::ToSchema;
 
+use crate::agents::IndexCursor;
 use crate::app::AppState;
 use crate::auth::Identity;
 use crate::config::Config;
@@ -1160,39 +1161,30 @@ pub struct RecentCursor {
 }
 
 impl RecentCursor {
-    const TAG: &'static str = "recent";
+    /// The listing's name in its cursors (see [`IndexCursor::encode`]).
+    const LISTING: &'static str = "recent";
 
     fn encode(&self) -> String {
-        use base64::Engine as _;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
-            "{}:{}:{}",
-            Self::TAG,
-            self.ts_ms,
-            self.id
-        ))
+        IndexCursor {
+            score: self.ts_ms,
+            member: self.id.clone(),
+        }
+        .encode(Self::LISTING)
     }
 
     /// A `cursor` parameter: absent or empty is none.
     pub fn from_param(raw: Option<&str>) -> ApiResult<Option<Self>> {
-        use base64::Engine as _;
-        let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        let Some(cursor) = IndexCursor::from_named_param(raw, Self::LISTING)? else {
             return Ok(None);
         };
-        let invalid = || ApiError::invalid("cursor", "is not a cursor this listing returned");
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(raw)
-            .map_err(|_| invalid())?;
-        let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-        let mut parts = text.splitn(3, ':');
-        let cursor = match (parts.next(), parts.next(), parts.next()) {
-            (Some(Self::TAG), Some(ts), Some(id)) if Id::new(id).is_ok() => Self {
-                ts_ms: ts.parse().map_err(|_| invalid())?,
-                id: id.to_owned(),
-            },
-            _ => return Err(invalid()),
+        let cursor = Self {
+            ts_ms: cursor.score,
+            id: cursor.member,
         };
         // A time no record can have (outside the calendar) is no cursor.
-        cursor.day().ok_or_else(invalid)?;
+        cursor.day().ok_or_else(|| {
+            ApiError::invalid("cursor", "is not a cursor returned by this endpoint")
+        })?;
         Ok(Some(cursor))
     }
 
