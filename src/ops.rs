@@ -91,6 +91,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         // an alert over them has a series before the first failure.
         metrics::counter!("attune_engine_errors_total", "op" => "request").absolute(0);
         metrics::counter!("attune_panics_total").absolute(0);
+        metrics::counter!("attune_redis_reconnects_total").absolute(0);
         metrics::counter!("attune_events_unreadable_total").absolute(0);
         for kind in ["agent", "approval", "run"] {
             metrics::counter!("attune_records_unreadable_total", "kind" => kind).absolute(0);

@@ -374,6 +374,112 @@ async fn a_redis_outage_is_a_fast_503_and_the_service_recovers() {
     assert!(failed >= 2, "{text}");
 }
 
+/// A TCP proxy to a local port whose open connections can be made to
+/// swallow everything, both ways, while their sockets stay open (a proxy
+/// that lost its upstream); connections opened later pass everything.
+struct StallingProxy {
+    port: u16,
+    epoch: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let epoch = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let shared = epoch.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let mine = shared.load(Ordering::SeqCst);
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(Self::pump(client_read, server_write, mine, shared.clone()));
+                tokio::spawn(Self::pump(server_read, client_write, mine, shared.clone()));
+            }
+        });
+        Self { port, epoch }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mine: usize,
+        epoch: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if epoch.load(std::sync::atomic::Ordering::SeqCst) != mine {
+                continue;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// From now on, every connection open so far swallows what it gets.
+    fn stall_open_connections(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_connection_that_stops_answering_is_replaced() {
+    let redis = RedisServer::start();
+    let proxy = StallingProxy::start(redis.port).await;
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis)
+            .shared_redis(&proxy.url(), &common::fresh_prefix())
+            .configure(|c| c.redis_timeout = Duration::from_millis(300)),
+    )
+    .await;
+    assert_eq!(app.post("/v1/agents/a/heartbeats", json!({})).await.0, 200);
+    assert_eq!(app.get("/v1/agents/a").await.0, 200);
+
+    proxy.stall_open_connections();
+    let stalled = Instant::now();
+    let mut refused = 0;
+    loop {
+        let (status, body) = app.post("/v1/agents/a/heartbeats", json!({})).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        refused += 1;
+        assert!(
+            stalled.elapsed() < Duration::from_secs(10),
+            "still 503 after {:?}: the silent connection was kept",
+            stalled.elapsed()
+        );
+    }
+    assert!(refused > 0, "the stalled connection answered nothing");
+    assert_eq!(app.get("/readyz").await.0, 200);
+    let (status, agent) = app.get("/v1/agents/a").await;
+    assert_eq!(status, 200);
+    assert_eq!(agent["state"], "up");
+    let text = app.metrics_text().await;
+    let reconnects: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("attune_redis_reconnects_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(reconnects >= 1, "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_migration_runs_apply_each_migration_exactly_once() {
     use attune_telemetry::engine::redis::RedisEngine;

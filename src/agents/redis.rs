@@ -448,13 +448,12 @@ impl Known {
 }
 
 struct BatchWriter {
-    conn: redis::aio::ConnectionManager,
+    link: std::sync::Arc<crate::engine::redis::Link>,
     /// The shared index keys (`KEYS[2..=8]` of [`BEATS`]).
     index_keys: [String; 7],
     keys: crate::engine::keys::Keys,
     events: String,
     stream_max_len: usize,
-    timeout: Duration,
     /// Agents of this writer in the typical state, by id (at most
     /// [`KNOWN_AGENTS`]).
     known: HashMap<Id, Known>,
@@ -473,12 +472,11 @@ impl BatchWriter {
     fn start(engine: &RedisEngine) -> mpsc::UnboundedSender<PendingBeat> {
         let (queue, mut rx) = mpsc::unbounded_channel::<PendingBeat>();
         let mut writer = Self {
-            conn: engine.conn(),
+            link: engine.link.clone(),
             index_keys: engine.index_keys(),
             keys: engine.keys.clone(),
             events: engine.keys.events(),
             stream_max_len: engine.stream_max_len,
-            timeout: engine.timeout,
             known: HashMap::new(),
         };
         tokio::spawn(async move {
@@ -507,7 +505,7 @@ impl BatchWriter {
                 return;
             }
             let (cmd, quick) = self.command(&batch);
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn();
             let call = async {
                 match cmd.query_async(&mut conn).await {
                     // Redis lost its script cache (a restart, `SCRIPT
@@ -519,8 +517,7 @@ impl BatchWriter {
                     result => result,
                 }
             };
-            let result: EngineResult<Vec<Option<String>>> =
-                crate::engine::redis::bounded(self.timeout, call).await;
+            let result: EngineResult<Vec<Option<String>>> = self.link.run(call).await;
             let outcomes = match result {
                 Ok(values) => self.outcomes(&batch, quick, values),
                 Err(err) => Err(err),

@@ -16,7 +16,9 @@
 //! atomic step as its state change.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::io::tcp::TcpSettings;
@@ -104,7 +106,7 @@ pub fn script(body: &str) -> Script {
 
 pub struct RedisEngine {
     /// Multiplexed, self-reconnecting connection for every ordinary command.
-    pub(crate) conn: ConnectionManager,
+    pub(crate) link: Arc<Link>,
     /// Used to open the tailer's dedicated blocking connection.
     client: redis::Client,
     /// The tailer's connection for `XREAD BLOCK`, opened on first use and
@@ -161,13 +163,20 @@ impl RedisEngine {
             .set_max_delay(Duration::from_millis(500));
         let conn = tokio::time::timeout(
             timeout * 2,
-            ConnectionManager::new_with_config(client.clone(), config),
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
         )
         .await
         .map_err(|_| EngineError::Unavailable("timed out connecting to Redis".into()))?
         .map_err(unavailable)?;
         Ok(Self {
-            conn,
+            link: Arc::new(Link {
+                current: RwLock::new(conn),
+                client: client.clone(),
+                config,
+                timeout,
+                started: Instant::now(),
+                silent_since_ms: AtomicU64::new(0),
+            }),
             client,
             blocking: Mutex::new(None),
             keys: Keys::new(prefix),
@@ -182,12 +191,12 @@ impl RedisEngine {
         &self,
         call: impl Future<Output = Result<T, RedisError>>,
     ) -> EngineResult<T> {
-        bounded(self.timeout, call).await
+        self.link.run(call).await
     }
 
     /// A clone of the shared connection (cheap: it is a handle).
     pub fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+        self.link.conn()
     }
 
     /// Invokes `script` with the event stream as `KEYS[1]`, the stream length
@@ -266,17 +275,117 @@ pub fn hash_fields(reply: &[String]) -> std::collections::HashMap<&str, &str> {
         .collect()
 }
 
-/// Runs one Redis call within `timeout`, classifying its failure.
-pub async fn bounded<T>(
+/// The connection every ordinary command shares, replaced by a new one
+/// when it stops answering.
+///
+/// The manager reconnects when its socket fails, not when calls time out.
+/// A peer that takes commands and never answers (a proxy in front of Redis
+/// that lost its upstream but keeps its clients' connections open) would
+/// fail every call with a timeout for as long as the socket lives, however
+/// healthy Redis is again. So when calls keep timing out with no answer in
+/// between for [`STALLED_AFTER`] bounds, the connection is replaced by a
+/// new one, opened by the next call; calls still in flight on the old one
+/// end with their own bound.
+pub(crate) struct Link {
+    current: RwLock<ConnectionManager>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Bound on every call.
     timeout: Duration,
-    call: impl Future<Output = Result<T, RedisError>>,
-) -> EngineResult<T> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(classify(err)),
-        Err(_) => Err(EngineError::Unavailable(
-            "Redis did not answer in time".into(),
-        )),
+    /// Origin of the times below.
+    started: Instant,
+    /// When the first call timed out since the connection last answered
+    /// (ms since `started`, at least 1), or 0 while it answers.
+    silent_since_ms: AtomicU64,
+}
+
+/// Bounds of time without an answer, with calls timing out, after which
+/// the shared connection is replaced (see [`Link`]).
+const STALLED_AFTER: u32 = 2;
+
+impl Link {
+    /// A clone of the current connection (cheap: it is a handle).
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs one call within the bound, classifying its failure, and
+    /// replaces the connection once it has stalled.
+    pub(crate) async fn run<T>(
+        &self,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> EngineResult<T> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => {
+                self.answered();
+                Ok(value)
+            }
+            Ok(Err(err)) if err.is_timeout() => {
+                self.timed_out();
+                Err(classify(err))
+            }
+            Ok(Err(err)) => {
+                // Redis's own error replies are answers; a failed socket is
+                // the manager's to reconnect.
+                if !err.is_io_error() {
+                    self.answered();
+                }
+                Err(classify(err))
+            }
+            Err(_) => {
+                self.timed_out();
+                Err(EngineError::Unavailable(
+                    "Redis did not answer in time".into(),
+                ))
+            }
+        }
+    }
+
+    fn answered(&self) {
+        // Read first: the common case writes nothing.
+        if self.silent_since_ms.load(Ordering::Relaxed) != 0 {
+            self.silent_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn timed_out(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let since = self.silent_since_ms.load(Ordering::Relaxed);
+        if since == 0 {
+            let _ =
+                self.silent_since_ms
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            return;
+        }
+        let stalled = u64::try_from((self.timeout * STALLED_AFTER).as_millis()).unwrap_or(u64::MAX);
+        // One caller replaces the connection; the others see the mark reset.
+        if now.saturating_sub(since) < stalled
+            || self
+                .silent_since_ms
+                .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                metrics::counter!("attune_redis_reconnects_total").increment(1);
+                tracing::warn!(
+                    silent_ms = now - since,
+                    "Redis has not answered on its connection while calls timed out; opening a new one"
+                );
+            }
+            Err(err) => tracing::warn!(error = %err, "could not open a new Redis connection"),
+        }
     }
 }
 
