@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -169,7 +170,8 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// Declares, on every operation that does not already, the answers the
 /// layers in front of the handlers may give it: 403 from the origin and
-/// host checks (see [`RouteSettings`]), and 413 for a body over the limit.
+/// host checks (see [`RouteSettings`]), and 413 for a body over the limit
+/// and 408 for one too slow (see [`per_route`]).
 fn declare_refusals_of_the_stack(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let problem = |description: &str| {
@@ -199,6 +201,12 @@ fn declare_refusals_of_the_stack(doc: &mut utoipa::openapi::OpenApi) {
             responses.insert(
                 "413".into(),
                 problem("The body is over `--body-limit-bytes`").into(),
+            );
+        }
+        if operation.request_body.is_some() && !responses.contains_key("408") {
+            responses.insert(
+                "408".into(),
+                problem("The body was still arriving at `--request-timeout-seconds`").into(),
             );
         }
     }
@@ -628,8 +636,14 @@ async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Ne
             .unwrap_or(0)
             .min(60);
         let limit = settings.timeout + Duration::from_secs(wait);
+        let (req, body) = BodyProgress::track(req);
         match tokio::time::timeout(limit, next.run(req)).await {
             Ok(response) => response,
+            // The client's delay, not the service's: nothing to retry
+            // shortly.
+            Err(_) if body.is_some_and(|body| body.arriving()) => {
+                ApiError::BodyTimeout(limit.as_secs()).into_response()
+            }
             Err(_) => ApiError::Timeout.into_response(),
         }
     };
@@ -638,6 +652,68 @@ async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Ne
     count.increment(1);
     duration.record(started.elapsed().as_secs_f64());
     response
+}
+
+/// How far a request's body has been read: a request cut by the time limit
+/// while the handler is still reading its body is answered 408 (the client
+/// is slow to send it), not 503. A body the handler never started reading
+/// (it waits on storage first, or takes no body) leaves the 503.
+#[derive(Clone)]
+struct BodyProgress(Arc<AtomicU8>);
+
+impl BodyProgress {
+    const UNREAD: u8 = 0;
+    const ARRIVING: u8 = 1;
+    const READ: u8 = 2;
+
+    /// `req` with its body tracked; a request without one is left as it is.
+    fn track(req: Request) -> (Request, Option<Self>) {
+        use axum::body::HttpBody;
+        if req.body().is_end_stream() {
+            return (req, None);
+        }
+        let progress = Self(Arc::new(AtomicU8::new(Self::UNREAD)));
+        let tracked = progress.clone();
+        let req = req.map(|inner| axum::body::Body::new(TrackedBody { inner, tracked }));
+        (req, Some(progress))
+    }
+
+    fn arriving(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::ARRIVING
+    }
+}
+
+/// A request body that reports to its [`BodyProgress`].
+struct TrackedBody {
+    inner: axum::body::Body,
+    tracked: BodyProgress,
+}
+
+impl axum::body::HttpBody for TrackedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let state = match &polled {
+            std::task::Poll::Ready(None) => BodyProgress::READ,
+            _ if self.inner.is_end_stream() => BodyProgress::READ,
+            _ => BodyProgress::ARRIVING,
+        };
+        self.tracked.0.fetch_max(state, Ordering::Relaxed);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The request counter and latency histogram of one method, route and

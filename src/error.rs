@@ -79,6 +79,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error("request timed out")]
     Timeout,
+    /// The time limit passed while the request's body was still arriving.
+    #[error("the request body did not arrive within the time limit ({0} s)")]
+    BodyTimeout(u64),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -115,6 +118,7 @@ impl ApiError {
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

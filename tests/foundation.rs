@@ -305,6 +305,40 @@ async fn metrics_count_requests_by_route() {
     }
 }
 
+/// A body that stops arriving is the client's delay: 408 at the time limit,
+/// not a 503 that asks it to retry the same way.
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_a_408_at_the_time_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory).configure(|c| c.request_timeout = Duration::from_secs(1)),
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/agents/a/heartbeats HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 40\r\n\r\n{{\"status\":",
+        app.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("an answer at the time limit")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("retry-after"),
+        "{answer}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // The beat was not applied.
+    assert_eq!(app.get("/v1/agents/a").await.0, 404);
+}
+
 /// A client that asks before sending (`Expect: 100-continue`) a body over
 /// the limit is told no at once, not invited to send it.
 #[tokio::test]
