@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            attune_telemetry::cli::report(format_args!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -27,15 +27,24 @@ fn main() -> ExitCode {
         Some(Command::Keys(KeysCommand::New { name, role, agents })) => {
             let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
             // The entry must load as the server will load it.
-            attune_telemetry::auth::KeyRing::parse(&entry).map(|_| {
+            attune_telemetry::auth::KeyRing::parse(&entry).and_then(|_| {
+                use std::io::Write;
                 // Standard error is only TOML (comments and the entry), so
-                // `keys new … 2>> keys.toml` appends a loadable entry.
-                eprintln!(
+                // `keys new … 2>> keys.toml` appends a loadable entry. If it
+                // cannot be written, no secret is handed out without it.
+                let unwritable =
+                    |e: std::io::Error| format!("cannot write the entry to standard error: {e}");
+                let mut stderr = std::io::stderr().lock();
+                writeln!(
+                    stderr,
                     "# The secret, shown once, is on standard output: give it to the key's holder."
-                );
+                )
+                .and_then(|()| stderr.flush())
+                .map_err(unwritable)?;
                 attune_telemetry::cli::out(format_args!("{secret}"));
-                eprintln!("# Add this entry to the keys file:");
-                eprint!("{entry}");
+                write!(stderr, "# Add this entry to the keys file:\n{entry}")
+                    .and_then(|()| stderr.flush())
+                    .map_err(unwritable)
             })
         }
         Some(Command::Client(command)) => runtime.block_on(attune_telemetry::cli::run(command)),
@@ -53,7 +62,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
-            eprintln!("error: {reason}");
+            attune_telemetry::cli::report(format_args!("{reason}"));
             ExitCode::FAILURE
         }
     }

@@ -94,6 +94,13 @@ async fn agents_and_performance_print_aligned_rows_and_json_parses() {
     let out = cli(&app, None, &["agents", "--stale", "3600", "--json"]).await;
     let stale: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(stale["agents"], json!([]));
+    let out = cli(&app, None, &["agents", "--status", "completed"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("writer-1") && !text.contains("reader-2"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,6 +593,33 @@ fn a_closed_output_pipe_ends_a_command_quietly() {
     let err = stderr(&output);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(output.status.code(), Some(0), "{err}");
+}
+
+/// Standard error carries the keys file entry: where it cannot be written,
+/// the command fails (exit 1, no panic) before it hands out a secret
+/// nobody could install.
+#[test]
+fn keys_new_gives_no_secret_when_its_entry_cannot_be_written() {
+    use std::process::{Command, Stdio};
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let output = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .args(["keys", "new", "--name", "ci", "--role", "agent"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(full))
+        .output()
+        .expect("binary runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout(&output).is_empty(), "{}", stdout(&output));
+}
+
+#[test]
+fn a_rejection_needs_a_reason() {
+    let output = run_bin(&["approvals", "reject", "some-id", "--reason", ""], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--reason"), "{}", stderr(&output));
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub(crate) use outln;
 use std::io::Write;
 use std::time::Duration;
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -72,6 +73,7 @@ pub enum ClientCommand {
     Savings {
         #[command(flatten)]
         client: ClientArgs,
+        /// Over the last N days.
         #[arg(long, default_value_t = 30)]
         days: u32,
     },
@@ -79,6 +81,7 @@ pub enum ClientCommand {
     CacheStats {
         #[command(flatten)]
         client: ClientArgs,
+        /// Over the last N days.
         #[arg(long, default_value_t = 7)]
         days: u32,
     },
@@ -86,6 +89,7 @@ pub enum ClientCommand {
     AgentPerformance {
         #[command(flatten)]
         client: ClientArgs,
+        /// Runs started in the last N hours.
         #[arg(long, default_value_t = 168)]
         hours: u32,
     },
@@ -99,6 +103,11 @@ pub enum ClientCommand {
         /// Only agents in this state (up, late, down, finished).
         #[arg(long)]
         state: Option<String>,
+        /// Only agents with this status (starting, running, completed,
+        /// failed, cancelled).
+        #[arg(long, conflicts_with = "stale")]
+        status: Option<String>,
+        /// Most agents to show (1–1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -139,8 +148,10 @@ pub enum ApprovalAction {
         /// pending, approved, rejected, timeout, cancelled, or all.
         #[arg(long, default_value = "pending")]
         status: String,
+        /// Only requests of this type.
         #[arg(long = "type")]
         approval_type: Option<String>,
+        /// Only requests from this agent.
         #[arg(long)]
         agent: Option<String>,
         /// Most requests to show (1–1000).
@@ -149,14 +160,18 @@ pub enum ApprovalAction {
     },
     /// Approve a request.
     Approve {
+        /// The request's id.
         id: String,
-        #[arg(long)]
+        /// Why, for the requesting agent and the record.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
         reason: Option<String>,
     },
     /// Reject a request.
     Reject {
+        /// The request's id.
         id: String,
-        #[arg(long)]
+        /// Why: a rejection must say.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
         reason: String,
     },
 }
@@ -177,11 +192,13 @@ pub enum SignalAction {
         /// JSON object payload.
         #[arg(long)]
         payload: Option<String>,
-        #[arg(long)]
+        /// Seconds the signal stays deliverable (server default: 60).
+        #[arg(long, value_name = "SECONDS")]
         ttl: Option<u64>,
     },
     /// Read an agent's inbox.
     Inbox {
+        /// The agent whose inbox to read.
         agent: String,
         /// Remove what is returned from the inbox (retried safely, with an
         /// Idempotency-Key, if the answer is lost).
@@ -194,6 +211,7 @@ pub enum SignalAction {
         /// Wait up to N seconds for a signal when the inbox is empty.
         #[arg(long, default_value_t = 0)]
         wait: u64,
+        /// Only signals of this type.
         #[arg(long = "type")]
         signal_type: Option<String>,
     },
@@ -384,9 +402,16 @@ pub fn out(line: std::fmt::Arguments<'_>) {
         if err.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
-        eprintln!("error: cannot write the output: {err}");
+        report(format_args!("cannot write the output: {err}"));
         std::process::exit(1);
     }
+}
+
+/// Reports an error on standard error, as `error: …`. Standard error
+/// itself may be unwritable (closed, a full disk); the exit status still
+/// tells, so that is not a second failure.
+pub fn report(reason: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "error: {reason}");
 }
 
 /// Longest silence `tail` waits out (the stream's keep-alives come every
@@ -475,15 +500,23 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
             client,
             stale,
             state,
+            status,
             limit,
         } => {
             let api = Api::new(&client)?;
-            let path = match (stale, state) {
-                (Some(seconds), _) => {
+            let path = match stale {
+                Some(seconds) => {
                     format!("/v1/agents/stale?threshold_seconds={seconds}&limit={limit}")
                 }
-                (None, Some(state)) => format!("/v1/agents?state={}&limit={limit}", q(&state)),
-                (None, None) => format!("/v1/agents?limit={limit}"),
+                None => {
+                    let mut path = format!("/v1/agents?limit={limit}");
+                    for (name, value) in [("state", state), ("status", status)] {
+                        if let Some(value) = value {
+                            path.push_str(&format!("&{name}={}", q(&value)));
+                        }
+                    }
+                    path
+                }
             };
             let body = api.get(&path).await?;
             if client.json {

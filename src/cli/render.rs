@@ -3,7 +3,7 @@
 
 use comfy_table::presets::NOTHING;
 use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::outln;
 
@@ -92,6 +92,14 @@ pub fn fraction_percent(v: &Value) -> String {
     }
 }
 
+/// `1 call`, `2 calls`: a count with its noun.
+pub fn counted(v: &Value, noun: &str) -> String {
+    match v.as_u64() {
+        Some(1) => format!("1 {noun}"),
+        _ => format!("{} {noun}s", num(v)),
+    }
+}
+
 pub fn num(v: &Value) -> String {
     match v {
         Value::Number(n) => n.to_string(),
@@ -153,8 +161,8 @@ pub fn recent(body: &Value) {
     table.numeric(&[4, 5, 7]).print();
     let totals = &body["totals"];
     outln!(
-        "\n{} calls, {} total, {} input / {} output tokens",
-        num(&totals["calls"]),
+        "\n{}, {} total, {} input / {} output tokens",
+        counted(&totals["calls"], "call"),
         money(&totals["cost_usd"]),
         num(&totals["tokens_input"]),
         num(&totals["tokens_output"]),
@@ -163,8 +171,9 @@ pub fn recent(body: &Value) {
 
 pub fn savings(body: &Value, days: u32) {
     outln!(
-        "Savings over the last {days} days ({} calls, prices {})\n",
-        num(&body["total_calls"]),
+        "Savings over the last {} ({}, prices {})\n",
+        counted(&json!(days), "day"),
+        counted(&body["total_calls"], "call"),
         text(&body["price_table_version"])
     );
     let mut table = Table::new(&["", "usd"]);
@@ -203,10 +212,11 @@ pub fn savings(body: &Value, days: u32) {
 
 pub fn cache_stats(body: &Value, days: u32) {
     outln!(
-        "Prompt cache over the last {days} days: hit rate {}, {} of {} requests\n",
+        "Prompt cache over the last {}: hit rate {}, {} of {}\n",
+        counted(&json!(days), "day"),
         fraction_percent(&body["hit_rate"]),
         num(&body["hit_count"]),
-        num(&body["total_requests"]),
+        counted(&body["total_requests"], "request"),
     );
     let mut table = Table::new(&[
         "workflow", "requests", "hits", "hit rate", "reads", "writes", "savings",
@@ -387,6 +397,8 @@ mod tests {
         assert_eq!(printable("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
         assert_eq!(printable("José"), "José");
         assert_eq!(percent(&json!(42.46)), "42.5%");
+        assert_eq!(counted(&json!(1), "call"), "1 call");
+        assert_eq!(counted(&json!(0), "call"), "0 calls");
         assert_eq!(fraction_percent(&json!(0.5)), "50.0%");
         assert_eq!(fraction_percent(&Value::Null), "-");
         assert_eq!(
