@@ -305,29 +305,40 @@ async fn metrics_count_requests_by_route() {
     }
 }
 
+/// Sends a heartbeat's request head (the rest of the head and whatever of
+/// the body follows is `rest`) on a raw connection and reads the first
+/// answer, within 5 s.
+async fn first_answer(app: &TestApp, rest: &str, expected: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/agents/a/heartbeats HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{rest}",
+        app.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect(expected)
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
 /// A body that stops arriving is the client's delay: 408 at the time limit,
 /// not a 503 that asks it to retry the same way.
 #[tokio::test]
 async fn a_body_that_stops_arriving_is_a_408_at_the_time_limit() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::spawn_with(
         Options::new(Kind::Memory).configure(|c| c.request_timeout = Duration::from_secs(1)),
     )
     .await;
-    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/agents/a/heartbeats HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-         Content-Length: 40\r\n\r\n{{\"status\":",
-        app.addr
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-        .await
-        .expect("an answer at the time limit")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = first_answer(
+        &app,
+        "Content-Length: 40\r\n\r\n{\"status\":",
+        "an answer at the time limit",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("application/problem+json"), "{answer}");
     assert!(
@@ -343,21 +354,13 @@ async fn a_body_that_stops_arriving_is_a_408_at_the_time_limit() {
 /// the limit is told no at once, not invited to send it.
 #[tokio::test]
 async fn a_body_declared_over_the_limit_is_refused_before_it_is_sent() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::spawn(Kind::Memory).await;
-    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/agents/a/heartbeats HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-         Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n",
-        app.addr
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-        .await
-        .expect("an answer without sending the body")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = first_answer(
+        &app,
+        "Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n",
+        "an answer without sending the body",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("application/problem+json"), "{answer}");
 }
