@@ -20,7 +20,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -636,12 +635,18 @@ async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Ne
             .unwrap_or(0)
             .min(60);
         let limit = settings.timeout + Duration::from_secs(wait);
-        let (req, body) = BodyProgress::track(req);
-        match tokio::time::timeout(limit, next.run(req)).await {
+        let mut handled =
+            std::pin::pin!(BODY.scope(std::cell::Cell::new(BodyProgress::Unread), next.run(req)));
+        match tokio::time::timeout(limit, handled.as_mut()).await {
             Ok(response) => response,
             // The client's delay, not the service's: nothing to retry
             // shortly.
-            Err(_) if body.is_some_and(|body| body.arriving()) => {
+            Err(_)
+                if handled
+                    .as_mut()
+                    .take_value()
+                    .is_some_and(|body| body.get() == BodyProgress::Arriving) =>
+            {
                 ApiError::BodyTimeout(limit.as_secs()).into_response()
             }
             Err(_) => ApiError::Timeout.into_response(),
@@ -654,65 +659,34 @@ async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Ne
     response
 }
 
+tokio::task_local! {
+    /// How far the handler of the request being served got reading its
+    /// body (see [`BodyProgress`]).
+    static BODY: std::cell::Cell<BodyProgress>;
+}
+
 /// How far a request's body has been read: a request cut by the time limit
-/// while the handler is still reading its body is answered 408 (the client
-/// is slow to send it), not 503. A body the handler never started reading
-/// (it waits on storage first, or takes no body) leaves the 503.
-#[derive(Clone)]
-struct BodyProgress(Arc<AtomicU8>);
+/// while its body is still arriving is answered 408 (the client is slow to
+/// send it), not 503. A body the handler never started reading, or read
+/// whole before it waited on storage, leaves the 503. (A server too busy
+/// to read a body that did arrive would say 408 too; its other requests
+/// say 503.)
+///
+/// Bodies are read by [`crate::extract::ValidJson`], which marks the
+/// progress in a task-local value of the request's task: no allocation,
+/// nothing shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyProgress {
+    Unread,
+    Arriving,
+    Read,
+}
 
 impl BodyProgress {
-    const UNREAD: u8 = 0;
-    const ARRIVING: u8 = 1;
-    const READ: u8 = 2;
-
-    /// `req` with its body tracked; a request without one is left as it is.
-    fn track(req: Request) -> (Request, Option<Self>) {
-        use axum::body::HttpBody;
-        if req.body().is_end_stream() {
-            return (req, None);
-        }
-        let progress = Self(Arc::new(AtomicU8::new(Self::UNREAD)));
-        let tracked = progress.clone();
-        let req = req.map(|inner| axum::body::Body::new(TrackedBody { inner, tracked }));
-        (req, Some(progress))
-    }
-
-    fn arriving(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == Self::ARRIVING
-    }
-}
-
-/// A request body that reports to its [`BodyProgress`].
-struct TrackedBody {
-    inner: axum::body::Body,
-    tracked: BodyProgress,
-}
-
-impl axum::body::HttpBody for TrackedBody {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        let state = match &polled {
-            std::task::Poll::Ready(None) => BodyProgress::READ,
-            _ if self.inner.is_end_stream() => BodyProgress::READ,
-            _ => BodyProgress::ARRIVING,
-        };
-        self.tracked.0.fetch_max(state, Ordering::Relaxed);
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+    /// Records how far the current request's body has been read. Outside
+    /// [`per_route`] (a router without it) there is nothing to record.
+    pub(crate) fn mark(self) {
+        let _ = BODY.try_with(|progress| progress.set(self));
     }
 }
 

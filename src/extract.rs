@@ -71,7 +71,10 @@ where
             .headers()
             .get(header::CONTENT_TYPE)
             .map(|v| v.to_str().unwrap_or("").to_owned());
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        crate::app::BodyProgress::Arriving.mark();
+        let bytes = Bytes::from_request(req, state).await;
+        crate::app::BodyProgress::Read.mark();
+        let bytes = bytes.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge("request body is too large".into())
             } else {

@@ -30,21 +30,21 @@ fn main() -> ExitCode {
             attune_telemetry::auth::KeyRing::parse(&entry).and_then(|_| {
                 use std::io::Write;
                 // Standard error is only TOML (comments and the entry), so
-                // `keys new … 2>> keys.toml` appends a loadable entry. If it
-                // cannot be written, no secret is handed out without it.
-                let unwritable =
-                    |e: std::io::Error| format!("cannot write the entry to standard error: {e}");
+                // `keys new … 2>> keys.toml` appends a loadable entry. It is
+                // written first: if it cannot be, no secret is handed out
+                // that nobody could install.
                 let mut stderr = std::io::stderr().lock();
-                writeln!(
+                write!(
                     stderr,
-                    "# The secret, shown once, is on standard output: give it to the key's holder."
+                    "# The secret, shown once, is on standard output: give it to the key's holder.\n\
+                     # Add this entry to the keys file:\n{entry}"
                 )
                 .and_then(|()| stderr.flush())
-                .map_err(unwritable)?;
-                attune_telemetry::cli::out(format_args!("{secret}"));
-                write!(stderr, "# Add this entry to the keys file:\n{entry}")
-                    .and_then(|()| stderr.flush())
-                    .map_err(unwritable)
+                .map_err(|e| format!("cannot write the entry to standard error: {e}"))?;
+                let mut stdout = std::io::stdout().lock();
+                writeln!(stdout, "{secret}")
+                    .and_then(|()| stdout.flush())
+                    .map_err(|e| format!("cannot write the secret to standard output: {e}"))
             })
         }
         Some(Command::Client(command)) => runtime.block_on(attune_telemetry::cli::run(command)),

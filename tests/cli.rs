@@ -613,24 +613,44 @@ fn keys_new_gives_no_secret_when_its_entry_cannot_be_written() {
         .expect("binary runs");
     assert_eq!(output.status.code(), Some(1));
     assert!(stdout(&output).is_empty(), "{}", stdout(&output));
+
+    // A secret that cannot be shown is a failure too, not a quiet end.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .args(["keys", "new", "--name", "ci", "--role", "agent"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("it ends");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("standard output"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
 fn a_rejection_needs_a_reason() {
-    let output = run_bin(&["approvals", "reject", "some-id", "--reason", ""], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("--reason"), "{}", stderr(&output));
+    for reason in ["", "  "] {
+        let output = run_bin(&["approvals", "reject", "some-id", "--reason", reason], &[]);
+        assert_eq!(output.status.code(), Some(2), "{reason:?}");
+        assert!(stderr(&output).contains("--reason"), "{}", stderr(&output));
+    }
 }
 
 #[test]
-fn stale_and_state_are_alternatives() {
-    let output = run_bin(&["agents", "--stale", "60", "--state", "down"], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("cannot be used with"),
-        "{}",
-        stderr(&output)
-    );
+fn stale_and_state_or_status_are_alternatives() {
+    for filter in ["--state", "--status"] {
+        let output = run_bin(&["agents", "--stale", "60", filter, "down"], &[]);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(
+            stderr(&output).contains("cannot be used with"),
+            "{}",
+            stderr(&output)
+        );
+    }
 }
 
 /// A server that takes the connection and never answers fails the command

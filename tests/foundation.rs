@@ -481,11 +481,12 @@ async fn a_redis_connection_that_stops_answering_is_replaced() {
     let app = TestApp::spawn_with(
         Options::new(Kind::Redis)
             .shared_redis(&proxy.url(), &common::fresh_prefix())
-            .configure(|c| c.redis_timeout = Duration::from_millis(300)),
+            .configure(|c| c.redis_timeout = Duration::from_secs(1)),
     )
     .await;
     assert_eq!(app.post("/v1/agents/a/heartbeats", json!({})).await.0, 200);
     assert_eq!(app.get("/v1/agents/a").await.0, 200);
+    let reconnects_before = reconnects(&app).await;
 
     proxy.stall_open_connections();
     let stalled = Instant::now();
@@ -508,13 +509,45 @@ async fn a_redis_connection_that_stops_answering_is_replaced() {
     let (status, agent) = app.get("/v1/agents/a").await;
     assert_eq!(status, 200);
     assert_eq!(agent["state"], "up");
+    assert!(reconnects(&app).await > reconnects_before);
+}
+
+async fn reconnects(app: &TestApp) -> u64 {
     let text = app.metrics_text().await;
-    let reconnects: u64 = text
-        .lines()
+    text.lines()
         .find_map(|l| l.strip_prefix("attune_redis_reconnects_total "))
         .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(reconnects >= 1, "{text}");
+        .unwrap_or_else(|| panic!("no reconnect counter: {text}"))
+}
+
+/// The other side of the 408: a body that arrived whole, then storage that
+/// does not answer in time, is the service's delay (503, retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_arrived_is_a_503_when_storage_is_slow() {
+    let redis = RedisServer::start();
+    let proxy = StallingProxy::start(redis.port).await;
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis)
+            .shared_redis(&proxy.url(), &common::fresh_prefix())
+            .configure(|c| {
+                c.request_timeout = Duration::from_secs(1);
+                c.redis_timeout = Duration::from_secs(5);
+            }),
+    )
+    .await;
+    assert_eq!(app.post("/v1/agents/a/heartbeats", json!({})).await.0, 200);
+    proxy.stall_open_connections();
+    let started = Instant::now();
+    let resp = app
+        .client
+        .post(app.url("/v1/agents/a/heartbeats"))
+        .json(&json!({"status": "running", "progress": 0.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

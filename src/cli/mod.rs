@@ -17,7 +17,6 @@ pub(crate) use outln;
 use std::io::Write;
 use std::time::Duration;
 
-use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -163,7 +162,7 @@ pub enum ApprovalAction {
         /// The request's id.
         id: String,
         /// Why, for the requesting agent and the record.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        #[arg(long, value_parser = not_blank)]
         reason: Option<String>,
     },
     /// Reject a request.
@@ -171,9 +170,18 @@ pub enum ApprovalAction {
         /// The request's id.
         id: String,
         /// Why: a rejection must say.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        #[arg(long, value_parser = not_blank)]
         reason: String,
     },
+}
+
+/// A flag's text that says something: not empty, not only spaces.
+fn not_blank(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        Err("must not be blank".into())
+    } else {
+        Ok(text.to_owned())
+    }
 }
 
 #[derive(Debug, Subcommand)]

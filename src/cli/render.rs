@@ -3,7 +3,7 @@
 
 use comfy_table::presets::NOTHING;
 use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::outln;
 
@@ -93,10 +93,18 @@ pub fn fraction_percent(v: &Value) -> String {
 }
 
 /// `1 call`, `2 calls`: a count with its noun.
-pub fn counted(v: &Value, noun: &str) -> String {
+pub fn counted(n: u64, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+/// [`counted`] for a count the server sent (`-` when it is missing).
+pub fn counted_value(v: &Value, noun: &str) -> String {
     match v.as_u64() {
-        Some(1) => format!("1 {noun}"),
-        _ => format!("{} {noun}s", num(v)),
+        Some(n) => counted(n, noun),
+        None => format!("{} {noun}s", num(v)),
     }
 }
 
@@ -162,7 +170,7 @@ pub fn recent(body: &Value) {
     let totals = &body["totals"];
     outln!(
         "\n{}, {} total, {} input / {} output tokens",
-        counted(&totals["calls"], "call"),
+        counted_value(&totals["calls"], "call"),
         money(&totals["cost_usd"]),
         num(&totals["tokens_input"]),
         num(&totals["tokens_output"]),
@@ -172,8 +180,8 @@ pub fn recent(body: &Value) {
 pub fn savings(body: &Value, days: u32) {
     outln!(
         "Savings over the last {} ({}, prices {})\n",
-        counted(&json!(days), "day"),
-        counted(&body["total_calls"], "call"),
+        counted(days.into(), "day"),
+        counted_value(&body["total_calls"], "call"),
         text(&body["price_table_version"])
     );
     let mut table = Table::new(&["", "usd"]);
@@ -213,10 +221,10 @@ pub fn savings(body: &Value, days: u32) {
 pub fn cache_stats(body: &Value, days: u32) {
     outln!(
         "Prompt cache over the last {}: hit rate {}, {} of {}\n",
-        counted(&json!(days), "day"),
+        counted(days.into(), "day"),
         fraction_percent(&body["hit_rate"]),
         num(&body["hit_count"]),
-        counted(&body["total_requests"], "request"),
+        counted_value(&body["total_requests"], "request"),
     );
     let mut table = Table::new(&[
         "workflow", "requests", "hits", "hit rate", "reads", "writes", "savings",
@@ -397,8 +405,10 @@ mod tests {
         assert_eq!(printable("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
         assert_eq!(printable("José"), "José");
         assert_eq!(percent(&json!(42.46)), "42.5%");
-        assert_eq!(counted(&json!(1), "call"), "1 call");
-        assert_eq!(counted(&json!(0), "call"), "0 calls");
+        assert_eq!(counted(1, "day"), "1 day");
+        assert_eq!(counted_value(&json!(1), "call"), "1 call");
+        assert_eq!(counted_value(&json!(0), "call"), "0 calls");
+        assert_eq!(counted_value(&Value::Null, "call"), "- calls");
         assert_eq!(fraction_percent(&json!(0.5)), "50.0%");
         assert_eq!(fraction_percent(&Value::Null), "-");
         assert_eq!(

@@ -1,10 +1,12 @@
 //! The Redis engine: the source of truth shared by every replica.
 //!
 //! One [`ConnectionManager`] (a multiplexed connection that reconnects by
-//! itself) carries every ordinary command; it is configured with explicit
-//! connect and response timeouts, and every call is additionally bounded by
-//! [`RedisEngine::run`], so a dead or stalled Redis turns into a 503 within
-//! `--redis-timeout-ms` instead of a hung request.
+//! itself when its socket fails) carries every ordinary command; it is
+//! configured with explicit connect and response timeouts, and every call
+//! is additionally bounded by [`RedisEngine::run`], so a dead or stalled
+//! Redis turns into a 503 within `--redis-timeout-ms` instead of a hung
+//! request. A connection that stays open but stops answering is replaced
+//! (see [`Link`]).
 //!
 //! Blocking reads of the event log (`XREAD BLOCK`) would stall every other
 //! command multiplexed on the same connection, so they get a connection of
@@ -16,9 +18,11 @@
 //! atomic step as its state change.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::io::tcp::TcpSettings;
@@ -169,14 +173,7 @@ impl RedisEngine {
         .map_err(|_| EngineError::Unavailable("timed out connecting to Redis".into()))?
         .map_err(unavailable)?;
         Ok(Self {
-            link: Arc::new(Link {
-                current: RwLock::new(conn),
-                client: client.clone(),
-                config,
-                timeout,
-                started: Instant::now(),
-                silent_since_ms: AtomicU64::new(0),
-            }),
+            link: Arc::new(Link::new(conn, client.clone(), config, timeout)),
             client,
             blocking: Mutex::new(None),
             keys: Keys::new(prefix),
@@ -282,34 +279,62 @@ pub fn hash_fields(reply: &[String]) -> std::collections::HashMap<&str, &str> {
 /// A peer that takes commands and never answers (a proxy in front of Redis
 /// that lost its upstream but keeps its clients' connections open) would
 /// fail every call with a timeout for as long as the socket lives, however
-/// healthy Redis is again. So when calls keep timing out with no answer in
-/// between for [`STALLED_AFTER`] bounds, the connection is replaced by a
-/// new one, opened by the next call; calls still in flight on the old one
-/// end with their own bound.
+/// healthy Redis is again. So when calls keep timing out with no answer for
+/// [`STALLED_AFTER`] bounds, the connection is replaced by a new one,
+/// opened by the next call; calls still in flight on the old one end with
+/// their own bound. While new connections stay silent too (Redis itself
+/// hangs), each further replacement waits twice as long, up to
+/// [`MOST_DOUBLINGS`] times, so that replicas do not churn sockets.
 pub(crate) struct Link {
-    current: RwLock<ConnectionManager>,
+    current: ArcSwap<ConnectionManager>,
     client: redis::Client,
     config: ConnectionManagerConfig,
     /// Bound on every call.
     timeout: Duration,
-    /// Origin of the times below.
-    started: Instant,
-    /// When the first call timed out since the connection last answered
-    /// (ms since `started`, at least 1), or 0 while it answers.
-    silent_since_ms: AtomicU64,
+    /// Whether calls have timed out since the last answer: the common path
+    /// (an answer) reads only this.
+    silent: AtomicBool,
+    silence: SyncMutex<Silence>,
 }
 
-/// Bounds of time without an answer, with calls timing out, after which
-/// the shared connection is replaced (see [`Link`]).
+/// Calls timing out with no answer between them (see [`Link`]).
+#[derive(Default)]
+struct Silence {
+    /// Since when nothing has answered: the start of the first call that
+    /// timed out.
+    since: Option<Instant>,
+    /// When the last call timed out.
+    last_timeout: Option<Instant>,
+    /// Connections replaced since the last answer.
+    replaced: u32,
+}
+
+/// Bounds of silence, with calls timing out, after which the shared
+/// connection is replaced (see [`Link`]).
 const STALLED_AFTER: u32 = 2;
+/// Most times the silence before a replacement doubles: 64 bounds.
+const MOST_DOUBLINGS: u32 = 5;
 
 impl Link {
+    fn new(
+        conn: ConnectionManager,
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(conn),
+            client,
+            config,
+            timeout,
+            silent: AtomicBool::new(false),
+            silence: SyncMutex::new(Silence::default()),
+        }
+    }
+
     /// A clone of the current connection (cheap: it is a handle).
     pub(crate) fn conn(&self) -> ConnectionManager {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        ConnectionManager::clone(&self.current.load())
     }
 
     /// Runs one call within the bound, classifying its failure, and
@@ -344,45 +369,62 @@ impl Link {
         }
     }
 
+    fn silence(&self) -> std::sync::MutexGuard<'_, Silence> {
+        self.silence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn answered(&self) {
-        // Read first: the common case writes nothing.
-        if self.silent_since_ms.load(Ordering::Relaxed) != 0 {
-            self.silent_since_ms.store(0, Ordering::Relaxed);
+        if !self.silent.load(Ordering::Relaxed) {
+            return;
         }
+        let mut silence = self.silence();
+        if silence.replaced > 0 {
+            tracing::info!(replaced = silence.replaced, "Redis answers again");
+        }
+        *silence = Silence::default();
+        self.silent.store(false, Ordering::Relaxed);
     }
 
     fn timed_out(&self) {
-        let now = u64::try_from(self.started.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let since = self.silent_since_ms.load(Ordering::Relaxed);
-        if since == 0 {
-            let _ =
-                self.silent_since_ms
-                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-            return;
-        }
-        let stalled = u64::try_from((self.timeout * STALLED_AFTER).as_millis()).unwrap_or(u64::MAX);
-        // One caller replaces the connection; the others see the mark reset.
-        if now.saturating_sub(since) < stalled
-            || self
-                .silent_since_ms
-                .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        let now = Instant::now();
+        let stalled = self.timeout * STALLED_AFTER;
+        let mut silence = self.silence();
+        self.silent.store(true, Ordering::Relaxed);
+        // A spell without calls tells nothing: count from this call, which
+        // was sent a bound ago.
+        let counting = silence
+            .last_timeout
+            .is_some_and(|last| now.duration_since(last) <= stalled);
+        silence.last_timeout = Some(now);
+        let since = match silence.since {
+            Some(since) if counting => since,
+            _ => *silence
+                .since
+                .insert(now.checked_sub(self.timeout).unwrap_or(now)),
+        };
+        let needed = stalled * 2u32.pow(silence.replaced.min(MOST_DOUBLINGS));
+        if now.duration_since(since) < needed {
             return;
         }
         match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
             Ok(fresh) => {
-                *self
-                    .current
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                self.current.store(Arc::new(fresh));
+                silence.since = Some(now);
+                silence.replaced += 1;
                 metrics::counter!("attune_redis_reconnects_total").increment(1);
-                tracing::warn!(
-                    silent_ms = now - since,
-                    "Redis has not answered on its connection while calls timed out; opening a new one"
-                );
+                if silence.replaced == 1 {
+                    tracing::warn!(
+                        silent_ms = now.duration_since(since).as_millis() as u64,
+                        "Redis has not answered on its connection while calls timed out; opening a new one"
+                    );
+                } else {
+                    tracing::debug!(
+                        replaced = silence.replaced,
+                        "Redis is still silent; opening another connection"
+                    );
+                }
             }
             Err(err) => tracing::warn!(error = %err, "could not open a new Redis connection"),
         }
