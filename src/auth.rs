@@ -209,8 +209,13 @@ where
         });
         let identity = ring.authenticate(token.as_deref())?;
         if !C::allows(identity.role) {
+            let article = if C::NAME.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
             return Err(ApiError::Forbidden(format!(
-                "this operation needs a {} key; key {:?} is {}",
+                "this operation needs {article} {} key; key {:?} is {}",
                 C::NAME,
                 identity.name,
                 identity.role.as_str()

@@ -119,6 +119,20 @@ fn is_json(content_type: &str) -> bool {
 /// Valid bodies take the plain deserializer; only a body that fails is
 /// parsed again with path tracking, which names the field in the error
 /// (tracking costs an allocation per key, on every request otherwise).
+/// Whether `body` is JSON whose text is valid (UTF-8, no lone surrogate
+/// in an escape): a number beyond a double is JSON all the same (the
+/// grammar sets no range), but text that is not text makes the body
+/// malformed, whichever field it is in.
+fn parses_as_json(body: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(_) => true,
+        Err(err) => {
+            err.to_string().starts_with("number out of range")
+                && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+        }
+    }
+}
+
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if let Ok(value) = serde_json::from_slice(body) {
         return Ok(value);
@@ -132,9 +146,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             // serde_json calls some values of the wrong kind syntax errors
             // (a number where a status name goes, a number too large for
             // a double); a body that parses as JSON is not malformed.
-            serde_json::error::Category::Syntax
-                if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() =>
-            {
+            serde_json::error::Category::Syntax if parses_as_json(body) => {
                 let message = inner.to_string();
                 let message = if message.starts_with("expected value") {
                     "is not an accepted value here"
@@ -322,11 +334,18 @@ mod tests {
         assert_eq!(field_of(err), "progress");
         let err = parse_json::<Beat>(br#"{"metadata":{"a":[1e400]}}"#).unwrap_err();
         assert_eq!(field_of(err), "metadata.a[0]");
-        // Still malformed: a number cut short.
-        assert!(matches!(
-            parse_json::<Beat>(br#"{"status":-}"#),
-            Err(ApiError::BadRequest(_))
-        ));
+        // Still malformed: a number cut short, text that is not text.
+        for body in [
+            br#"{"status":-}"#.as_slice(),
+            br#"{"metadata":{"\ud800":1}}"#,
+            b"{\"metadata\":{\"a\":\"\xff\"}}",
+        ] {
+            assert!(
+                matches!(parse_json::<Beat>(body), Err(ApiError::BadRequest(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

@@ -53,13 +53,12 @@ impl Id {
         if !bytes[0].is_ascii_alphanumeric() {
             return Err("must start with a letter or digit".into());
         }
-        if let Some(bad) = bytes
-            .iter()
-            .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+        if let Some(bad) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(format!(
-                "must contain only letters, digits, '.', '_' and '-' (found {:?})",
-                char::from(*bad)
+                "must contain only letters, digits, '.', '_' and '-' (found {bad:?})"
             ));
         }
         Ok(Self(value))
@@ -497,6 +496,9 @@ mod tests {
     #[test]
     fn ids_debug_format_as_quoted_strings() {
         assert_eq!(format!("{:?}", Id::new("agent-1").unwrap()), "\"agent-1\"");
+        // The character refused is named as sent, not as its first byte.
+        let refused = Id::new("dé").unwrap_err();
+        assert!(refused.ends_with("(found 'é')"), "{refused}");
     }
 
     #[test]

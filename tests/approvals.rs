@@ -676,6 +676,43 @@ async fn pending_approvals_are_counted_in_the_metrics(kind: Kind) {
     assert!(scrape().await.contains("attune_approvals_pending 1"));
 }
 
+/// The deadline is the request's own: past it, reads, waits and listings
+/// show the timeout before any sweeper has recorded it (here none runs).
+async fn a_request_past_its_deadline_reads_as_timed_out_before_any_sweep(kind: Kind) {
+    let keys = TestKeys::new();
+    let options = Options::new(kind)
+        .keys(&keys.toml)
+        .configure(|c| c.sweep_interval = Duration::from_secs(86_400));
+    let app = TestApp::spawn_with(options).await.with_token(&keys.admin);
+    let id = create(&app, &keys.agent, request("agent-1", 1)).await;
+    let started = Instant::now();
+    let (status, waited) = app
+        .get(&format!("/v1/approvals/{id}?wait_seconds=10"))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        took < Duration::from_secs(3),
+        "the wait ended {took:?} after the request"
+    );
+    assert_eq!(waited["request"]["status"], "timeout", "{waited}");
+    let response = &waited["response"];
+    assert_eq!(response["approved"], false);
+    assert_eq!(response["responder"], "system");
+    assert_eq!(response["reason"], "timed out after 1 seconds");
+    assert_eq!(response["decided_at"], waited["request"]["expires_at"]);
+    assert_eq!(app.get(&format!("/v1/approvals/{id}")).await.1, waited);
+    let (_, pending) = app.get("/v1/approvals").await;
+    assert_eq!(pending["approvals"], json!([]), "{pending}");
+    let (_, all) = app.get("/v1/approvals?status=all").await;
+    assert_eq!(all["approvals"], json!([waited]), "{all}");
+    // Nobody can decide it any more; the decision records the timeout.
+    let (status, conflict) = decide(&app, &keys.approver, &id, true).await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(app.get(&format!("/v1/approvals/{id}")).await.1, waited);
+    assert_eq!(app.events_of("approval.expired").await.len(), 1);
+}
+
 conformance!(
     two_decisions_racing_on_each_of_200_requests_have_exactly_one_winner,
     a_decision_at_the_deadline_gives_its_waiter_exactly_the_stored_final_state,
@@ -694,6 +731,7 @@ conformance!(
     invalid_requests_are_refused_naming_the_field,
     in_anonymous_mode_the_single_identity_may_decide_what_it_requested,
     pending_approvals_are_counted_in_the_metrics,
+    a_request_past_its_deadline_reads_as_timed_out_before_any_sweep,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

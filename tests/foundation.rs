@@ -234,8 +234,30 @@ async fn credentials_and_roles_are_enforced() {
     assert_eq!(status, 401);
     let (status, _) = app.get_as("/v1/agents", Some(&keys.agent)).await;
     assert_eq!(status, 200);
-    let (status, _) = app.get_as("/v1/events", Some(&keys.agent)).await;
+    let (status, body) = app.get_as("/v1/events", Some(&keys.agent)).await;
     assert_eq!(status, 403, "agents do not read the event log");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("this operation needs a viewer, approver or admin key"),
+        "{body}"
+    );
+    let (status, body) = app
+        .post_as(
+            "/v1/approvals/00000000-0000-7000-8000-000000000000/decision",
+            json!({"approved": true}),
+            Some(&keys.viewer),
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("this operation needs an approver or admin key"),
+        "{body}"
+    );
     let (status, _) = app.get_as("/v1/events", Some(&keys.viewer)).await;
     assert_eq!(status, 200);
     // Query tokens are for streams only.

@@ -208,6 +208,35 @@ impl Approval {
     pub fn deadline_ms(&self) -> i64 {
         self.request.expires_at.timestamp_millis()
     }
+
+    /// The request as it stands at `now_ms`. One still pending at or past
+    /// its deadline has timed out, whether or not a sweeper has recorded it
+    /// yet (within a sweep interval): no decision or cancel can win any
+    /// more (see [`Settlement`]), so it shows the timeout that every actor
+    /// stores. Reads and waits answer with this; a listing of `pending`
+    /// leaves such requests out.
+    pub fn as_of(mut self, now_ms: i64) -> Self {
+        if self.is_pending() && now_ms >= self.deadline_ms() {
+            self.response = Some(timeout_response(&self.request));
+            self.request.status = ApprovalStatus::Timeout;
+        }
+        self
+    }
+}
+
+/// The response of a request that nobody decided in time: the same
+/// whoever applies it.
+fn timeout_response(request: &ApprovalRequest) -> ApprovalResponse {
+    ApprovalResponse {
+        request_id: request.request_id,
+        approved: false,
+        responder: SYSTEM.to_owned(),
+        reason: Some(format!(
+            "timed out after {} seconds",
+            request.timeout_seconds
+        )),
+        decided_at: request.expires_at,
+    }
 }
 
 /// A new request with everything the engine stores alongside it.
@@ -452,13 +481,7 @@ pub async fn create(
         timeout_seconds,
         requested_by: caller.name.clone(),
     };
-    let timeout_response = ApprovalResponse {
-        request_id,
-        approved: false,
-        responder: SYSTEM.to_owned(),
-        reason: Some(format!("timed out after {timeout_seconds} seconds")),
-        decided_at: expires_at,
-    };
+    let timeout_response = timeout_response(&request);
     let requested_event = EventBody::new(
         "approval.requested",
         &caller.name,
@@ -494,7 +517,9 @@ pub async fn create(
         idempotency,
     };
     match state.engine.create_approval(new).await? {
-        Created::New(approval) | Created::Existing(approval) => Ok(approval),
+        Created::New(approval) => Ok(approval),
+        // A retry after the deadline finds the request timed out.
+        Created::Existing(approval) => Ok(approval.as_of(state.clock.now_ms())),
         Created::KeyReused => Err(ApiError::invalid(
             "Idempotency-Key",
             "was already used with a different request body",
@@ -506,13 +531,16 @@ pub async fn create(
 /// agent key learns nothing about other agents' approvals).
 pub async fn get_visible(state: &AppState, caller: &Identity, id: Uuid) -> ApiResult<Approval> {
     match state.engine.get_approval(id).await? {
-        Some(approval) if caller.may_act_as(&approval.request.agent_id) => Ok(approval),
+        Some(approval) if caller.may_act_as(&approval.request.agent_id) => {
+            Ok(approval.as_of(state.clock.now_ms()))
+        }
         _ => Err(not_found(id)),
     }
 }
 
 /// Waits until `approval` leaves `pending` or `wait` elapses, woken by the
-/// request's events on any replica; returns the state at that moment.
+/// request's events on any replica, and at its deadline at the latest;
+/// returns the state at that moment (see [`Approval::as_of`]).
 pub async fn wait_while_pending(
     state: &AppState,
     approval: Approval,
@@ -522,12 +550,22 @@ pub async fn wait_while_pending(
         return Ok(approval);
     }
     let id = approval.id();
-    let engine = &state.engine;
-    let current = wait_for(&state.hub, &[wake_key(id)], wait, || async move {
-        let current = engine.get_approval(id).await?;
-        let done = current.as_ref().is_none_or(|a| !a.is_pending());
-        Ok::<_, EngineError>((current, done))
-    })
+    let until_deadline = u64::try_from(approval.deadline_ms() - state.clock.now_ms())
+        .map_or(Duration::ZERO, Duration::from_millis);
+    let (engine, clock) = (&state.engine, &state.clock);
+    let current = wait_for(
+        &state.hub,
+        &[wake_key(id)],
+        wait.min(until_deadline),
+        || async move {
+            let current = engine
+                .get_approval(id)
+                .await?
+                .map(|a| a.as_of(clock.now_ms()));
+            let done = current.as_ref().is_none_or(|a| !a.is_pending());
+            Ok::<_, EngineError>((current, done))
+        },
+    )
     .await?;
     current.ok_or_else(|| not_found(id))
 }
@@ -672,6 +710,7 @@ pub async fn list(
                 .is_none_or(|id| *id == a.request.agent_id)
             && caller.may_act_as(&a.request.agent_id)
     };
+    let now_ms = state.clock.now_ms();
     let batch = (limit + 1).max(100);
     let mut out = Vec::with_capacity(limit);
     let mut position = cursor;
@@ -690,9 +729,11 @@ pub async fn list(
             position = Some(id);
             scanned += 1;
             // A record can change status between its index read and its
-            // record read; the index of a status lists only that status.
-            if let Some(approval) =
-                approval.filter(|a| filter.status.is_none_or(|s| a.status() == s) && matches(a))
+            // record read, and a pending one past its deadline has timed
+            // out; the index of a status lists only that status.
+            if let Some(approval) = approval
+                .map(|a| a.as_of(now_ms))
+                .filter(|a| filter.status.is_none_or(|s| a.status() == s) && matches(a))
             {
                 out.push(approval);
             }
