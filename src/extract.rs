@@ -114,11 +114,6 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Deserializes `body`, mapping syntax errors to 400 and data errors to 422.
-///
-/// Valid bodies take the plain deserializer; only a body that fails is
-/// parsed again with path tracking, which names the field in the error
-/// (tracking costs an allocation per key, on every request otherwise).
 /// Whether `body` is JSON whose text is valid (UTF-8, no lone surrogate
 /// in an escape): a number beyond a double is JSON all the same (the
 /// grammar sets no range), but text that is not text makes the body
@@ -133,6 +128,11 @@ fn parses_as_json(body: &[u8]) -> bool {
     }
 }
 
+/// Deserializes `body`, mapping syntax errors to 400 and data errors to 422.
+///
+/// Valid bodies take the plain deserializer; only a body that fails is
+/// parsed again with path tracking, which names the field in the error
+/// (tracking costs an allocation per key, on every request otherwise).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if let Ok(value) = serde_json::from_slice(body) {
         return Ok(value);
