@@ -780,7 +780,17 @@ pub async fn serve(
         router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(signal);
-    let server = async move { server.await.map_err(|e| format!("server error: {e}")) };
+    // WebSockets are upgraded connections, which the server no longer
+    // tracks: it would return while sockets still have their close frame
+    // (and where to resume) to send, and the process would end without
+    // them. So serving ends when the server is done and every WebSocket and
+    // SSE client has been sent its end, within the same grace period.
+    let hub = state.hub.clone();
+    let server = async move {
+        let served = server.await.map_err(|e| format!("server error: {e}"));
+        hub.clients_gone().await;
+        served
+    };
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result,

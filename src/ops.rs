@@ -110,8 +110,13 @@ async fn get_metrics(
     _caller: crate::auth::Caller<crate::auth::Viewer>,
     State(state): State<AppState>,
 ) -> Response {
-    // Gauges read from storage at scrape time; a failure is counted, not fatal.
-    match crate::agents::state_counts(&state).await {
+    // Gauges read from storage at scrape time, both at once (a hung Redis
+    // costs one bound, not two); a failure is counted, not fatal.
+    let (agents, pending) = tokio::join!(
+        crate::agents::state_counts(&state),
+        crate::approvals::pending_count(&state.engine)
+    );
+    match agents {
         Ok(counts) => {
             for (agent_state, n) in counts {
                 metrics::gauge!("attune_agents", "state" => agent_state).set(n as f64);
@@ -119,7 +124,7 @@ async fn get_metrics(
         }
         Err(_) => metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1),
     }
-    match crate::approvals::pending_count(&state.engine).await {
+    match pending {
         Ok(n) => metrics::gauge!("attune_approvals_pending").set(n as f64),
         Err(_) => metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1),
     }

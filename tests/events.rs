@@ -480,6 +480,47 @@ async fn websockets_close_with_going_away_on_shutdown(kind: Kind) {
     }
 }
 
+/// The process ends when serving ends: that must wait until every
+/// WebSocket has been sent its close frame, even one whose client is slow
+/// to read what it was already sent (within the grace period).
+async fn serving_ends_after_websockets_are_closed(kind: Kind) {
+    let mut app = TestApp::spawn(kind).await;
+    let mut socket = connect(&app, "").await;
+    // More than the sockets' buffers hold, and not read yet.
+    let filler = "x".repeat(60_000);
+    for n in 0..200 {
+        let (status, body) = app
+            .post(
+                "/v1/events",
+                json!({"type": "test.bulk", "data": {"n": n, "x": filler}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let serving = app.begin_stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !serving.is_finished(),
+        "serving ended while a WebSocket had its close frame to send"
+    );
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+            Ok(Some(Ok(Message::Close(close)))) => break close,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected frames, then a close frame; got {other:?}"),
+        }
+    };
+    let close = close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1001, "{}", close.reason);
+    assert!(close.reason.contains("since="), "{}", close.reason);
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("serving ends once the socket closed")
+        .unwrap()
+        .unwrap();
+}
+
 /// A long-poll for a signal to `agent`, answered within `bound` of the send.
 async fn waiter_is_woken_within(app: &TestApp, agent: &str, bound: Duration) {
     let url = app.url(&format!("/v1/agents/{agent}/signals?wait_seconds=10"));
@@ -591,6 +632,7 @@ conformance!(
     custom_events_are_validated_and_reserved_types_refused,
     sse_sends_id_lines_and_resumes_from_last_event_id,
     websockets_close_with_going_away_on_shutdown,
+    serving_ends_after_websockets_are_closed,
     sse_streams_end_with_stream_closed_on_shutdown,
 );
 

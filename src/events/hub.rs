@@ -61,8 +61,11 @@ pub struct Hub {
     tx: broadcast::Sender<Arc<Event>>,
     /// Long-poll waiters by wake-up key.
     waiters: Waiters,
-    /// Connected WebSocket and SSE clients (for `/metrics`).
+    /// Connected WebSocket and SSE clients (for `/metrics`, and for
+    /// shutdown to wait on).
     subscribers: AtomicUsize,
+    /// Told when the last client leaves.
+    no_clients: tokio::sync::Notify,
     /// Cancelled at shutdown: waits answer at once, streams close.
     shutdown: CancellationToken,
     /// What the tailer reads. Joining the broadcast and reading this, and
@@ -80,6 +83,7 @@ impl Hub {
             tx,
             waiters: Waiters::default(),
             subscribers: AtomicUsize::new(0),
+            no_clients: tokio::sync::Notify::new(),
             shutdown,
             tailing: watch::Sender::new(Tailing::Starting),
             gate: Mutex::new(()),
@@ -93,6 +97,20 @@ impl Hub {
     /// Connected WebSocket and SSE clients.
     pub fn subscriber_count(&self) -> usize {
         self.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Returns once no WebSocket or SSE client is connected: at shutdown,
+    /// when each has been sent its end (and where to resume).
+    pub async fn clients_gone(&self) {
+        loop {
+            let notified = self.no_clients.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.subscribers.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Joins the live stream: every event the tailer reads from now on.
@@ -252,8 +270,11 @@ pub struct ClientGuard(Arc<Hub>);
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        let n = self.0.subscribers.fetch_sub(1, Ordering::Relaxed) - 1;
+        let n = self.0.subscribers.fetch_sub(1, Ordering::AcqRel) - 1;
         metrics::gauge!("attune_event_subscribers").set(n as f64);
+        if n == 0 {
+            self.0.no_clients.notify_waiters();
+        }
     }
 }
 

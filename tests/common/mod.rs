@@ -371,6 +371,15 @@ impl TestApp {
     }
 
     /// Stops the server gracefully and waits for it.
+    /// Asks the service to stop and returns its serving task, to see when
+    /// it ends.
+    pub fn begin_stop(&mut self) -> tokio::task::JoinHandle<Result<(), String>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("the service is running")
+    }
+
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
