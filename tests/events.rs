@@ -670,6 +670,32 @@ async fn a_subscriber_across_a_redis_restart_gets_every_later_event_once() {
     assert_eq!(got, sent);
 }
 
+/// Redis restarted without its data starts a new log: a reader resuming
+/// from an id of the old one is told (`stream.reset`) that what followed
+/// it is gone, not silently handed the new log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_from_a_log_redis_lost_starts_with_a_stream_reset() {
+    let mut app = TestApp::spawn(Kind::Redis).await;
+    let old = publish(&app, "test.before", 0).await;
+    publish(&app, "test.lost", 1).await;
+    let redis = app.redis.as_mut().unwrap();
+    redis.kill();
+    redis.restart();
+    eventually(Duration::from_secs(5), || async {
+        let (status, _) = app
+            .post("/v1/events", json!({"type": "test.after", "data": {}}))
+            .await;
+        (status == 201).then_some(())
+    })
+    .await;
+    let mut socket = connect(&app, &format!("?since={old}")).await;
+    let reset = next_json(&mut socket).await.unwrap();
+    assert_eq!(reset["type"], "stream.reset", "{reset}");
+    let next = next_json(&mut socket).await.unwrap();
+    assert_eq!(next["id"], reset["oldest_id"], "the new log from its start");
+    assert_eq!(next["type"], "test.after");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_check_origin_and_credentials_before_upgrading() {
     let keys = TestKeys::new();

@@ -106,6 +106,14 @@ mod tests {
         assert_eq!(bounds.max_deleted, ids[1]);
         assert!(bounds.trimmed_after(ids[0]));
         assert!(!bounds.trimmed_after(ids[1]));
+        // A log that never trimmed had nothing before its oldest entry: a
+        // position before it comes from another log.
+        let mut fresh = EventRing::new(3);
+        let first = fresh.append(body("a.b")).id;
+        let bounds = fresh.bounds();
+        assert!(!bounds.trimmed_after(StreamId::ZERO));
+        assert!(!bounds.trimmed_after(first));
+        assert!(bounds.trimmed_after(first.prev()));
         let after: Vec<StreamId> = ring.after(ids[2], 10).iter().map(|e| e.id).collect();
         assert_eq!(after, vec![ids[3], ids[4]]);
     }

@@ -245,9 +245,17 @@ pub struct LogBounds {
 }
 
 impl LogBounds {
-    /// Whether entries after `since` have been trimmed away.
+    /// Whether entries after `since` may be gone: trimmed away, or lost
+    /// with an earlier log. A log that never trimmed holds every entry it
+    /// ever had, so a `since` before its oldest entry (other than `0-0`,
+    /// the beginning) was never in it: it comes from the log Redis had
+    /// before it lost its data (or the memory engine before a restart),
+    /// and what followed it there is gone.
     pub fn trimmed_after(&self, since: StreamId) -> bool {
         self.max_deleted > since
+            || (self.max_deleted == StreamId::ZERO
+                && since != StreamId::ZERO
+                && self.oldest.is_some_and(|oldest| since < oldest))
     }
 }
 
