@@ -676,9 +676,9 @@ async fn pending_approvals_are_counted_in_the_metrics(kind: Kind) {
     assert!(scrape().await.contains("attune_approvals_pending 1"));
 }
 
-/// The deadline is the request's own: past it, reads, waits and listings
-/// show the timeout before any sweeper has recorded it (here none runs).
-async fn a_request_past_its_deadline_reads_as_timed_out_before_any_sweep(kind: Kind) {
+/// The deadline is the request's own: past it, a wait or a read records
+/// the timeout itself (here no sweeper runs), once, and answers with it.
+async fn a_request_past_its_deadline_is_timed_out_by_its_reader_without_a_sweep(kind: Kind) {
     let keys = TestKeys::new();
     let options = Options::new(kind)
         .keys(&keys.toml)
@@ -731,7 +731,7 @@ conformance!(
     invalid_requests_are_refused_naming_the_field,
     in_anonymous_mode_the_single_identity_may_decide_what_it_requested,
     pending_approvals_are_counted_in_the_metrics,
-    a_request_past_its_deadline_reads_as_timed_out_before_any_sweep,
+    a_request_past_its_deadline_is_timed_out_by_its_reader_without_a_sweep,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,18 +209,10 @@ impl Approval {
         self.request.expires_at.timestamp_millis()
     }
 
-    /// The request as it stands at `now_ms`. One still pending at or past
-    /// its deadline has timed out, whether or not a sweeper has recorded it
-    /// yet (within a sweep interval): no decision or cancel can win any
-    /// more (see [`Settlement`]), so it shows the timeout that every actor
-    /// stores. Reads and waits answer with this; a listing of `pending`
-    /// leaves such requests out.
-    pub fn as_of(mut self, now_ms: i64) -> Self {
-        if self.is_pending() && now_ms >= self.deadline_ms() {
-            self.response = Some(timeout_response(&self.request));
-            self.request.status = ApprovalStatus::Timeout;
-        }
-        self
+    /// Whether it is still pending at `now_ms`, past its deadline: its
+    /// timeout is due but not recorded yet.
+    fn timeout_due(&self, now_ms: i64) -> bool {
+        self.is_pending() && now_ms >= self.deadline_ms()
     }
 }
 
@@ -278,11 +270,13 @@ pub enum Created {
     KeyReused,
 }
 
-/// A transition out of `pending` requested by a person.
+/// A transition out of `pending` requested by a person (or the timeout,
+/// by a reader that found the request past its deadline: see
+/// [`read_recorded`]).
 #[derive(Debug, Clone)]
 pub struct Settlement {
     pub request_id: Uuid,
-    /// `approved`, `rejected` or `cancelled`.
+    /// `approved`, `rejected` or `cancelled` (or `timeout`).
     pub status: ApprovalStatus,
     pub response: ApprovalResponse,
     /// `approval.decided` or `approval.cancelled`.
@@ -519,7 +513,9 @@ pub async fn create(
     match state.engine.create_approval(new).await? {
         Created::New(approval) => Ok(approval),
         // A retry after the deadline finds the request timed out.
-        Created::Existing(approval) => Ok(approval.as_of(state.clock.now_ms())),
+        Created::Existing(approval) => recorded(state, approval)
+            .await?
+            .ok_or_else(|| ApiError::not_found("the request this Idempotency-Key created")),
         Created::KeyReused => Err(ApiError::invalid(
             "Idempotency-Key",
             "was already used with a different request body",
@@ -530,45 +526,97 @@ pub async fn create(
 /// The request, if it exists and `caller` may see it (404 otherwise: an
 /// agent key learns nothing about other agents' approvals).
 pub async fn get_visible(state: &AppState, caller: &Identity, id: Uuid) -> ApiResult<Approval> {
-    match state.engine.get_approval(id).await? {
-        Some(approval) if caller.may_act_as(&approval.request.agent_id) => {
-            Ok(approval.as_of(state.clock.now_ms()))
-        }
+    match read_recorded(state, id).await? {
+        Some(approval) if caller.may_act_as(&approval.request.agent_id) => Ok(approval),
         _ => Err(not_found(id)),
     }
 }
 
+/// Request `id` as stored, with its timeout recorded first if it is due
+/// (see [`recorded`]).
+async fn read_recorded(state: &AppState, id: Uuid) -> EngineResult<Option<Approval>> {
+    match state.engine.get_approval(id).await? {
+        Some(approval) => recorded(state, approval).await,
+        None => Ok(None),
+    }
+}
+
+/// `approval` as stored. One still pending past its deadline gets its
+/// timeout recorded at once, as a sweeper would within a sweep interval,
+/// so that a read or a wait answers with the final state from the deadline
+/// on: through the settle step, which applies the timeout itself to a
+/// request past its deadline (exactly once, with its `approval.expired`)
+/// and otherwise returns whatever won before. A decision that reaches
+/// storage after it loses, as it would to the sweeper.
+async fn recorded(state: &AppState, approval: Approval) -> EngineResult<Option<Approval>> {
+    let now_ms = state.clock.now_ms();
+    if !approval.timeout_due(now_ms) {
+        return Ok(Some(approval));
+    }
+    let request = &approval.request;
+    let response = timeout_response(request);
+    let event = settled_event(
+        "approval.expired",
+        SYSTEM,
+        request,
+        ApprovalStatus::Timeout,
+        &response,
+        request.expires_at,
+    );
+    let settlement = Settlement {
+        request_id: approval.id(),
+        status: ApprovalStatus::Timeout,
+        response,
+        event,
+        now_ms,
+        retention: state.config.approval_retention,
+    };
+    Ok(match state.engine.settle_approval(settlement).await? {
+        Settled::Won(approval) | Settled::Lost(approval) => Some(approval),
+        Settled::Missing => None,
+    })
+}
+
 /// Waits until `approval` leaves `pending` or `wait` elapses, woken by the
-/// request's events on any replica, and at its deadline at the latest;
-/// returns the state at that moment (see [`Approval::as_of`]).
+/// request's events on any replica, and at its deadline at the latest
+/// (when the wait records its timeout, see [`recorded`]); returns the state
+/// at that moment.
 pub async fn wait_while_pending(
     state: &AppState,
     approval: Approval,
     wait: Duration,
 ) -> ApiResult<Approval> {
-    if !approval.is_pending() || wait.is_zero() {
-        return Ok(approval);
-    }
     let id = approval.id();
-    let until_deadline = u64::try_from(approval.deadline_ms() - state.clock.now_ms())
-        .map_or(Duration::ZERO, Duration::from_millis);
-    let (engine, clock) = (&state.engine, &state.clock);
-    let current = wait_for(
-        &state.hub,
-        &[wake_key(id)],
-        wait.min(until_deadline),
-        || async move {
-            let current = engine
-                .get_approval(id)
-                .await?
-                .map(|a| a.as_of(clock.now_ms()));
-            let done = current.as_ref().is_none_or(|a| !a.is_pending());
-            Ok::<_, EngineError>((current, done))
-        },
-    )
-    .await?;
-    current.ok_or_else(|| not_found(id))
+    let ends = tokio::time::Instant::now() + wait;
+    let mut current = approval;
+    // Woken at the deadline by the service's clock, which may step; until
+    // the wait ends, a request still pending is waited on again.
+    while current.is_pending() {
+        let left = ends.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let until_deadline = u64::try_from(current.deadline_ms() - state.clock.now_ms())
+            .map_or(Duration::ZERO, Duration::from_millis)
+            .max(DEADLINE_RECHECK);
+        let found = wait_for(
+            &state.hub,
+            &[wake_key(id)],
+            left.min(until_deadline),
+            || async move {
+                let found = read_recorded(state, id).await?;
+                let done = found.as_ref().is_none_or(|a| !a.is_pending());
+                Ok::<_, EngineError>((found, done))
+            },
+        )
+        .await?;
+        current = found.ok_or_else(|| not_found(id))?;
+    }
+    Ok(current)
 }
+
+/// Least time a wait sleeps before it looks at a request's deadline again.
+const DEADLINE_RECHECK: Duration = Duration::from_millis(10);
 
 /// Decides a request as `caller` (an approver or admin).
 pub async fn decide(
@@ -710,7 +758,6 @@ pub async fn list(
                 .is_none_or(|id| *id == a.request.agent_id)
             && caller.may_act_as(&a.request.agent_id)
     };
-    let now_ms = state.clock.now_ms();
     let batch = (limit + 1).max(100);
     let mut out = Vec::with_capacity(limit);
     let mut position = cursor;
@@ -729,11 +776,9 @@ pub async fn list(
             position = Some(id);
             scanned += 1;
             // A record can change status between its index read and its
-            // record read, and a pending one past its deadline has timed
-            // out; the index of a status lists only that status.
-            if let Some(approval) = approval
-                .map(|a| a.as_of(now_ms))
-                .filter(|a| filter.status.is_none_or(|s| a.status() == s) && matches(a))
+            // record read; the index of a status lists only that status.
+            if let Some(approval) =
+                approval.filter(|a| filter.status.is_none_or(|s| a.status() == s) && matches(a))
             {
                 out.push(approval);
             }
