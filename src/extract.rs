@@ -119,6 +119,9 @@ fn is_json(content_type: &str) -> bool {
 /// grammar sets no range), but text that is not text makes the body
 /// malformed, whichever field it is in.
 fn parses_as_json(body: &[u8]) -> bool {
+    if std::str::from_utf8(body).is_err() {
+        return false;
+    }
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(_) => true,
         Err(err) => {

@@ -51,7 +51,10 @@ impl Id {
             return Err("must be at most 128 characters".into());
         }
         if !bytes[0].is_ascii_alphanumeric() {
-            return Err("must start with a letter or digit".into());
+            let first = value.chars().next().unwrap_or_default();
+            return Err(format!(
+                "must start with a letter or digit (found {first:?})"
+            ));
         }
         if let Some(bad) = value
             .chars()

@@ -370,7 +370,6 @@ impl TestApp {
             .collect()
     }
 
-    /// Stops the server gracefully and waits for it.
     /// Asks the service to stop and returns its serving task, to see when
     /// it ends.
     pub fn begin_stop(&mut self) -> tokio::task::JoinHandle<Result<(), String>> {
@@ -380,6 +379,7 @@ impl TestApp {
         self.task.take().expect("the service is running")
     }
 
+    /// Stops the server gracefully and waits for it.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
