@@ -115,9 +115,11 @@ async fn list_agents(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct StaleQuery {
-    /// Seconds since the last beat (default 60, at most the retention period).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 31_536_000)]
-    threshold_seconds: Option<Param<1, 31_536_000>>,
+    /// Seconds since the last beat (default 60). Up to ten years, the
+    /// longest retention period; past the deployment's own, nothing is
+    /// kept to find.
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 315_360_000)]
+    threshold_seconds: Option<Param<1, 315_360_000>>,
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     cursor: Option<String>,
