@@ -320,6 +320,7 @@ async fn metrics_count_requests_by_route() {
     for series in [
         "attune_engine_errors_total{op=\"request\"} 0",
         "attune_panics_total 0",
+        "attune_redis_reconnects_total 0",
         "attune_events_unreadable_total 0",
         "attune_records_unreadable_total{kind=\"agent\"} 0",
     ] {
