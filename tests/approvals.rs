@@ -713,6 +713,33 @@ async fn a_request_past_its_deadline_is_timed_out_by_its_reader_without_a_sweep(
     assert_eq!(app.events_of("approval.expired").await.len(), 1);
 }
 
+/// At shutdown a waiter answers at once with the current state.
+async fn a_waiter_answers_at_once_at_shutdown(kind: Kind) {
+    let (mut app, keys) = spawn(kind).await;
+    let id = create(&app, &keys.agent, request("agent-1", 300)).await;
+    let client = app.client.clone();
+    let url = app.url(&format!("/v1/approvals/{id}?wait_seconds=30"));
+    let token = keys.admin.clone();
+    let waiter = tokio::spawn(async move {
+        let resp = client.get(url).bearer_auth(token).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    app.stop().await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("answered at once")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["request"]["status"], "pending");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        stopping.elapsed()
+    );
+}
+
 conformance!(
     two_decisions_racing_on_each_of_200_requests_have_exactly_one_winner,
     a_decision_at_the_deadline_gives_its_waiter_exactly_the_stored_final_state,
@@ -732,6 +759,7 @@ conformance!(
     in_anonymous_mode_the_single_identity_may_decide_what_it_requested,
     pending_approvals_are_counted_in_the_metrics,
     a_request_past_its_deadline_is_timed_out_by_its_reader_without_a_sweep,
+    a_waiter_answers_at_once_at_shutdown,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

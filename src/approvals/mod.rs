@@ -276,10 +276,13 @@ pub enum Created {
 #[derive(Debug, Clone)]
 pub struct Settlement {
     pub request_id: Uuid,
-    /// `approved`, `rejected` or `cancelled` (or `timeout`).
+    /// `approved`, `rejected` or `cancelled`; or `timeout`, only with a
+    /// `now_ms` at or past the deadline, where the engines apply the stored
+    /// timeout whatever the settlement says.
     pub status: ApprovalStatus,
     pub response: ApprovalResponse,
-    /// `approval.decided` or `approval.cancelled`.
+    /// `approval.decided` or `approval.cancelled` (unused for the timeout:
+    /// the engines emit the `approval.expired` stored with the request).
     pub event: EventBody,
     /// Compared with the deadline: at or after it, the timeout wins.
     pub now_ms: i64,
@@ -513,9 +516,9 @@ pub async fn create(
     match state.engine.create_approval(new).await? {
         Created::New(approval) => Ok(approval),
         // A retry after the deadline finds the request timed out.
-        Created::Existing(approval) => recorded(state, approval)
-            .await?
-            .ok_or_else(|| ApiError::not_found("the request this Idempotency-Key created")),
+        Created::Existing(approval) => {
+            Ok(recorded(state, approval.clone()).await?.unwrap_or(approval))
+        }
         Created::KeyReused => Err(ApiError::invalid(
             "Idempotency-Key",
             "was already used with a different request body",
@@ -590,8 +593,9 @@ pub async fn wait_while_pending(
     let ends = tokio::time::Instant::now() + wait;
     let mut current = approval;
     // Woken at the deadline by the service's clock, which may step; until
-    // the wait ends, a request still pending is waited on again.
-    while current.is_pending() {
+    // the wait ends, a request still pending is waited on again. At
+    // shutdown a wait answers at once with the current state.
+    while current.is_pending() && !state.hub.shutdown().is_cancelled() {
         let left = ends.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             break;
