@@ -577,19 +577,25 @@ fn boolean_settings_read_1_and_yes_from_the_environment() {
 
 /// A reader that goes away (`| head`) ends a command quietly, as it ends
 /// any Unix tool: no panic, exit 0.
-#[test]
-fn a_closed_output_pipe_ends_a_command_quietly() {
+/// Runs the binary with `args`, its standard output a pipe whose reading
+/// end is closed before the command writes.
+fn with_output_closed(args: &[&str]) -> Output {
     use std::process::{Command, Stdio};
-    // Standard output is a pipe whose reading end is closed before the
-    // command writes (the OpenAPI document is far larger than a pipe holds).
     let mut child = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
-        .arg("openapi")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("binary runs");
     drop(child.stdout.take());
-    let output = child.wait_with_output().expect("it ends");
+    child.wait_with_output().expect("it ends")
+}
+
+#[test]
+fn a_closed_output_pipe_ends_a_command_quietly() {
+    // Standard output is a pipe whose reading end is closed before the
+    // command writes (the OpenAPI document is far larger than a pipe holds).
+    let output = with_output_closed(&["openapi"]);
     let err = stderr(&output);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(output.status.code(), Some(0), "{err}");
@@ -615,14 +621,7 @@ fn keys_new_gives_no_secret_when_its_entry_cannot_be_written() {
     assert!(stdout(&output).is_empty(), "{}", stdout(&output));
 
     // A secret that cannot be shown is a failure too, not a quiet end.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
-        .args(["keys", "new", "--name", "ci", "--role", "agent"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary runs");
-    drop(child.stdout.take());
-    let output = child.wait_with_output().expect("it ends");
+    let output = with_output_closed(&["keys", "new", "--name", "ci", "--role", "agent"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(
         stderr(&output).contains("standard output"),
