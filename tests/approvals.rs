@@ -676,8 +676,9 @@ async fn pending_approvals_are_counted_in_the_metrics(kind: Kind) {
     assert!(scrape().await.contains("attune_approvals_pending 1"));
 }
 
-/// The deadline is the request's own: past it, a wait or a read records
-/// the timeout itself (here no sweeper runs), once, and answers with it.
+/// The deadline is the request's own: past it, a wait, a read or a
+/// listing records the timeout itself (here no sweeper runs), once, and
+/// answers with it.
 async fn a_request_past_its_deadline_is_timed_out_by_its_reader_without_a_sweep(kind: Kind) {
     let keys = TestKeys::new();
     let options = Options::new(kind)
@@ -711,6 +712,20 @@ async fn a_request_past_its_deadline_is_timed_out_by_its_reader_without_a_sweep(
     assert_eq!(status, 409, "{conflict}");
     assert_eq!(app.get(&format!("/v1/approvals/{id}")).await.1, waited);
     assert_eq!(app.events_of("approval.expired").await.len(), 1);
+    // A listing, read by nobody else, does the same.
+    let other = create(&app, &keys.agent, request("agent-2", 1)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, pending) = app.get("/v1/approvals").await;
+    assert_eq!(pending["approvals"], json!([]), "{pending}");
+    let (_, timed_out) = app.get("/v1/approvals?status=timeout").await;
+    let listed: Vec<&Value> = timed_out["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["request"]["request_id"])
+        .collect();
+    assert_eq!(listed, vec![&json!(id), &json!(other)], "{timed_out}");
+    assert_eq!(app.events_of("approval.expired").await.len(), 2);
 }
 
 /// At shutdown a waiter answers at once with the current state.

@@ -779,10 +779,15 @@ pub async fn list(
             }
             position = Some(id);
             scanned += 1;
+            // One past its deadline has its timeout recorded, as reads do.
+            let approval = match approval {
+                Some(approval) if matches(&approval) => recorded(state, approval).await?,
+                _ => None,
+            };
             // A record can change status between its index read and its
             // record read; the index of a status lists only that status.
             if let Some(approval) =
-                approval.filter(|a| filter.status.is_none_or(|s| a.status() == s) && matches(a))
+                approval.filter(|a| filter.status.is_none_or(|s| a.status() == s))
             {
                 out.push(approval);
             }
