@@ -546,7 +546,7 @@ async fn read_recorded(state: &AppState, id: Uuid) -> EngineResult<Option<Approv
 
 /// `approval` as stored. One still pending past its deadline gets its
 /// timeout recorded at once, as a sweeper would within a sweep interval,
-/// so that a read or a wait answers with the final state from the deadline
+/// so that a read, a wait or a listing answers with the final state from the deadline
 /// on: through the settle step, which applies the timeout itself to a
 /// request past its deadline (exactly once, with its `approval.expired`)
 /// and otherwise returns whatever won before. A decision that reaches
