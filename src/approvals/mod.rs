@@ -546,11 +546,12 @@ async fn read_recorded(state: &AppState, id: Uuid) -> EngineResult<Option<Approv
 
 /// `approval` as stored. One still pending past its deadline gets its
 /// timeout recorded at once, as a sweeper would within a sweep interval,
-/// so that a read, a wait or a listing answers with the final state from the deadline
-/// on: through the settle step, which applies the timeout itself to a
-/// request past its deadline (exactly once, with its `approval.expired`)
-/// and otherwise returns whatever won before. A decision that reaches
-/// storage after it loses, as it would to the sweeper.
+/// so that a read, a wait or a listing answers with the final state from
+/// the deadline on: through the settle step, which applies the timeout
+/// itself to a request past its deadline (exactly once, with its
+/// `approval.expired`) and otherwise returns whatever won before. A
+/// decision that reaches storage after it loses, as it would to the
+/// sweeper.
 async fn recorded(state: &AppState, approval: Approval) -> EngineResult<Option<Approval>> {
     let now_ms = state.clock.now_ms();
     if !approval.timeout_due(now_ms) {
