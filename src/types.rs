@@ -322,6 +322,47 @@ impl<'de, const MAX: usize> Deserialize<'de> for Text<MAX> {
     }
 }
 
+/// Deserializes an optional [`Text`] that, when sent, says something: an
+/// empty or blank string is refused rather than stored as a value.
+pub fn optional_non_blank<'de, D: Deserializer<'de>, const MAX: usize>(
+    d: D,
+) -> Result<Option<Text<MAX>>, D::Error> {
+    let text = Option::<Text<MAX>>::deserialize(d)?;
+    if text.as_ref().is_some_and(|t| t.as_str().trim().is_empty()) {
+        return Err(de::Error::custom("must not be empty"));
+    }
+    Ok(text)
+}
+
+/// Deserializes a struct from a JSON object only: serde's derives would
+/// also take an array, its elements read as the fields in order.
+pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    struct Object<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Object<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(Object(std::marker::PhantomData))
+}
+
+/// [`object`] for an optional field (absent or `null`: none).
+pub fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    struct Object<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            object(d).map(Object)
+        }
+    }
+    Ok(Option::<Object<T>>::deserialize(d)?.map(|o| o.0))
+}
+
 /// `limit` of a list endpoint: 1–1000, default 100.
 pub type Limit = Param<1, 1000>;
 

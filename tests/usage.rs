@@ -357,6 +357,24 @@ async fn a_negative_token_count_is_refused_naming_the_field(kind: Kind) {
     bad["tier"] = json!("gold");
     let (status, body) = app.post("/v1/usage", bad).await;
     assert_eq!((status, problem_field(&body).as_str()), (422, "tier"));
+    // Objects are objects: an array is not read as the fields in order.
+    for (field, value) in [
+        ("tokens", json!([1, 2, 3, 4])),
+        ("cache", json!([true, "exact"])),
+        ("user_id", json!("")),
+    ] {
+        let mut bad = simple("v");
+        bad[field] = value;
+        let (status, body) = app
+            .post("/v1/usage", json!({ "records": [simple("ok"), bad] }))
+            .await;
+        assert_eq!(status, 422, "{field}: {body}");
+        assert_eq!(
+            problem_field(&body),
+            format!("records[1].{field}"),
+            "{body}"
+        );
+    }
     // Nothing of the refused batches was recorded.
     let (_, stats) = app.get("/v1/usage/stats").await;
     assert_eq!(stats["total_calls"], 0);

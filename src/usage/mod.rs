@@ -249,9 +249,12 @@ pub struct UsageRecordIn {
     pub agent_id: Option<Id>,
     /// Stored only as the first 16 hex digits of a keyed HMAC-SHA256.
     #[schema(value_type = Option<String>, max_length = 256)]
+    #[serde(default, deserialize_with = "crate::types::optional_non_blank")]
     pub user_id: Option<Text<256>>,
+    #[serde(deserialize_with = "crate::types::object")]
     pub tokens: TokensIn,
     /// A response-cache hit, if any.
+    #[serde(default, deserialize_with = "crate::types::optional_object")]
     pub cache: Option<CacheInfo>,
     /// What the call cost, 0–1,000,000 dollars; computed from the price
     /// table when absent. For a response-cache hit: what the call would have cost.
