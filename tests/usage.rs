@@ -375,6 +375,17 @@ async fn a_negative_token_count_is_refused_naming_the_field(kind: Kind) {
             "{body}"
         );
     }
+    let (status, body) = app
+        .post(
+            "/v1/usage",
+            json!({ "records": [simple("ok"), ["a", "b"]] }),
+        )
+        .await;
+    assert_eq!(
+        (status, problem_field(&body).as_str()),
+        (422, "records[1]"),
+        "{body}"
+    );
     // Nothing of the refused batches was recorded.
     let (_, stats) = app.get("/v1/usage/stats").await;
     assert_eq!(stats["total_calls"], 0);

@@ -270,6 +270,7 @@ pub struct UsageRecordIn {
 pub struct UsageBatchIn {
     /// 1–1000 records.
     #[schema(min_items = 1, max_items = 1000)]
+    #[serde(deserialize_with = "crate::types::objects")]
     pub records: Vec<UsageRecordIn>,
 }
 
