@@ -337,8 +337,8 @@ pub fn optional_non_blank<'de, D: Deserializer<'de>, const MAX: usize>(
 /// Deserializes a struct from a JSON object only: serde's derives would
 /// also take an array, its elements read as the fields in order.
 pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
-    struct Object<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Object<T> {
+    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> de::Visitor<'de> for ObjectVisitor<T> {
         type Value = T;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON object")
@@ -347,7 +347,7 @@ pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T,
             T::deserialize(de::value::MapAccessDeserializer::new(map))
         }
     }
-    d.deserialize_map(Object(std::marker::PhantomData))
+    d.deserialize_map(ObjectVisitor(std::marker::PhantomData))
 }
 
 /// A `T` read by [`object`].
