@@ -413,6 +413,18 @@ fn settled_event(
     .waking(wake_key(request.request_id))
 }
 
+/// `approval.expired`, as of the request's deadline.
+fn expired_event(request: &ApprovalRequest, response: &ApprovalResponse) -> EventBody {
+    settled_event(
+        "approval.expired",
+        SYSTEM,
+        request,
+        ApprovalStatus::Timeout,
+        response,
+        request.expires_at,
+    )
+}
+
 /// Serializes JSON with object keys sorted at every level, so that equal
 /// bodies hash equally whatever order their keys were sent in.
 fn canonical_json(value: &serde_json::Value) -> String {
@@ -494,14 +506,7 @@ pub async fn create(
         }),
     )
     .waking(wake_key(request_id));
-    let expired_event = settled_event(
-        "approval.expired",
-        SYSTEM,
-        &request,
-        ApprovalStatus::Timeout,
-        &timeout_response,
-        expires_at,
-    );
+    let expired_event = expired_event(&request, &timeout_response);
     let new = NewApproval {
         approval: Approval {
             request,
@@ -559,14 +564,7 @@ async fn recorded(state: &AppState, approval: Approval) -> EngineResult<Option<A
     }
     let request = &approval.request;
     let response = timeout_response(request);
-    let event = settled_event(
-        "approval.expired",
-        SYSTEM,
-        request,
-        ApprovalStatus::Timeout,
-        &response,
-        request.expires_at,
-    );
+    let event = expired_event(request, &response);
     let settlement = Settlement {
         request_id: approval.id(),
         status: ApprovalStatus::Timeout,
