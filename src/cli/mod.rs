@@ -431,17 +431,17 @@ fn q(value: &str) -> String {
     form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
+/// Everything but the characters a URL never needs escaped (RFC 3986's
+/// unreserved ones).
+const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes a path segment: a space is `%20` there, not `+`.
 fn segment(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(value, NOT_UNRESERVED).to_string()
 }
 
 /// Runs one client command.
@@ -762,6 +762,11 @@ fn next_sse_block(buffer: &mut Vec<u8>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_segments_escape_all_but_unreserved_characters() {
+        assert_eq!(segment("a b/é?~-._Z9"), "a%20b%2F%C3%A9%3F~-._Z9");
+    }
 
     #[test]
     fn an_sse_block_split_inside_a_character_is_decoded_whole() {
