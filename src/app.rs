@@ -169,7 +169,8 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// Declares, on every operation that does not already, the answers the
 /// layers in front of the handlers may give it: 403 from the origin and
-/// host checks (see [`RouteSettings`]), and 413 for a body over the limit
+/// host checks (see [`RouteSettings`]), 413 for a body over the limit
+/// (on every operation: one that reads no body refuses a large one too)
 /// and 408 for one too slow (see [`per_route`]).
 fn declare_refusals_of_the_stack(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -196,11 +197,14 @@ fn declare_refusals_of_the_stack(doc: &mut utoipa::openapi::OpenApi) {
                 .into(),
             );
         }
-        if operation.request_body.is_some() && !responses.contains_key("413") {
-            responses.insert(
-                "413".into(),
-                problem("The body is over `--body-limit-bytes`").into(),
-            );
+        if !responses.contains_key("413") {
+            let description = if operation.request_body.is_some() {
+                "The body is over `--body-limit-bytes`"
+            } else {
+                // Refused by its `Content-Length` before any handler runs.
+                "A body was sent, declared over `--body-limit-bytes`"
+            };
+            responses.insert("413".into(), problem(description).into());
         }
         if operation.request_body.is_some() && !responses.contains_key("408") {
             responses.insert(
@@ -344,63 +348,56 @@ fn redact(url: &str) -> String {
 
 /// Builds the router with every layer.
 pub fn router(state: AppState) -> Router {
-    let (api, spec) = api_parts();
-    let spec = Arc::new(spec);
+    let (api, _) = api_parts();
     let x_request_id = HeaderName::from_static("x-request-id");
     let config = state.config.clone();
-    api.route(
-        "/openapi.json",
-        axum::routing::get(move || {
-            let spec = spec.clone();
-            async move { axum::Json(spec.as_ref().clone()) }
-        }),
-    )
-    .merge(crate::ops::docs_router())
-    .fallback(fallback)
-    .method_not_allowed_fallback(method_not_allowed)
-    .route_layer(middleware::from_fn_with_state(
-        RouteSettings {
-            timeout: config.request_timeout,
-            body_limit: config.body_limit_bytes,
-            anonymous_origins: (!state.keys.requires_keys())
-                .then(|| Arc::new(config.allowed_origins.clone())),
-            loopback_hosts_only: !state.keys.requires_keys() && config.listen.ip().is_loopback(),
-        },
-        per_route,
-    ))
-    // One layer made of the whole stack: the router boxes each layer it is
-    // given around every route, so a chain of `.layer` calls would cost an
-    // allocation and a move of the response future per layer and request.
-    .layer(
-        tower::ServiceBuilder::new()
-            .layer(SetRequestIdLayer::new(
-                x_request_id.clone(),
-                MakeRequestUuidV7,
-            ))
-            // One line per request, when it is answered (at debug level):
-            // no "started processing" line before it. 5xx answers are
-            // logged where they arise (an error; a storage outage as a
-            // warning), not a second time here.
-            .layer(
-                TraceLayer::new_for_http()
-                    .on_request(())
-                    .on_failure(())
-                    .make_span_with(request_span),
-            )
-            .layer(PropagateRequestIdLayer::new(x_request_id))
-            .option_layer(cors(&config.allowed_origins))
-            .layer(
-                CompressionLayer::new().compress_when(
-                    SizeAbove::new(COMPRESS_FROM_BYTES)
-                        .and(NotForContentType::GRPC)
-                        .and(NotForContentType::IMAGES)
-                        .and(NotForContentType::SSE),
-                ),
-            )
-            .layer(CatchPanicLayer::custom(panic_response))
-            .layer(DefaultBodyLimit::max(config.body_limit_bytes)),
-    )
-    .with_state(state)
+    api.merge(crate::ops::docs_router())
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(
+            RouteSettings {
+                timeout: config.request_timeout,
+                body_limit: config.body_limit_bytes,
+                anonymous_origins: (!state.keys.requires_keys())
+                    .then(|| Arc::new(config.allowed_origins.clone())),
+                loopback_hosts_only: !state.keys.requires_keys()
+                    && config.listen.ip().is_loopback(),
+            },
+            per_route,
+        ))
+        // One layer made of the whole stack: the router boxes each layer it is
+        // given around every route, so a chain of `.layer` calls would cost an
+        // allocation and a move of the response future per layer and request.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(
+                    x_request_id.clone(),
+                    MakeRequestUuidV7,
+                ))
+                // One line per request, when it is answered (at debug level):
+                // no "started processing" line before it. 5xx answers are
+                // logged where they arise (an error; a storage outage as a
+                // warning), not a second time here.
+                .layer(
+                    TraceLayer::new_for_http()
+                        .on_request(())
+                        .on_failure(())
+                        .make_span_with(request_span),
+                )
+                .layer(PropagateRequestIdLayer::new(x_request_id))
+                .option_layer(cors(&config.allowed_origins))
+                .layer(
+                    CompressionLayer::new().compress_when(
+                        SizeAbove::new(COMPRESS_FROM_BYTES)
+                            .and(NotForContentType::GRPC)
+                            .and(NotForContentType::IMAGES)
+                            .and(NotForContentType::SSE),
+                    ),
+                )
+                .layer(CatchPanicLayer::custom(panic_response))
+                .layer(DefaultBodyLimit::max(config.body_limit_bytes)),
+        )
+        .with_state(state)
 }
 
 /// The span every log line of a request carries.

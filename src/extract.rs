@@ -99,10 +99,12 @@ where
         // Every body is an object; serde's derives would also take an
         // array, its elements as the fields in declaration order.
         if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-            return Err(ApiError::invalid(
-                "body",
-                "must be a JSON object, not an array",
-            ));
+            return Err(match serde_json::from_slice::<serde_json::Value>(body) {
+                Err(err) if !parses_as_json(body) => {
+                    ApiError::BadRequest(format!("malformed JSON: {err}"))
+                }
+                _ => ApiError::invalid("body", "must be a JSON object, not an array"),
+            });
         }
         parse_json(body).map(ValidJson)
     }

@@ -22,12 +22,14 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_healthz))
         .routes(routes!(get_readyz))
         .routes(routes!(get_metrics))
+        .routes(routes!(get_openapi))
+        .routes(routes!(docs_page))
 }
 
-/// Static routes that are not part of the API description.
+/// The reference page's other addresses and assets, which the API
+/// description leaves out.
 pub fn docs_router() -> Router<AppState> {
     Router::new()
-        .route("/docs", axum::routing::get(docs_page))
         .route("/docs/", axum::routing::get(docs_page))
         .route("/docs/swagger-ui.css", axum::routing::get(docs_css))
         .route("/docs/swagger-ui-bundle.js", axum::routing::get(docs_js))
@@ -158,6 +160,28 @@ pub fn spawn_metrics_upkeep(
 
 const CACHE: HeaderValue = HeaderValue::from_static("public, max-age=3600");
 
+/// This OpenAPI document.
+///
+/// The same as `openapi/openapi.json` in the repository.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API",
+        content_type = "application/json")))]
+async fn get_openapi() -> ApiResult<Response> {
+    // Written once: the document describes the build, not the deployment.
+    static DOCUMENT: OnceLock<Result<String, String>> = OnceLock::new();
+    let json = DOCUMENT.get_or_init(|| crate::app::openapi().to_json().map_err(|e| e.to_string()));
+    let json = json
+        .as_ref()
+        .map_err(|e| ApiError::Internal(format!("the OpenAPI document: {e}")))?;
+    let content_type = HeaderValue::from_static("application/json");
+    Ok(([(header::CONTENT_TYPE, content_type)], json.as_str()).into_response())
+}
+
+/// The API reference page.
+///
+/// This document as a page that works offline (no CDN); also at `/docs/`.
+#[utoipa::path(get, path = "/docs", tag = "operations", security(()),
+    responses((status = 200, description = "An HTML page", content_type = "text/html")))]
 async fn docs_page() -> Response {
     (
         [

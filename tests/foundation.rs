@@ -79,6 +79,16 @@ async fn the_openapi_document_is_whole_and_declares_problems_as_problem_json() {
         }
     }
     assert!(problems > 100, "{problems} problem answers documented");
+    // It describes itself and the reference page, and a body over the
+    // limit is refused on every operation, whether it reads one or not.
+    for path in ["/openapi.json", "/docs"] {
+        assert!(
+            spec["paths"][path]["get"].is_object(),
+            "{path} undocumented"
+        );
+    }
+    let listing = &spec["paths"]["/v1/agents"]["get"]["responses"];
+    assert!(listing["413"].is_object(), "{listing}");
     // And every schema it refers to is in it.
     let text = spec.to_string();
     for name in text.split("\"#/components/schemas/").skip(1) {
@@ -118,6 +128,23 @@ async fn every_failure_is_problem_json() {
         400,
     )
     .await;
+    // Malformed, though it opens like an array; a whole array is JSON of
+    // the wrong kind.
+    for (body, status) in [("[1,", 400), ("[true,", 400), ("[1]", 422)] {
+        let problem = check(
+            c.post(&url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap(),
+            status,
+        )
+        .await;
+        if status == 422 {
+            assert_eq!(problem["errors"][0]["field"], "body", "{problem}");
+        }
+    }
     check(
         c.post(&url)
             .header("content-type", "text/plain")
