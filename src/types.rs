@@ -427,6 +427,25 @@ pub fn from_millis(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
+/// Reads an optional time a client sends: RFC 3339 with its UTC offset.
+/// chrono's own messages ("premature end of input") do not say what was
+/// expected.
+pub fn optional_client_time<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| Some(t.with_timezone(&Utc)))
+        .map_err(|e| {
+            de::Error::custom(format!(
+                "must be an RFC 3339 time with a UTC offset, such as \
+                 2026-05-01T12:00:00Z or 2026-05-01T14:00:00+02:00 ({e})"
+            ))
+        })
+}
+
 /// Serde helpers that write `DateTime<Utc>` with exactly millisecond precision.
 pub mod millis_time {
     use chrono::{DateTime, Utc};

@@ -590,6 +590,17 @@ async fn timestamps_too_far_ahead_or_beyond_retention_are_refused(kind: Kind) {
         (status, problem_field(&body).as_str()),
         (422, "records[0].ts")
     );
+    // A time without its offset says what a time must look like.
+    let mut local = simple("no-offset");
+    local["ts"] = json!("2026-05-01T12:00:00");
+    let (status, body) = app.post("/v1/usage", local).await;
+    assert_eq!((status, problem_field(&body).as_str()), (422, "ts"));
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("RFC 3339 time with a UTC offset")),
+        "{body}"
+    );
     let (status, _) = app
         .post("/v1/usage", at(chrono::Duration::minutes(4)))
         .await;

@@ -238,6 +238,7 @@ pub struct UsageRecordIn {
     pub id: Option<Id>,
     /// When the call happened (RFC 3339; default now). At most 5 minutes
     /// ahead, and within the usage retention period.
+    #[serde(default, deserialize_with = "crate::types::optional_client_time")]
     pub ts: Option<DateTime<Utc>>,
     pub workflow: Id,
     pub stage: Option<Id>,
