@@ -43,9 +43,9 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::KeyRing;
 use crate::config::Config;
-use crate::engine::Engine;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::RedisEngine;
+use crate::engine::{Engine, EngineError};
 use crate::error::ApiError;
 use crate::events::hub::Hub;
 
@@ -318,6 +318,9 @@ async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String
         .await
         {
             Ok(engine) => return Ok(engine),
+            Err(err @ EngineError::Refused(_)) => {
+                return Err(format!("cannot use Redis at {}: {err}", redact(url)));
+            }
             Err(err) if Instant::now() >= deadline => {
                 return Err(format!("cannot reach Redis at {}: {err}", redact(url)));
             }

@@ -154,7 +154,7 @@ impl From<EngineError> for ApiError {
         metrics::counter!("attune_engine_errors_total", "op" => "request").increment(1);
         match err {
             EngineError::Unavailable(msg) => Self::Unavailable(msg),
-            EngineError::Corrupt(msg) => Self::Internal(msg),
+            EngineError::Corrupt(msg) | EngineError::Refused(msg) => Self::Internal(msg),
         }
     }
 }

@@ -306,6 +306,26 @@ async fn anonymous_access_is_refused_off_loopback_unless_explicitly_allowed() {
     assert!(app::build(config).await.is_ok());
 }
 
+/// Credentials or a database Redis refuses will not start working by
+/// waiting: start-up fails at once and says so (a Redis not up yet is
+/// waited for, up to ten seconds).
+#[tokio::test]
+async fn start_up_fails_at_once_when_redis_refuses_the_connection() {
+    let redis = RedisServer::start();
+    let mut config = Config::for_tests();
+    for url in [
+        format!("{}/99", redis.url()),
+        redis.url().replace("redis://", "redis://nobody:wrong@"),
+    ] {
+        config.redis_url = Some(url.clone());
+        let started = Instant::now();
+        let err = app::build(config.clone()).await.err().expect("refused");
+        assert!(err.contains("Redis refused the connection"), "{url}: {err}");
+        assert!(!err.contains("wrong"), "the password is hidden: {err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{url}: waited");
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_requests_by_route() {
     let app = TestApp::spawn(Kind::Memory).await;

@@ -26,9 +26,15 @@ pub enum EngineError {
     /// The engine could not be reached or did not answer in time (503).
     #[error("engine unavailable: {0}")]
     Unavailable(String),
-    /// Stored data could not be decoded (500; logged, never sent).
-    #[error("corrupt stored data: {0}")]
+    /// Stored data could not be decoded, or storage refused an operation
+    /// for a reason retrying will not fix: a key of another type, a command
+    /// the Redis user may not run (500; logged, never sent).
+    #[error("storage error: {0}")]
     Corrupt(String),
+    /// Redis refused the service's connection: a wrong password or user,
+    /// a database number it does not have. Only connecting gives it.
+    #[error("Redis refused the connection: {0}")]
+    Refused(String),
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;

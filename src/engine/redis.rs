@@ -171,7 +171,7 @@ impl RedisEngine {
         )
         .await
         .map_err(|_| EngineError::Unavailable("timed out connecting to Redis".into()))?
-        .map_err(unavailable)?;
+        .map_err(connect_error)?;
         Ok(Self {
             link: Arc::new(Link::new(conn, client.clone(), config, timeout)),
             client,
@@ -428,6 +428,23 @@ impl Link {
             }
             Err(err) => tracing::warn!(error = %err, "could not open a new Redis connection"),
         }
+    }
+}
+
+/// A failed connection: refused for good when Redis answered that the
+/// credentials or the database number are wrong (waiting will not change
+/// that), otherwise an outage.
+fn connect_error(err: RedisError) -> EngineError {
+    let refused = matches!(
+        err.kind(),
+        ErrorKind::AuthenticationFailed
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::NoPerm)
+    ) || matches!(server_code(&err).as_deref(), Some("NOAUTH" | "WRONGPASS"));
+    if refused {
+        EngineError::Refused(err.to_string())
+    } else {
+        EngineError::Unavailable(err.to_string())
     }
 }
 
