@@ -150,7 +150,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ATTUNE_STREAM_MAX_LEN", default_value_t = 100_000)]
     pub stream_max_len: usize,
     /// Events a live subscriber may fall behind before it is disconnected
-    /// (it can resume with `since`).
+    /// (it can resume with `since`). One buffer shared by every subscriber,
+    /// allocated at start: about 50 bytes per event (at most 1048576).
     #[arg(long, env = "ATTUNE_SUBSCRIBER_BUFFER", default_value_t = 8192)]
     pub subscriber_buffer: usize,
     /// Under sustained traffic a WebSocket is written at most once per this
@@ -247,6 +248,64 @@ impl ServeArgs {
         if self.body_limit_bytes < 1024 {
             return Err("--body-limit-bytes must be at least 1024".into());
         }
+        // Bounds far past any sensible setting, short of values that would
+        // overflow the time arithmetic, be refused by Redis, or allocate
+        // gigabytes up front.
+        let at_most = |name: &str, v: u64, max: u64, what: &str| {
+            if v > max {
+                Err(format!("--{name} must be at most {max} ({what})"))
+            } else {
+                Ok(())
+            }
+        };
+        at_most(
+            "redis-timeout-ms",
+            self.redis.redis_timeout_ms,
+            60_000,
+            "a minute",
+        )?;
+        at_most(
+            "request-timeout-seconds",
+            self.request_timeout_seconds,
+            86_400,
+            "a day",
+        )?;
+        at_most(
+            "shutdown-grace-seconds",
+            self.shutdown_grace_seconds,
+            86_400,
+            "a day",
+        )?;
+        at_most(
+            "sweep-interval-ms",
+            self.sweep_interval_ms,
+            60_000,
+            "a minute",
+        )?;
+        at_most(
+            "ws-write-interval-ms",
+            self.ws_write_interval_ms,
+            10_000,
+            "ten seconds",
+        )?;
+        at_most(
+            "body-limit-bytes",
+            self.body_limit_bytes as u64,
+            1 << 30,
+            "1 GiB",
+        )?;
+        at_most(
+            "stream-max-len",
+            self.stream_max_len as u64,
+            1_000_000_000,
+            "a billion events",
+        )?;
+        at_most(
+            "subscriber-buffer",
+            self.subscriber_buffer as u64,
+            1 << 20,
+            "its slots are allocated at start",
+        )?;
         if self.down_grace_seconds.is_some_and(|g| g > 3600) {
             // Like a ttl: ttl + grace must stay within the retention below.
             return Err("--down-grace-seconds must be at most 3600".into());
@@ -366,6 +425,33 @@ mod tests {
             assert!(config(flag, "315360000").is_ok());
             let err = config(flag, "315360001").unwrap_err();
             assert!(err.contains(&flag[2..]), "{err}");
+        }
+    }
+
+    /// Values that passed before and then overflowed a duration (a
+    /// panicking request), were refused by Redis on every write, or
+    /// allocated gigabytes before the port opened.
+    #[test]
+    fn absurd_sizes_and_intervals_stop_start_up() {
+        let config = |flag: &'static str, value: &'static str| {
+            ServeArgs::parse_from(["serve", flag, value]).into_config()
+        };
+        for (flag, max, over) in [
+            ("--redis-timeout-ms", "60000", "60001"),
+            ("--request-timeout-seconds", "86400", "18446744073709551615"),
+            ("--shutdown-grace-seconds", "86400", "86401"),
+            ("--sweep-interval-ms", "60000", "18446744073709551615"),
+            ("--ws-write-interval-ms", "10000", "10001"),
+            ("--body-limit-bytes", "1073741824", "1073741825"),
+            ("--stream-max-len", "1000000000", "18446744073709551615"),
+            ("--subscriber-buffer", "1048576", "1000000000"),
+        ] {
+            assert!(config(flag, max).is_ok(), "{flag} {max}");
+            let err = config(flag, over).unwrap_err();
+            assert!(
+                err.starts_with(&format!("{flag} must be at most {max}")),
+                "{err}"
+            );
         }
     }
 
