@@ -71,7 +71,10 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a person at a terminal, not in a file or a pipe.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -122,7 +125,9 @@ async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), Stri
     Ok(())
 }
 
-/// Completes on SIGTERM or Ctrl-C.
+/// Completes on SIGTERM or Ctrl-C. SIGHUP (a closed terminal session, or
+/// an operator expecting a reload) is logged and ignored: every setting and
+/// the keys file are read once, at start.
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -136,10 +141,25 @@ async fn shutdown_signal() {
             Err(_) => std::future::pending::<()>().await,
         }
     };
+    #[cfg(unix)]
+    let hangup = async {
+        if let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            while hangups.recv().await.is_some() {
+                tracing::warn!(
+                    "SIGHUP ignored: settings and the keys file are read at start; \
+                     restart to change them"
+                );
+            }
+        }
+        std::future::pending::<()>().await
+    };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let (term, hangup) = (std::future::pending::<()>(), std::future::pending::<()>());
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+        _ = hangup => {}
     }
 }

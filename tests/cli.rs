@@ -696,3 +696,63 @@ async fn agent_text_cannot_break_a_table_or_reach_the_terminal() {
     assert!(stderr(&output).contains("agent_id"), "{}", stderr(&output));
     assert!(!stderr(&output).contains('+'), "{}", stderr(&output));
 }
+
+/// A hang-up (a closed terminal session, or an operator expecting a reload)
+/// leaves the server running; SIGTERM still ends it cleanly. Its log, in a
+/// file, has no terminal colour codes.
+#[cfg(unix)]
+#[test]
+fn sighup_leaves_the_server_running_and_sigterm_ends_it() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let port = common::free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("ATTUNE_REDIS_URL")
+        .env_remove("REDIS_URL")
+        .stdout(Stdio::from(log.reopen().unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("binary runs");
+    let healthy = || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(
+                b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            );
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            answer.starts_with("HTTP/1.1 200")
+        })
+    };
+    let started = Instant::now();
+    while !healthy() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = server.id().to_string();
+    let signal = |name: &str| {
+        let sent = Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    };
+    signal("-HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server"
+    );
+    assert!(healthy(), "the server stopped answering after SIGHUP");
+    signal("-TERM");
+    let status = server.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(text.contains("SIGHUP ignored"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a file: {text}");
+}
