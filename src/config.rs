@@ -339,13 +339,13 @@ impl ServeArgs {
             // A record must outlive ttl + grace (at most 2 h) to ever be `down`.
             return Err("--agent-retention-seconds must be at least 7200".into());
         }
-        for origin in &self.allowed_origins {
-            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
-                return Err(format!(
-                    "--allowed-origins entry {origin:?} is not a valid origin"
-                ));
-            }
-        }
+        let allowed_origins = self
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .map(origin)
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(path) = &self.keys_file {
             if !path.is_file() {
                 return Err(format!("--keys-file {} does not exist", path.display()));
@@ -365,11 +365,7 @@ impl ServeArgs {
             redis_timeout: Duration::from_millis(self.redis.redis_timeout_ms),
             keys_file: self.keys_file,
             insecure_allow_anonymous: self.insecure_allow_anonymous,
-            allowed_origins: self
-                .allowed_origins
-                .into_iter()
-                .filter(|o| !o.is_empty())
-                .collect(),
+            allowed_origins,
             log_format: self.log_format,
             log: self.log,
             body_limit_bytes: self.body_limit_bytes,
@@ -395,6 +391,36 @@ impl Config {
         ServeArgs::parse_from(["serve"])
             .into_config()
             .expect("defaults are valid")
+    }
+}
+
+/// An `--allowed-origins` entry as browsers send an `Origin`: `*`, or
+/// `scheme://host[:port]` in lower case with no path (a trailing `/` is
+/// dropped), so that `https://Dash.example.com/` matches what a browser
+/// sends instead of never matching.
+fn origin(entry: &str) -> Result<String, String> {
+    if entry == "*" {
+        return Ok(entry.to_owned());
+    }
+    let lower = entry.to_ascii_lowercase();
+    let bare = lower.strip_suffix('/').unwrap_or(&lower);
+    let valid = bare.split_once("://").is_some_and(|(scheme, host)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"/?#@\\".contains(&b))
+    });
+    if valid {
+        Ok(bare.to_owned())
+    } else {
+        Err(format!(
+            "--allowed-origins entry {entry:?} is not an origin: `*` or \
+             scheme://host[:port], such as https://dash.example.com"
+        ))
     }
 }
 
@@ -452,6 +478,31 @@ mod tests {
                 err.starts_with(&format!("{flag} must be at most {max}")),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn allowed_origins_are_written_as_browsers_send_them() {
+        let origins = |value: &'static str| {
+            ServeArgs::parse_from(["serve", "--allowed-origins", value])
+                .into_config()
+                .map(|c| c.allowed_origins)
+        };
+        assert_eq!(
+            origins("https://dash.example.com/, HTTPS://Other.Example.com:8443,*").unwrap(),
+            [
+                "https://dash.example.com",
+                "https://other.example.com:8443",
+                "*"
+            ]
+        );
+        assert_eq!(
+            origins("http://[::1]:3000,tauri://localhost").unwrap(),
+            ["http://[::1]:3000", "tauri://localhost"]
+        );
+        for bad in ["notaurl", "https://x.example.com/app", "https://", "null"] {
+            let err = origins(bad).unwrap_err();
+            assert!(err.contains("is not an origin"), "{bad}: {err}");
         }
     }
 
