@@ -163,8 +163,16 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             Self::Internal(msg) => tracing::error!(error = %msg, "internal error"),
-            Self::Unavailable(msg) => tracing::warn!(error = %msg, "storage unavailable"),
-            Self::Timeout => tracing::warn!("request timed out"),
+            Self::Unavailable(msg) => {
+                if let Some(unlogged) = OUTAGE_WARNINGS.admit() {
+                    tracing::warn!(error = %msg, unlogged, "storage unavailable");
+                }
+            }
+            Self::Timeout => {
+                if let Some(unlogged) = OUTAGE_WARNINGS.admit() {
+                    tracing::warn!(unlogged, "request timed out");
+                }
+            }
             _ => {}
         }
         metrics::counter!("attune_http_errors_total", "status" => self.status().as_str().to_owned())
@@ -187,5 +195,71 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+/// While storage is down every request fails the same way: its 503s and
+/// timeouts are logged at most once per [`Throttle::EVERY_MS`], each line
+/// with how many went unlogged since the one before (`unlogged`). Every one
+/// is counted in `attune_http_errors_total` all the same.
+static OUTAGE_WARNINGS: Throttle = Throttle::new();
+
+struct Throttle {
+    /// When a line was last let through (ms on the process's monotonic
+    /// clock), `i64::MIN` before the first.
+    last_ms: std::sync::atomic::AtomicI64,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    const EVERY_MS: i64 = 10_000;
+
+    const fn new() -> Self {
+        Self {
+            last_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            unlogged: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to log now, and how many went unlogged before it.
+    fn admit(&self) -> Option<u64> {
+        static START: std::sync::LazyLock<std::time::Instant> =
+            std::sync::LazyLock::new(std::time::Instant::now);
+        let now = i64::try_from(START.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.admit_at(now)
+    }
+
+    fn admit_at(&self, now_ms: i64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_ms.load(Relaxed);
+        let due = now_ms.saturating_sub(last) >= Self::EVERY_MS;
+        // Of several at once, one logs.
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.unlogged.swap(0, Relaxed))
+        } else {
+            self.unlogged.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn outage_warnings_are_logged_once_per_interval_with_a_count() {
+        let throttle = Throttle::new();
+        assert_eq!(throttle.admit_at(5), Some(0));
+        assert_eq!(throttle.admit_at(6), None);
+        assert_eq!(throttle.admit_at(9_000), None);
+        assert_eq!(throttle.admit_at(10_005), Some(2));
+        assert_eq!(throttle.admit_at(10_006), None);
+        assert_eq!(throttle.admit_at(60_000), Some(1));
     }
 }
