@@ -296,7 +296,8 @@ impl KeyRing {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: KeysFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        let file: KeysFile =
+            toml::from_str(text).map_err(|e| crate::config::toml_error(text, &e))?;
         if file.keys.is_empty() {
             return Err("no [[keys]] entries".into());
         }
@@ -477,7 +478,10 @@ mod tests {
             "[[keys]]\nname='a'\nrole='root'\nsha256='{}'\n",
             "0".repeat(64)
         );
-        assert!(KeyRing::parse(&bad_role).is_err());
+        // Where the mistake is, and what it is, on one line.
+        let err = KeyRing::parse(&bad_role).unwrap_err();
+        assert!(err.starts_with("line 3: unknown variant `root`"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
         let scoped_admin = format!(
             "[[keys]]\nname='a'\nrole='admin'\nsha256='{}'\nagents=['x']\n",
             "0".repeat(64)

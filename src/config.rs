@@ -348,12 +348,20 @@ impl ServeArgs {
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(path) = &self.keys_file {
             if !path.is_file() {
-                return Err(format!("--keys-file {} does not exist", path.display()));
+                return Err(format!(
+                    "--keys-file {} {}",
+                    path.display(),
+                    not_a_file(path)
+                ));
             }
         }
         if let Some(path) = &self.prices_file {
             if !path.is_file() {
-                return Err(format!("--prices-file {} does not exist", path.display()));
+                return Err(format!(
+                    "--prices-file {} {}",
+                    path.display(),
+                    not_a_file(path)
+                ));
             }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log)
@@ -391,6 +399,30 @@ impl Config {
         ServeArgs::parse_from(["serve"])
             .into_config()
             .expect("defaults are valid")
+    }
+}
+
+/// Why `path`, which is not a readable file, cannot be used.
+fn not_a_file(path: &std::path::Path) -> &'static str {
+    if path.exists() {
+        "is not a file"
+    } else {
+        "does not exist"
+    }
+}
+
+/// A TOML file's error in one line, with where it is: `line N: message`
+/// (the parser's own text spreads over several lines, quoting the file).
+pub fn toml_error(text: &str, err: &toml::de::Error) -> String {
+    match err.span() {
+        Some(span) => {
+            let line = 1 + text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            format!("line {line}: {}", err.message())
+        }
+        None => err.message().to_owned(),
     }
 }
 
@@ -503,6 +535,17 @@ mod tests {
         for bad in ["notaurl", "https://x.example.com/app", "https://", "null"] {
             let err = origins(bad).unwrap_err();
             assert!(err.contains("is not an origin"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_directory_given_as_a_file_is_named_as_such() {
+        let dir = std::env::temp_dir().display().to_string().leak() as &'static str;
+        for flag in ["--keys-file", "--prices-file"] {
+            let err = ServeArgs::parse_from(["serve", flag, dir])
+                .into_config()
+                .unwrap_err();
+            assert!(err.ends_with("is not a file"), "{err}");
         }
     }
 

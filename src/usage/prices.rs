@@ -313,8 +313,8 @@ impl PriceTable {
 
     /// Parses a price table file.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: PriceFile = toml::from_str(text)
-            .map_err(|e| e.to_string().lines().next().unwrap_or("").to_owned())?;
+        let file: PriceFile =
+            toml::from_str(text).map_err(|e| crate::config::toml_error(text, &e))?;
         let mut models = BTreeMap::new();
         let mut first_premium = None;
         for m in &file.models {
@@ -481,7 +481,8 @@ mod tests {
         assert!(PriceTable::parse(negative).unwrap_err().contains("input"));
         let bad_name = "[[models]]\nmodel = \"a:b\"\ntier = \"premium\"\ninput = 1\noutput = 1\n";
         assert!(PriceTable::parse(bad_name).is_err());
-        assert!(PriceTable::parse("colour = 1").is_err());
+        let err = PriceTable::parse("version = 'v1'\ncolour = 1").unwrap_err();
+        assert!(err.starts_with("line 2: unknown field `colour`"), "{err}");
         let dear_cache = "[[models]]\nmodel = \"a\"\ntier = \"premium\"\ninput = 3\noutput = 15\ncache_read = 3.75\n";
         assert!(
             PriceTable::parse(dear_cache)
