@@ -441,7 +441,7 @@ async fn a_wait_that_ends_returns_200_with_an_empty_list(kind: Kind) {
         .get("/v1/agents/patient/signals?wait_seconds=1&type=never")
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body, json!({"signals": []}));
+    assert_eq!(body, json!({"signals": [], "next_cursor": null}));
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "answered before the wait ended"
@@ -972,7 +972,116 @@ async fn a_match_read_without_consuming_stays_until_taken(kind: Kind) {
     }
 }
 
+/// A reader that only looks pages through the whole inbox, targeted
+/// signals and broadcasts interleaved, each once and in order, and takes
+/// nothing doing so; a consuming read takes from the oldest, so it has no
+/// cursor.
+async fn an_inbox_read_that_does_not_consume_pages_with_a_cursor(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let mut sent = Vec::new();
+    for i in 0..7 {
+        let mut body = json!({"signal_type": "step", "source_agent": "lead", "ttl_seconds": 600});
+        if i % 3 != 1 {
+            body["target_agent"] = json!("pager");
+        }
+        sent.push(
+            send(&app, body).await["signal_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        send(
+            &app,
+            json!({"signal_type": "step", "source_agent": "lead", "target_agent": "other"}),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let page = |cursor: Option<String>| {
+        let app = &app;
+        async move {
+            let query = cursor.map_or(String::new(), |c| format!("&cursor={c}"));
+            let (status, body) = app
+                .get(&format!("/v1/agents/pager/signals?limit=3{query}"))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let next = body["next_cursor"].as_str().map(str::to_owned);
+            (ids(body["signals"].as_array().unwrap()), next)
+        }
+    };
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let (ids, next) = page(cursor).await;
+        pages += 1;
+        seen.extend(ids);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+        assert!(pages < 10, "the cursor goes round: {seen:?}");
+    }
+    assert_eq!(seen, sent, "every signal once, oldest first");
+    assert_eq!(pages, 3);
+    // Looking took nothing: a consuming read gets them all, and has no
+    // cursor to give or take.
+    let (status, body) = app.get("/v1/agents/pager/signals?consume=true").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids(body["signals"].as_array().unwrap()), sent);
+    assert!(body["next_cursor"].is_null(), "{body}");
+    let (_, first) = app.get("/v1/agents/other/signals?limit=1").await;
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a full page has a cursor");
+    let (status, body) = app
+        .get(&format!(
+            "/v1/agents/other/signals?consume=true&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!((status, problem_field(&body).as_str()), (422, "cursor"));
+    // A cursor of another listing is refused.
+    let (_, listed) = app.get("/v1/signals?limit=1").await;
+    let other = listed["next_cursor"].as_str().expect("more live signals");
+    let (status, body) = app
+        .get(&format!("/v1/agents/other/signals?cursor={other}"))
+        .await;
+    assert_eq!((status, problem_field(&body).as_str()), (422, "cursor"));
+}
+
+/// Paging past more unconsumed broadcasts than a Redis watermark lists
+/// (a hundred), with targeted signals among them and several sent in the
+/// same millisecond, still gives each signal once, in the inbox's order.
+async fn paging_a_long_inbox_gives_each_signal_once(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for i in 0..180 {
+        let mut body = json!({"signal_type": "step", "source_agent": "lead", "ttl_seconds": 600});
+        if i % 6 == 0 {
+            body["target_agent"] = json!("pager");
+        }
+        send(&app, body).await;
+    }
+    let (mut paged, mut cursor) = (Vec::new(), String::new());
+    for _ in 0..10 {
+        let (status, body) = app
+            .get(&format!(
+                "/v1/agents/pager/signals?limit=40&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        paged.extend(ids(body["signals"].as_array().unwrap()));
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    let (_, all) = app.get("/v1/agents/pager/signals?limit=1000").await;
+    let all = ids(all["signals"].as_array().unwrap());
+    assert_eq!(all.len(), 180);
+    assert_eq!(paged, all);
+}
+
 conformance!(
+    an_inbox_read_that_does_not_consume_pages_with_a_cursor,
+    paging_a_long_inbox_gives_each_signal_once,
     a_send_answers_201_with_the_full_signal,
     a_signal_for_one_agent_is_invisible_to_another,
     a_consumed_broadcast_is_still_delivered_once_to_every_other_agent,

@@ -12,7 +12,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::agents::IndexCursor;
 use crate::app::AppState;
 use crate::auth::{AgentWrite, AnyRole, Caller, Viewer};
-use crate::error::{ApiResult, Problem};
+use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{ValidJson, ValidPath, ValidQuery, idempotency_key};
 use crate::signals::{
     InboxQuery, Signal, SignalFilter, SignalRequest, WaitSeconds, clear_inbox, read_inbox,
@@ -94,6 +94,9 @@ struct InboxParams {
     /// At most this many signals, 1–1000 (default 100).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
+    /// `next_cursor` of the previous page of a read that does not consume
+    /// (empty: the oldest first).
+    cursor: Option<String>,
 }
 
 /// An agent's signals.
@@ -101,6 +104,10 @@ struct InboxParams {
 pub struct Inbox {
     /// Oldest first.
     pub signals: Vec<Signal>,
+    /// For a read that does not consume and filled its page: pass as
+    /// `cursor` for the signals after these. Null otherwise (a consuming
+    /// read takes what it returns: the next read starts at the oldest left).
+    pub next_cursor: Option<String>,
 }
 
 /// Read an agent's inbox.
@@ -142,6 +149,13 @@ async fn get_inbox(
 ) -> ApiResult<Json<Inbox>> {
     let agent_id = Id::parse("agent_id", &agent_id)?;
     let consume = q.consume.unwrap_or(false);
+    let after = IndexCursor::from_named_param(q.cursor.as_deref(), INBOX_LISTING)?;
+    if consume && after.is_some() {
+        return Err(ApiError::invalid(
+            "cursor",
+            "pages reads that do not consume: a consuming read takes the oldest signals",
+        ));
+    }
     let query = InboxQuery {
         signal_type: q.signal_type,
         source: q.source,
@@ -155,11 +169,24 @@ async fn get_inbox(
         } else {
             None
         },
+        after,
     };
+    let limit = query.limit;
     let wait = Duration::from_secs(q.wait_seconds.map_or(0, WaitSeconds::get));
     let signals = read_inbox(&state, &caller, agent_id, query, wait).await?;
-    Ok(Json(Inbox { signals }))
+    let next_cursor = signals
+        .last()
+        .filter(|_| !consume && signals.len() == limit)
+        .and_then(Signal::position)
+        .map(|c| c.encode(INBOX_LISTING));
+    Ok(Json(Inbox {
+        signals,
+        next_cursor,
+    }))
 }
+
+/// The listing name in an inbox's cursors (see [`IndexCursor::encode`]).
+const INBOX_LISTING: &str = "inbox";
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -109,9 +109,9 @@ impl SignalTable {
         }
     }
 
-    /// Ids in `agent`'s inbox, oldest first: its targeted signals merged
-    /// with the broadcasts it has not consumed.
-    fn inbox_ids(&self, agent: &Id) -> Vec<String> {
+    /// `agent`'s inbox, oldest first, as `(created ms, id)`: its targeted
+    /// signals merged with the broadcasts it has not consumed.
+    fn inbox_entries(&self, agent: &Id) -> Vec<(i64, String)> {
         let mut targeted = self.inboxes.get(agent).into_iter().flatten().peekable();
         let mut broadcasts = self
             .broadcasts
@@ -128,7 +128,7 @@ impl SignalTable {
             (Some(_), None) => targeted.next(),
             (None, _) => broadcasts.next(),
         });
-        merged.map(|(_, id)| id.clone()).collect()
+        merged.cloned().collect()
     }
 }
 
@@ -201,9 +201,12 @@ impl MemoryEngine {
                     InboxAnswer::KeyReused
                 };
             }
+            let after = query.after.as_ref().map(|c| (c.score, c.member.as_str()));
             let picked: Vec<String> = t
-                .inbox_ids(agent)
+                .inbox_entries(agent)
                 .into_iter()
+                .filter(|(score, id)| after.is_none_or(|a| (*score, id.as_str()) > a))
+                .map(|(_, id)| id)
                 .filter(|id| {
                     t.signals.get(id).is_some_and(|e| {
                         e.record.is_live(now_ms)
@@ -314,7 +317,7 @@ impl MemoryEngine {
             let t = &mut s.signals;
             t.prune(now_ms);
             let mut cleared = 0;
-            for id in t.inbox_ids(agent) {
+            for (_, id) in t.inbox_entries(agent) {
                 let Some(entry) = t.signals.get_mut(&id) else {
                     continue;
                 };

@@ -112,6 +112,18 @@ pub struct Signal {
     pub ttl_seconds: u64,
 }
 
+impl Signal {
+    /// Where this signal stands in an inbox, `(created ms, id)`; `None`
+    /// only for a `created_at` this service did not write.
+    pub fn position(&self) -> Option<IndexCursor> {
+        let created = DateTime::parse_from_rfc3339(&self.created_at).ok()?;
+        Some(IndexCursor {
+            score: created.timestamp_millis(),
+            member: self.signal_id.clone(),
+        })
+    }
+}
+
 /// A validated signal with everything the engines index it by.
 #[derive(Debug, Clone)]
 pub struct SignalRecord {
@@ -157,6 +169,9 @@ pub struct InboxQuery {
     /// the read takes is kept under it, and a read with the same key gets
     /// that again.
     pub receipt: Option<String>,
+    /// Only signals after this position (a read that does not consume,
+    /// paging): `(created ms, signal id)`, the inbox's order.
+    pub after: Option<IndexCursor>,
 }
 
 impl InboxQuery {

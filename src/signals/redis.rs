@@ -138,6 +138,15 @@ local function parse_entry(text)
   end
 end
 
+-- A paging cursor's position (`<score> <id>`), whatever its score: a
+-- signal from a replica whose clock runs ahead may be the last of a page.
+local function parse_position(text)
+  local digits = string.match(text, '^(%d+) ')
+  if digits and #digits < 16 then
+    return { string.sub(text, #digits + 2), tonumber(digits), digits }
+  end
+end
+
 local function entry_text(entry)
   return entry[3] .. ' ' .. entry[1]
 end
@@ -237,8 +246,9 @@ return 1
 /// fingerprint, 12 receipt lifetime (ms), 13 the agent's watermark key, 14
 /// its horizon (ms), 15 its lifetime (ms), 16 most broadcasts to walk in
 /// one call (a consuming read: without a find), 17 where to resume the
-/// targeted signals (`<score> <id>`, or ''). Returns `{ 'read', signals'
-/// JSON }`, `{ 'again', signals' JSON }` for an answer kept under the
+/// targeted signals (`<score> <id>`, or ''), 18 a page's start: only what
+/// comes after it is returned (`<score> <id>`, or ''; reads that do not
+/// consume). Returns `{ 'read', signals' JSON }`, `{ 'again', signals' JSON }` for an answer kept under the
 /// receipt key, `{ 'reused', {} }` when the key holds another query's
 /// answer, or `{ 'more', { resume } }` when it stopped after walking that
 /// many broadcasts, each settled for the agent or listed with the
@@ -268,8 +278,11 @@ prune(10 * BATCH)
 local agent, want_type, want_source = ARGV[5], ARGV[6], ARGV[7]
 local limit, consume = tonumber(ARGV[8]), ARGV[9] == '1'
 local seen = watermark(ARGV[13], tonumber(ARGV[14]))
--- A call after `more` goes on past the targeted signals walked before.
+-- A call after `more` goes on past the targeted signals walked before;
+-- a page starts past its cursor.
 local resume = parse_entry(ARGV[17])
+local after = parse_position(ARGV[18])
+if after and (not resume or earlier(resume, after)) then resume = after end
 local targeted, broadcasts = reader(INBOX, resume), reader(BROADCAST, seen.start, seen.listed)
 local out, taken, dead, walked, more = {}, {}, {}, 0, false
 -- Whether a targeted signal matched: `resume` stays before it.
@@ -299,8 +312,12 @@ while #out < limit do
     elseif tonumber(f[3]) > NOW
       and (want_type == '' or f[1] == want_type)
       and (want_source == '' or f[2] == want_source) then
-      out[#out + 1] = redis.call('HGET', SIG .. id, 'json')
-      taken[#taken + 1] = { id, broadcast, f[3] }
+      -- A broadcast an earlier page returned is still this agent's,
+      -- unsettled, but not this page's.
+      if not after or earlier(after, entry) then
+        out[#out + 1] = redis.call('HGET', SIG .. id, 'json')
+        taken[#taken + 1] = { id, broadcast, f[3] }
+      end
       settled = consume
       found_targeted = found_targeted or not broadcast
     end
@@ -560,6 +577,10 @@ impl RedisEngine {
             SEEN_LIFETIME_MS,
             INBOX_WALK,
             "", // where to resume the targeted signals: from the start
+            query
+                .after
+                .as_ref()
+                .map_or(String::new(), |c| format!("{} {}", c.score, c.member)),
         ];
         // Each `more` moved the watermark past INBOX_WALK broadcasts it had
         // not listed before, so this ends.
@@ -570,8 +591,9 @@ impl RedisEngine {
             if outcome != "more" {
                 break (outcome, raw);
             }
-            if let (Some(resume), Some(last)) = (raw.pop(), args.last_mut()) {
-                *last = resume;
+            let resume_at = args.len() - 2;
+            if let (Some(resume), Some(arg)) = (raw.pop(), args.get_mut(resume_at)) {
+                *arg = resume;
             }
         };
         let signals = || {
