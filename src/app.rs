@@ -373,6 +373,7 @@ pub fn router(state: AppState) -> Router {
         // allocation and a move of the response future per layer and request.
         .layer(
             tower::ServiceBuilder::new()
+                .map_request(drop_long_request_id)
                 .layer(SetRequestIdLayer::new(
                     x_request_id.clone(),
                     MakeRequestUuidV7,
@@ -401,6 +402,21 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(config.body_limit_bytes)),
         )
         .with_state(state)
+}
+
+/// Longest `x-request-id` taken from a client; a longer one is replaced by
+/// a new id (it would be written into every log line of the request).
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+fn drop_long_request_id(mut req: Request) -> Request {
+    let headers = req.headers_mut();
+    if headers
+        .get("x-request-id")
+        .is_some_and(|id| id.len() > MAX_REQUEST_ID_LEN)
+    {
+        headers.remove("x-request-id");
+    }
+    req
 }
 
 /// The span every log line of a request carries.

@@ -195,6 +195,24 @@ async fn request_ids_are_echoed_or_generated() {
     let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
     let id = resp.headers()["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    // One too long to write into every log line of the request is replaced.
+    let resp = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "x".repeat(129))
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    let resp = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "y".repeat(128))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "y".repeat(128).as_str());
 }
 
 #[tokio::test]
