@@ -630,6 +630,32 @@ fn keys_new_gives_no_secret_when_its_entry_cannot_be_written() {
     );
 }
 
+/// A flag out of range is named as the flag, before any request (the
+/// server's answer would name its own field, `threshold_seconds`).
+#[test]
+fn out_of_range_flags_are_refused_by_their_own_name() {
+    for (args, flag) in [
+        (&["agents", "--stale", "0"][..], "--stale"),
+        (&["agents", "--limit", "1001"][..], "--limit"),
+        (&["signals", "inbox", "coder", "--wait", "61"][..], "--wait"),
+        (
+            &[
+                "signals", "send", "--type", "t", "--from", "a", "--ttl", "0",
+            ][..],
+            "--ttl",
+        ),
+        (&["approvals", "list", "--limit", "0"][..], "--limit"),
+    ] {
+        let output = run_bin(args, &[("ATTUNE_URL", "http://127.0.0.1:9")]);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&output).contains(flag),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
 #[test]
 fn a_rejection_needs_a_reason() {
     for reason in ["", "  "] {

@@ -97,7 +97,8 @@ pub enum ClientCommand {
         #[command(flatten)]
         client: ClientArgs,
         /// Only non-terminal agents silent for more than N seconds.
-        #[arg(long, value_name = "SECONDS", conflicts_with = "state")]
+        #[arg(long, value_name = "SECONDS", conflicts_with = "state",
+              value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
         stale: Option<u64>,
         /// Only agents in this state (up, late, down, finished).
         #[arg(long)]
@@ -107,7 +108,7 @@ pub enum ClientCommand {
         #[arg(long, conflicts_with = "stale")]
         status: Option<String>,
         /// Most agents to show (1–1000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
     /// List and decide approval requests.
@@ -154,7 +155,7 @@ pub enum ApprovalAction {
         #[arg(long)]
         agent: Option<String>,
         /// Most requests to show (1–1000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
     /// Approve a request.
@@ -201,7 +202,8 @@ pub enum SignalAction {
         #[arg(long)]
         payload: Option<String>,
         /// Seconds the signal stays deliverable (server default: 60).
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS",
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
         ttl: Option<u64>,
     },
     /// Read an agent's inbox.
@@ -216,8 +218,8 @@ pub enum SignalAction {
         /// the same key again returns what its first read took.
         #[arg(long, requires = "consume")]
         idempotency_key: Option<String>,
-        /// Wait up to N seconds for a signal when the inbox is empty.
-        #[arg(long, default_value_t = 0)]
+        /// Wait up to N seconds (0–60) for a signal when the inbox is empty.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60))]
         wait: u64,
         /// Only signals of this type.
         #[arg(long = "type")]
