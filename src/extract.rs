@@ -241,7 +241,21 @@ where
 }
 
 /// Deserializes a query string; every error is a 422 naming the parameter.
+///
+/// A parameter with an empty value (`?type=&limit=`, as forms and URL
+/// templates send fields left blank) is taken as absent: its default, or a
+/// 422 naming it where it is required.
 pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let pairs = form_urlencoded::parse(query.as_bytes());
+    let filled: String;
+    let query = if pairs.clone().any(|(_, value)| value.is_empty()) {
+        filled = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs.filter(|(_, value)| !value.is_empty()))
+            .finish();
+        &filled
+    } else {
+        query
+    };
     let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();

@@ -181,6 +181,27 @@ async fn every_failure_is_problem_json() {
     assert_eq!(body["errors"][0]["field"], "progress");
 }
 
+/// Parameters left blank, as forms and URL templates send them, are taken
+/// as absent; a blank required one is still named.
+#[tokio::test]
+async fn blank_query_parameters_are_taken_as_absent() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    for path in [
+        "/v1/agents/a/signals?type=&source=&consume=false&wait_seconds=0&limit=",
+        "/v1/agents?state=&status=&limit=&cursor=",
+        "/v1/events?since=&types=&agent_id=&limit=",
+        "/v1/approvals?status=&type=",
+        "/v1/usage/recent?limit=&days=",
+        "/v1/agents/stale?threshold_seconds=",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, body) = app.get("/v1/feedback/stats?workflow=&stage=s").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(common::problem_field(&body), "workflow");
+}
+
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
     let app = TestApp::spawn(Kind::Memory).await;
