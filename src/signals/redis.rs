@@ -248,8 +248,8 @@ return 1
 /// one call (a consuming read: without a find), 17 where to resume the
 /// targeted signals (`<score> <id>`, or ''), 18 a page's start: only what
 /// comes after it is returned (`<score> <id>`, or ''; reads that do not
-/// consume). Returns `{ 'read', signals' JSON }`, `{ 'again', signals' JSON }` for an answer kept under the
-/// receipt key, `{ 'reused', {} }` when the key holds another query's
+/// consume). Returns `{ 'read', signals' JSON }`, `{ 'again', signals'
+/// JSON }` for an answer kept under the receipt key, `{ 'reused', {} }` when the key holds another query's
 /// answer, or `{ 'more', { resume } }` when it stopped after walking that
 /// many broadcasts, each settled for the agent or listed with the
 /// watermark, and moved the watermark past them: the same call with
