@@ -312,28 +312,24 @@ impl ServeArgs {
         }
         // Ten years: far beyond any use, and well within what the engines'
         // millisecond arithmetic and chrono's durations hold.
-        let ten_years = |name: &str, v: u64, max: u64| {
-            if v > max {
-                Err(format!("--{name} must be at most {max} (ten years)"))
-            } else {
-                Ok(())
-            }
-        };
         let max_seconds = MAX_RETENTION_DAYS * 86_400;
-        ten_years(
+        at_most(
             "agent-retention-seconds",
             self.agent_retention_seconds,
             max_seconds,
+            "ten years",
         )?;
-        ten_years(
+        at_most(
             "approval-retention-seconds",
             self.approval_retention_seconds,
             max_seconds,
+            "ten years",
         )?;
-        ten_years(
+        at_most(
             "usage-retention-days",
             self.usage_retention_days,
             MAX_RETENTION_DAYS,
+            "ten years",
         )?;
         if self.agent_retention_seconds < 3600 * 2 {
             // A record must outlive ttl + grace (at most 2 h) to ever be `down`.
