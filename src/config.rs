@@ -443,6 +443,11 @@ fn origin(entry: &str) -> Result<String, String> {
                 .all(|b| b.is_ascii_graphic() && !b"/?#@\\".contains(&b))
     });
     if valid {
+        // Browsers leave a scheme's default port out of `Origin`.
+        let bare = [("https://", ":443"), ("http://", ":80")]
+            .iter()
+            .find(|(scheme, port)| bare.starts_with(scheme) && bare.ends_with(port))
+            .map_or(bare, |(_, port)| &bare[..bare.len() - port.len()]);
         Ok(bare.to_owned())
     } else {
         Err(format!(
@@ -527,6 +532,14 @@ mod tests {
         assert_eq!(
             origins("http://[::1]:3000,tauri://localhost").unwrap(),
             ["http://[::1]:3000", "tauri://localhost"]
+        );
+        assert_eq!(
+            origins("https://x.example.com:443,http://y.example.com:80,http://z:8080").unwrap(),
+            [
+                "https://x.example.com",
+                "http://y.example.com",
+                "http://z:8080"
+            ]
         );
         for bad in ["notaurl", "https://x.example.com/app", "https://", "null"] {
             let err = origins(bad).unwrap_err();

@@ -164,12 +164,12 @@ impl IntoResponse for ApiError {
         match &self {
             Self::Internal(msg) => tracing::error!(error = %msg, "internal error"),
             Self::Unavailable(msg) => {
-                if let Some(unlogged) = OUTAGE_WARNINGS.admit() {
+                if let Some(unlogged) = UNAVAILABLE_WARNINGS.admit() {
                     tracing::warn!(error = %msg, unlogged, "storage unavailable");
                 }
             }
             Self::Timeout => {
-                if let Some(unlogged) = OUTAGE_WARNINGS.admit() {
+                if let Some(unlogged) = TIMEOUT_WARNINGS.admit() {
                     tracing::warn!(unlogged, "request timed out");
                 }
             }
@@ -198,11 +198,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// While storage is down every request fails the same way: its 503s and
-/// timeouts are logged at most once per [`Throttle::EVERY_MS`], each line
-/// with how many went unlogged since the one before (`unlogged`). Every one
-/// is counted in `attune_http_errors_total` all the same.
-static OUTAGE_WARNINGS: Throttle = Throttle::new();
+/// While storage is down every request fails the same way: its 503s, and
+/// apart from them its timeouts, are logged at most once per
+/// [`Throttle::EVERY_MS`], each line with how many went unlogged since the
+/// one before (`unlogged`). Every one is counted in
+/// `attune_http_errors_total` all the same.
+static UNAVAILABLE_WARNINGS: Throttle = Throttle::new();
+static TIMEOUT_WARNINGS: Throttle = Throttle::new();
 
 struct Throttle {
     /// When a line was last let through (ms on the process's monotonic

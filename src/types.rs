@@ -436,14 +436,14 @@ pub fn optional_client_time<'de, D: Deserializer<'de>>(
     let Some(text) = Option::<String>::deserialize(d)? else {
         return Ok(None);
     };
-    DateTime::parse_from_rfc3339(&text)
-        .map(|t| Some(t.with_timezone(&Utc)))
-        .map_err(|e| {
-            de::Error::custom(format!(
-                "must be an RFC 3339 time with a UTC offset, such as \
+    // chrono's own reading, as before: RFC 3339 and the forms it also
+    // takes (`+0000`, a space for the `T`).
+    text.parse::<DateTime<Utc>>().map(Some).map_err(|e| {
+        de::Error::custom(format!(
+            "must be an RFC 3339 time with a UTC offset, such as \
                  2026-05-01T12:00:00Z or 2026-05-01T14:00:00+02:00 ({e})"
-            ))
-        })
+        ))
+    })
 }
 
 /// Serde helpers that write `DateTime<Utc>` with exactly millisecond precision.

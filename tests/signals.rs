@@ -628,6 +628,9 @@ async fn clearing_an_inbox_hides_broadcasts_for_that_agent_only(kind: Kind) {
         [broadcast["signal_id"].as_str().unwrap()]
     );
 
+    // A blank type would widen the clear to every type: refused.
+    let (status, body) = app.delete("/v1/agents/c/signals?type=").await;
+    assert_eq!((status, problem_field(&body).as_str()), (422, "type"));
     let (_, cleared) = app.delete("/v1/agents/c/signals").await;
     assert_eq!(cleared["cleared"], 1);
     assert!(inbox(&app, "c", "").await.is_empty());
@@ -1079,9 +1082,66 @@ async fn paging_a_long_inbox_gives_each_signal_once(kind: Kind) {
     assert_eq!(paged, all);
 }
 
+/// A page whose walk passes more broadcasts than one Redis script call
+/// walks (1,000 of another type) goes on in further calls from where the
+/// last stopped, still after its cursor.
+async fn a_page_past_a_long_run_of_other_broadcasts_continues_after_its_cursor(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let wanted = |target: Option<&str>| {
+        let mut body = json!({"signal_type": "wanted", "source_agent": "lead", "ttl_seconds": 600});
+        if let Some(t) = target {
+            body["target_agent"] = json!(t);
+        }
+        body
+    };
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        sent.push(
+            send(&app, wanted(None)).await["signal_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    for _ in 0..1100 {
+        send(
+            &app,
+            json!({"signal_type": "noise", "source_agent": "lead", "ttl_seconds": 600}),
+        )
+        .await;
+    }
+    for target in [None, Some("pager"), None] {
+        sent.push(
+            send(&app, wanted(target)).await["signal_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Redis splits a walk only over broadcasts older than its ten-second
+    // margin for clocks.
+    app.state.clock.advance(Duration::from_secs(15));
+    let (mut paged, mut cursor) = (Vec::new(), String::new());
+    for _ in 0..6 {
+        let (status, body) = app
+            .get(&format!(
+                "/v1/agents/pager/signals?type=wanted&limit=2&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        paged.extend(ids(body["signals"].as_array().unwrap()));
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(paged, sent);
+}
+
 conformance!(
     an_inbox_read_that_does_not_consume_pages_with_a_cursor,
     paging_a_long_inbox_gives_each_signal_once,
+    a_page_past_a_long_run_of_other_broadcasts_continues_after_its_cursor,
     a_send_answers_201_with_the_full_signal,
     a_signal_for_one_agent_is_invisible_to_another,
     a_consumed_broadcast_is_still_delivered_once_to_every_other_agent,

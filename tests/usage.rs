@@ -617,6 +617,15 @@ async fn timestamps_too_far_ahead_or_beyond_retention_are_refused(kind: Kind) {
     assert_eq!(recent["records"].as_array().unwrap().len(), 1);
     let (status, body) = app.get("/v1/usage/stats?days=0").await;
     assert_eq!((status, problem_field(&body).as_str()), (422, "days"));
+    // An offset without its colon is read as before.
+    let mut compact = simple("compact-offset");
+    compact["ts"] = json!(
+        (now - chrono::Duration::hours(1))
+            .format("%Y-%m-%dT%H:%M:%S%z")
+            .to_string()
+    );
+    let (status, body) = app.post("/v1/usage", compact).await;
+    assert_eq!(status, 201, "{body}");
 }
 
 async fn agent_keys_record_usage_only_for_their_agents_and_viewers_read_it(kind: Kind) {

@@ -433,14 +433,21 @@ impl Link {
 
 /// A failed connection: refused for good when Redis answered that the
 /// credentials or the database number are wrong (waiting will not change
-/// that), otherwise an outage.
+/// that), otherwise an outage. (redis-rs reports any error answer to
+/// `AUTH` as a failed authentication, so a Redis refusing clients for
+/// another reason at that moment, such as `maxclients`, stops start-up
+/// too.)
 fn connect_error(err: RedisError) -> EngineError {
-    let refused = matches!(
-        err.kind(),
+    let refused = match err.kind() {
         ErrorKind::AuthenticationFailed
-            | ErrorKind::InvalidClientConfig
-            | ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::NoPerm)
-    ) || matches!(server_code(&err).as_deref(), Some("NOAUTH" | "WRONGPASS"));
+        | ErrorKind::InvalidClientConfig
+        | ErrorKind::Server(ServerErrorKind::NoPerm) => true,
+        // `SELECT` of a database Redis does not have.
+        ErrorKind::Server(ServerErrorKind::ResponseError) => {
+            err.to_string().contains("refused to switch database")
+        }
+        _ => matches!(server_code(&err).as_deref(), Some("NOAUTH" | "WRONGPASS")),
+    };
     if refused {
         EngineError::Refused(err.to_string())
     } else {

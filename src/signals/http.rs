@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -95,7 +95,8 @@ struct InboxParams {
     #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page of a read that does not consume
-    /// (empty: the oldest first).
+    /// (empty: the oldest first). With `consume=true` it is a 422: a
+    /// consuming read takes the oldest signals.
     cursor: Option<String>,
 }
 
@@ -225,7 +226,19 @@ async fn delete_inbox(
     State(state): State<AppState>,
     ValidPath(agent_id): ValidPath<String>,
     ValidQuery(q): ValidQuery<ClearParams>,
+    RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Cleared>> {
+    // A blank parameter is taken as absent; on a clear that would widen
+    // what is deleted to every type, so a blank `type` is refused.
+    let blank_type = raw.as_deref().is_some_and(|query| {
+        form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "type" && v.is_empty())
+    });
+    if blank_type {
+        return Err(ApiError::invalid(
+            "type",
+            "must not be empty: leave it out to clear every type",
+        ));
+    }
     let agent_id = Id::parse("agent_id", &agent_id)?;
     let cleared = clear_inbox(&state, &caller, agent_id.clone(), q.signal_type).await?;
     Ok(Json(Cleared {
