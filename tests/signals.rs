@@ -1286,6 +1286,50 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
     assert_eq!(script_calls(&mut conn) - before, 1);
 }
 
+/// A page deep in an inbox that only looks starts its broadcasts at its
+/// cursor (past the watermark, which stops at a hundred listed matches)
+/// instead of walking every broadcast before it in one call: with 100,000
+/// of them, that held Redis past its time limit (503 on every replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_deep_page_starts_at_its_cursor() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await;
+    for _ in 0..12 {
+        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
+    }
+    app.state.clock.advance(PAST_THE_SEEN_MARGIN);
+    let (mut cursor, mut pages) = (String::new(), Vec::new());
+    for _ in 0..5 {
+        let (status, body) = app
+            .get(&format!("/v1/agents/w/signals?limit=100&cursor={cursor}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        pages.push(ids(body["signals"].as_array().unwrap()));
+        cursor = body["next_cursor"].as_str().expect("more").to_owned();
+    }
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let before = calls_of(&mut conn, "hmget");
+    let (_, sixth) = app
+        .get(&format!("/v1/agents/w/signals?limit=100&cursor={cursor}"))
+        .await;
+    let looked_at = calls_of(&mut conn, "hmget") - before;
+    assert_eq!(sixth["signals"].as_array().unwrap().len(), 100);
+    assert_eq!(
+        looked_at, 100,
+        "the 500 broadcasts before the cursor walked again"
+    );
+    let seen: std::collections::HashSet<_> = pages.concat().into_iter().collect();
+    assert_eq!(seen.len(), 500);
+    assert!(
+        ids(sixth["signals"].as_array().unwrap())
+            .iter()
+            .all(|id| !seen.contains(id))
+    );
+}
+
 /// On Redis a clear walks the live broadcasts in script calls of at most a
 /// thousand too, each moving the watermark on, and answers and logs the
 /// count of all of them once.

@@ -283,7 +283,16 @@ local seen = watermark(ARGV[13], tonumber(ARGV[14]))
 local resume = parse_entry(ARGV[17])
 local after = parse_position(ARGV[18])
 if after and (not resume or earlier(resume, after)) then resume = after end
-local targeted, broadcasts = reader(INBOX, resume), reader(BROADCAST, seen.start, seen.listed)
+-- A page whose cursor lies past the watermark starts its broadcasts at
+-- the cursor, by rank, rather than walking everything before it; it
+-- leaves the watermark as it is (it did not look at what lies between).
+local jump = after and (not seen.start or earlier(seen.start, after))
+local targeted, broadcasts = reader(INBOX, resume), nil
+if jump then
+  broadcasts = reader(BROADCAST, after)
+else
+  broadcasts = reader(BROADCAST, seen.start, seen.listed)
+end
 local out, taken, dead, walked, more = {}, {}, {}, 0, false
 -- Whether a targeted signal matched: `resume` stays before it.
 local found_targeted = false
@@ -323,7 +332,7 @@ while #out < limit do
     end
   end
   if not broadcast and not found_targeted then resume = entry end
-  if broadcast then
+  if broadcast and not jump then
     settle(seen, entry, settled)
     walked = walked + 1
     -- A long run of broadcasts, each settled for this agent or listed
