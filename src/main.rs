@@ -82,6 +82,8 @@ fn init_logging(format: LogFormat, filter: &str) {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
+    // First of all: a hang-up while Redis is awaited must not end the process.
+    let shutdown = shutdown_signal();
     let config = args.into_config()?;
     init_logging(config.log_format, &config.log);
     let listen = config.listen;
@@ -96,7 +98,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         engine = app.state.engine.name(),
         "attune-telemetry listening"
     );
-    attune_telemetry::app::serve(app, listener, shutdown_signal()).await
+    attune_telemetry::app::serve(app, listener, shutdown).await
 }
 
 async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), String> {
@@ -127,8 +129,21 @@ async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), Stri
 
 /// Completes on SIGTERM or Ctrl-C. SIGHUP (a closed terminal session, or
 /// an operator expecting a reload) is logged and ignored: every setting and
-/// the keys file are read once, at start.
-async fn shutdown_signal() {
+/// the keys file are read once, at start. Its handler is installed when
+/// this is called, before the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        shutdown_on(
+            #[cfg(unix)]
+            hangups,
+        )
+        .await
+    }
+}
+
+async fn shutdown_on(#[cfg(unix)] hangups: std::io::Result<tokio::signal::unix::Signal>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -143,9 +158,7 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let hangup = async {
-        if let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
+        if let Ok(mut hangups) = hangups {
             while hangups.recv().await.is_some() {
                 tracing::warn!(
                     "SIGHUP ignored: settings and the keys file are read at start; \

@@ -782,3 +782,39 @@ fn sighup_leaves_the_server_running_and_sigterm_ends_it() {
     assert!(text.contains("SIGHUP ignored"), "{text}");
     assert!(!text.contains('\u{1b}'), "colour codes in a file: {text}");
 }
+
+/// A hang-up while the server still waits for Redis at start does not end
+/// it either.
+#[cfg(unix)]
+#[test]
+fn sighup_during_start_up_leaves_the_server_waiting() {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+    let closed = common::free_port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
+        .args(["--redis-url", &format!("redis://127.0.0.1:{closed}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("binary runs");
+    // Well inside its ten seconds of waiting for Redis.
+    std::thread::sleep(Duration::from_millis(700));
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(hup.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let state = server.try_wait().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        state.is_none(),
+        "SIGHUP ended the server at start: {state:?}"
+    );
+}
