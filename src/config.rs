@@ -99,10 +99,13 @@ pub struct RedisArgs {
 impl RedisArgs {
     /// The Redis URL from the flag, `ATTUNE_REDIS_URL` or `REDIS_URL`.
     pub fn url(&self) -> Option<String> {
+        let given = |url: String| (!url.trim().is_empty()).then_some(url);
+        // An empty flag or `ATTUNE_REDIS_URL` (a template left blank) does
+        // not hide `REDIS_URL`.
         self.redis_url
             .clone()
-            .or_else(|| std::env::var("REDIS_URL").ok())
-            .filter(|u| !u.trim().is_empty())
+            .and_then(given)
+            .or_else(|| std::env::var("REDIS_URL").ok().and_then(given))
     }
 }
 
@@ -440,7 +443,8 @@ fn origin(entry: &str) -> Result<String, String> {
             && !host.is_empty()
             && host
                 .bytes()
-                .all(|b| b.is_ascii_graphic() && !b"/?#@\\".contains(&b))
+                .all(|b| b.is_ascii_graphic() && !b"/?#@*\\".contains(&b))
+            && valid_port(host)
     });
     if valid {
         // Browsers leave a scheme's default port out of `Origin`.
@@ -454,6 +458,16 @@ fn origin(entry: &str) -> Result<String, String> {
             "--allowed-origins entry {entry:?} is not an origin: `*` or \
              scheme://host[:port], such as https://dash.example.com"
         ))
+    }
+}
+
+/// Whether an origin's `host[:port]` has, if any, a port as browsers write
+/// it: 1–65535, no leading zero (`[v6]:port` for IPv6).
+fn valid_port(host: &str) -> bool {
+    let after_host = host.rfind(']').map_or(host, |end| &host[end + 1..]);
+    match after_host.rsplit_once(':') {
+        None => true,
+        Some((_, port)) => !port.starts_with('0') && port.parse::<u16>().is_ok_and(|p| p > 0),
     }
 }
 
@@ -541,7 +555,17 @@ mod tests {
                 "http://z:8080"
             ]
         );
-        for bad in ["notaurl", "https://x.example.com/app", "https://", "null"] {
+        for bad in [
+            "notaurl",
+            "https://x.example.com/app",
+            "https://",
+            "null",
+            "http://d.example.com:99999",
+            "http://a.example.com:0",
+            "http://e.example.com:",
+            "http://g.example.com:080",
+            "http://*.f.example.com",
+        ] {
             let err = origins(bad).unwrap_err();
             assert!(err.contains("is not an origin"), "{bad}: {err}");
         }

@@ -1041,6 +1041,21 @@ async fn an_inbox_read_that_does_not_consume_pages_with_a_cursor(kind: Kind) {
         ))
         .await;
     assert_eq!((status, problem_field(&body).as_str()), (422, "cursor"));
+    // A cursor this endpoint could not have made is refused.
+    use base64::Engine as _;
+    let id = &sent[0];
+    for position in [format!("1000000000000000:{id}"), format!("-5:{id}")] {
+        let forged =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("inbox:{position}"));
+        let (status, body) = app
+            .get(&format!("/v1/agents/pager/signals?cursor={forged}"))
+            .await;
+        assert_eq!(
+            (status, problem_field(&body).as_str()),
+            (422, "cursor"),
+            "{position}"
+        );
+    }
     // A cursor of another listing is refused.
     let (_, listed) = app.get("/v1/signals?limit=1").await;
     let other = listed["next_cursor"].as_str().expect("more live signals");

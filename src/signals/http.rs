@@ -151,6 +151,17 @@ async fn get_inbox(
     let agent_id = Id::parse("agent_id", &agent_id)?;
     let consume = q.consume.unwrap_or(false);
     let after = IndexCursor::from_named_param(q.cursor.as_deref(), INBOX_LISTING)?;
+    // Positions are creation times in ms: anything else was not made here
+    // (and one beyond what the read script takes would page from the start).
+    if after
+        .as_ref()
+        .is_some_and(|c| !(0..1_000_000_000_000_000).contains(&c.score))
+    {
+        return Err(ApiError::invalid(
+            "cursor",
+            "is not a cursor returned by this endpoint",
+        ));
+    }
     if consume && after.is_some() {
         return Err(ApiError::invalid(
             "cursor",
