@@ -40,6 +40,27 @@ fn ids(signals: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Every page of an inbox read that does not consume (`query` sets its
+/// filters and `limit`), following `next_cursor`; and how many pages.
+async fn page_through(app: &TestApp, agent: &str, query: &str) -> (Vec<String>, usize) {
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let (status, body) = app
+            .get(&format!(
+                "/v1/agents/{agent}/signals?{query}&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        pages += 1;
+        seen.extend(ids(body["signals"].as_array().unwrap()));
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => return (seen, pages),
+        }
+        assert!(pages < 100, "the cursor goes round: {seen:?}");
+    }
+}
+
 async fn a_send_answers_201_with_the_full_signal(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     let signal = send(
@@ -1000,29 +1021,7 @@ async fn an_inbox_read_that_does_not_consume_pages_with_a_cursor(kind: Kind) {
         .await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let page = |cursor: Option<String>| {
-        let app = &app;
-        async move {
-            let query = cursor.map_or(String::new(), |c| format!("&cursor={c}"));
-            let (status, body) = app
-                .get(&format!("/v1/agents/pager/signals?limit=3{query}"))
-                .await;
-            assert_eq!(status, 200, "{body}");
-            let next = body["next_cursor"].as_str().map(str::to_owned);
-            (ids(body["signals"].as_array().unwrap()), next)
-        }
-    };
-    let (mut seen, mut cursor, mut pages) = (Vec::new(), None, 0);
-    loop {
-        let (ids, next) = page(cursor).await;
-        pages += 1;
-        seen.extend(ids);
-        match next {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-        assert!(pages < 10, "the cursor goes round: {seen:?}");
-    }
+    let (seen, pages) = page_through(&app, "pager", "limit=3").await;
     assert_eq!(seen, sent, "every signal once, oldest first");
     assert_eq!(pages, 3);
     // Looking took nothing: a consuming read gets them all, and has no
@@ -1077,20 +1076,7 @@ async fn paging_a_long_inbox_gives_each_signal_once(kind: Kind) {
         }
         send(&app, body).await;
     }
-    let (mut paged, mut cursor) = (Vec::new(), String::new());
-    for _ in 0..10 {
-        let (status, body) = app
-            .get(&format!(
-                "/v1/agents/pager/signals?limit=40&cursor={cursor}"
-            ))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        paged.extend(ids(body["signals"].as_array().unwrap()));
-        match body["next_cursor"].as_str() {
-            Some(next) => cursor = next.to_owned(),
-            None => break,
-        }
-    }
+    let (paged, _) = page_through(&app, "pager", "limit=40").await;
     let (_, all) = app.get("/v1/agents/pager/signals?limit=1000").await;
     let all = ids(all["signals"].as_array().unwrap());
     assert_eq!(all.len(), 180);
@@ -1136,20 +1122,7 @@ async fn a_page_past_a_long_run_of_other_broadcasts_continues_after_its_cursor(k
     // Redis splits a walk only over broadcasts older than its ten-second
     // margin for clocks.
     app.state.clock.advance(Duration::from_secs(15));
-    let (mut paged, mut cursor) = (Vec::new(), String::new());
-    for _ in 0..6 {
-        let (status, body) = app
-            .get(&format!(
-                "/v1/agents/pager/signals?type=wanted&limit=2&cursor={cursor}"
-            ))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        paged.extend(ids(body["signals"].as_array().unwrap()));
-        match body["next_cursor"].as_str() {
-            Some(next) => cursor = next.to_owned(),
-            None => break,
-        }
-    }
+    let (paged, _) = page_through(&app, "pager", "type=wanted&limit=2").await;
     assert_eq!(paged, sent);
 }
 
