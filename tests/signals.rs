@@ -40,6 +40,14 @@ fn ids(signals: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Sends `count` copies of `body`, fifty at a time.
+async fn send_many(app: &TestApp, count: usize, body: Value) {
+    for start in (0..count).step_by(50) {
+        let batch = (start..count.min(start + 50)).map(|_| send(app, body.clone()));
+        futures_util::future::join_all(batch).await;
+    }
+}
+
 /// Every page of an inbox read that does not consume (`query` sets its
 /// filters and `limit`), following `next_cursor`; and how many pages.
 async fn page_through(app: &TestApp, agent: &str, query: &str) -> (Vec<String>, usize) {
@@ -1174,10 +1182,12 @@ fn calls_of(conn: &mut ::redis::Connection, command: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_that_matches_little_answers_a_short_page_with_a_cursor() {
     let app = TestApp::spawn(Kind::Memory).await;
-    for _ in 0..201 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
+    send_many(
+        &app,
+        10_050,
+        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
+    )
+    .await;
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
     let (status, first) = app.get("/v1/signals?type=task&limit=10").await;
     assert_eq!(status, 200, "{first}");
@@ -1209,10 +1219,12 @@ async fn redis_a_long_listing_scan_is_split_into_short_calls() {
         Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
     )
     .await;
-    for _ in 0..50 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
+    send_many(
+        &app,
+        2_500,
+        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
+    )
+    .await;
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
     let mut conn = app.redis.as_ref().expect("redis").conn();
     let script_calls = |conn: &mut ::redis::Connection| calls_of(conn, "evalsha");
@@ -1242,14 +1254,18 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
     )
     .await;
     // Older than every broadcast: targeted signals that match nothing.
-    for _ in 0..6 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "target_agent": "w"});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
-    for _ in 0..50 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
+    send_many(
+        &app,
+        300,
+        json!({"signal_type": "note", "source_agent": "hub", "target_agent": "w"}),
+    )
+    .await;
+    send_many(
+        &app,
+        2_500,
+        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
+    )
+    .await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
 
@@ -1284,10 +1300,12 @@ async fn redis_a_deep_page_starts_at_its_cursor() {
         Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
     )
     .await;
-    for _ in 0..12 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
+    send_many(
+        &app,
+        600,
+        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
+    )
+    .await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let (mut cursor, mut pages) = (String::new(), Vec::new());
     for _ in 0..5 {
@@ -1329,10 +1347,12 @@ async fn redis_a_long_clear_is_split_into_short_calls() {
     .await;
     let note = json!({"signal_type": "note", "source_agent": "hub", "target_agent": "w"});
     futures_util::future::join_all((0..10).map(|_| send(&app, note.clone()))).await;
-    for _ in 0..50 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
+    send_many(
+        &app,
+        2_500,
+        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
+    )
+    .await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
 
     let mut conn = app.redis.as_ref().expect("redis").conn();
@@ -1399,10 +1419,12 @@ async fn redis_a_read_that_does_not_consume_goes_on_from_where_it_stopped() {
             .to_owned()
     };
     let first = task().await;
-    for _ in 0..40 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
+    send_many(
+        &app,
+        2_000,
+        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
+    )
+    .await;
     // The last broadcast walked: listed, and where the walk starts after.
     let last = task().await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
@@ -1460,10 +1482,12 @@ async fn redis_a_long_first_read_that_does_not_consume_is_split_too() {
         }
     };
     let mut found = vec![task(Some("w")).await, task(None).await];
-    for _ in 0..50 {
-        let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
-        futures_util::future::join_all((0..50).map(|_| send(&app, note.clone()))).await;
-    }
+    send_many(
+        &app,
+        2_500,
+        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
+    )
+    .await;
     found.push(task(Some("w")).await);
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let mut conn = app.redis.as_ref().expect("redis").conn();
