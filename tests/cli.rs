@@ -413,6 +413,53 @@ async fn signals_are_sent_and_read_from_the_command_line() {
     assert!(stderr(&out).contains("payload"), "{}", stderr(&out));
 }
 
+/// `signals inbox --limit` pages like the other listings: a full page says
+/// there is more, and the next read takes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_from_the_command_line_takes_a_limit() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    for step in 0..3 {
+        let (status, sent) = app
+            .post(
+                "/v1/signals",
+                json!({"signal_type": "ready", "source_agent": "planner",
+                       "target_agent": "coder", "payload": {"step": step}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{sent}");
+    }
+    let out = cli(&app, None, &["signals", "inbox", "coder", "--limit", "2"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("ready")).count(),
+        2,
+        "{text}"
+    );
+    assert!(text.contains("(more: raise --limit)"), "{text}");
+
+    let args = [
+        "signals",
+        "inbox",
+        "coder",
+        "--consume",
+        "--limit",
+        "2",
+        "--json",
+    ];
+    let out = cli(&app, None, &args).await;
+    let read: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(read["signals"].as_array().unwrap().len(), 2, "{read}");
+    let out = cli(&app, None, &["signals", "inbox", "coder"]).await;
+    let text = stdout(&out);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("ready")).count(),
+        1,
+        "{text}"
+    );
+    assert!(!text.contains("more"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_summaries_print_money_and_percentages() {
     let app = TestApp::spawn(Kind::Memory).await;
@@ -638,6 +685,10 @@ fn out_of_range_flags_are_refused_by_their_own_name() {
         (&["agents", "--stale", "0"][..], "--stale"),
         (&["agents", "--limit", "1001"][..], "--limit"),
         (&["signals", "inbox", "coder", "--wait", "61"][..], "--wait"),
+        (
+            &["signals", "inbox", "coder", "--limit", "0"][..],
+            "--limit",
+        ),
         (
             &[
                 "signals", "send", "--type", "t", "--from", "a", "--ttl", "0",

@@ -224,6 +224,9 @@ pub enum SignalAction {
         /// Only signals of this type.
         #[arg(long = "type")]
         signal_type: Option<String>,
+        /// Most signals to show or take (1–1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
     },
 }
 
@@ -612,9 +615,10 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     idempotency_key,
                     wait,
                     signal_type,
+                    limit,
                 } => {
                     let mut path = format!(
-                        "/v1/agents/{}/signals?consume={consume}&wait_seconds={wait}",
+                        "/v1/agents/{}/signals?consume={consume}&wait_seconds={wait}&limit={limit}",
                         segment(&agent)
                     );
                     if let Some(t) = signal_type {

@@ -374,6 +374,9 @@ pub fn signals(body: &Value) {
         ]);
     }
     table.print();
+    if body["next_cursor"].is_string() {
+        outln!("(more: raise --limit)");
+    }
 }
 
 /// `14:03:07.123  agent.down  summarizer-1  {"ttl_seconds":30}`
