@@ -141,16 +141,23 @@ impl QualityStats {
             0.0
         } else {
             let (older, newer) = scores.split_at(n / 2);
-            (mean(newer) - mean(older)) / mean(older).max(0.1)
+            let older_mean = exact_mean(older);
+            to_12_places((exact_mean(newer) - older_mean) / older_mean.max(0.1))
         };
+        let min = scores.iter().copied().reduce(f64::min);
+        let max = scores.iter().copied().reduce(f64::max);
         Self {
             workflow: workflow.to_string(),
             stage: stage.to_string(),
             tier,
             sample_count: n as u64,
-            avg: (n > 0).then(|| mean(scores)),
-            min: scores.iter().copied().reduce(f64::min),
-            max: scores.iter().copied().reduce(f64::max),
+            // Rounding cannot carry the mean past a score: ten scores of
+            // 0.6999999999996 average that, not 0.7.
+            avg: min
+                .zip(max)
+                .map(|(min, max)| to_12_places(exact_mean(scores)).clamp(min, max)),
+            min,
+            max,
             recent_trend,
         }
     }
@@ -160,14 +167,16 @@ impl QualityStats {
     }
 }
 
-/// The mean of `scores`, from a compensated (Neumaier) sum, to 12 decimal
-/// places. A plain sum drifts by the last bits (ten scores of 0.9 add up to
-/// 9.000000000000002), and even an exact sum of the binary scores is not
-/// the decimal one (six of 0.57 and six of 0.83 average
-/// 0.6999999999999998): a mean exactly at a rule's threshold would pass it
-/// or fall short of it. Scores are decimals people send; twelve places keep
-/// every digit that means something and drop the binary noise.
-fn mean(scores: &[f64]) -> f64 {
+/// The mean of `scores`, from a compensated (Neumaier) sum. A plain sum
+/// drifts by the last bits (ten scores of 0.9 add up to 9.000000000000002),
+/// and even an exact sum of the binary scores is not the decimal one (six
+/// of 0.57 and six of 0.83 average 0.6999999999999998): a mean exactly at a
+/// rule's threshold would pass it or fall short of it. Scores are decimals
+/// people send, so what is shown and compared is rounded to twelve decimal
+/// places ([`to_12_places`]), which keeps every digit that means something
+/// and drops the binary noise; the trend is computed from the unrounded
+/// means and rounded once.
+fn exact_mean(scores: &[f64]) -> f64 {
     let (mut sum, mut lost) = (0.0f64, 0.0f64);
     for &x in scores {
         let next = sum + x;
@@ -178,8 +187,11 @@ fn mean(scores: &[f64]) -> f64 {
         };
         sum = next;
     }
-    let mean = (sum + lost) / scores.len() as f64;
-    (mean * 1e12).round() / 1e12
+    (sum + lost) / scores.len() as f64
+}
+
+fn to_12_places(x: f64) -> f64 {
+    (x * 1e12).round() / 1e12
 }
 
 /// A tier recommendation.
@@ -726,6 +738,24 @@ mod tests {
         assert_eq!(r.recommended_tier, Tier::Capable, "{}", r.reason);
         let r = recommend(Tier::Capable, stats(&[0.95; 10]), Some(&lower_085));
         assert_eq!(r.recommended_tier, Tier::Capable, "{}", r.reason);
+    }
+
+    /// Rounding drops binary noise, never a digit a client sent: a mean is
+    /// never outside the scores it averages, and the trend is rounded once,
+    /// from the unrounded means.
+    #[test]
+    fn rounding_keeps_the_mean_within_the_scores_and_the_trend_exact() {
+        let just_below = stats(&[0.6999999999996; 10]);
+        assert_eq!(just_below.avg, Some(0.6999999999996));
+        let r = recommend(Tier::Cheap, just_below, None);
+        assert_eq!(r.recommended_tier, Tier::Capable, "{}", r.reason);
+        let just_above = stats(&[0.9000000000004; 10]);
+        assert_eq!(just_above.avg, Some(0.9000000000004));
+        let r = recommend(Tier::Capable, just_above, Some(&stats(&[0.95; 10])));
+        assert_eq!(r.recommended_tier, Tier::Cheap, "{}", r.reason);
+        assert_eq!(stats(&[0.1, 0.9, 0.3, 0.5]).recent_trend, -0.2);
+        let rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 0.01];
+        assert_eq!(stats(&rising).recent_trend, 1.222222222222);
     }
 
     #[test]
