@@ -821,6 +821,54 @@ output = 20
     assert_usd(&s["baseline_cost_usd"], 30.0);
     assert_usd(&s["routing_savings_usd"], 24.0);
     assert_eq!(s["price_table_version"], "acme-1");
+    assert_eq!(s["price_tables"], json!({"acme-1": 1}));
+}
+
+/// Costs are fixed when a call is recorded: replicas on different price
+/// tables (or one table replaced by another) add up figures priced by
+/// each, and the savings say which tables, and for how many calls.
+#[tokio::test]
+async fn savings_name_every_price_table_that_priced_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prices.toml");
+    std::fs::write(
+        &path,
+        "version = \"acme-2\"\n[[models]]\nmodel = \"large\"\ntier = \"premium\"\ninput = 10\noutput = 20\n",
+    )
+    .unwrap();
+    let app = TestApp::spawn(Kind::Redis).await;
+    let url = app.redis_url().unwrap();
+    let other = TestApp::spawn_with(
+        Options::new(Kind::Redis)
+            .shared_redis(&url, &app.prefix)
+            .configure(move |c| c.prices_file = Some(path)),
+    )
+    .await;
+    let one_million = [1_000_000, 0, 0, 0];
+    app.post(
+        "/v1/usage",
+        call("wf", "premium", OPUS, "anthropic", one_million),
+    )
+    .await;
+    for _ in 0..2 {
+        other
+            .post(
+                "/v1/usage",
+                call("wf", "premium", "large", "acme", one_million),
+            )
+            .await;
+    }
+    for (replica, version) in [(&app, "attune-2026-11"), (&other, "acme-2")] {
+        let (_, s) = replica.get("/v1/usage/savings").await;
+        assert_eq!(s["price_table_version"], version, "{s}");
+        assert_eq!(
+            s["price_tables"],
+            json!({"attune-2026-11": 1, "acme-2": 2}),
+            "{s}"
+        );
+        // $5 at opus's built-in price, then $10 twice at acme's.
+        assert_usd(&s["baseline_cost_usd"], 25.0);
+    }
 }
 
 /// A batch of 1000 calls at $1,000,000 each, ids `big-<n>-<i>`, at `ts`

@@ -177,12 +177,31 @@ pub fn recent(body: &Value) {
     );
 }
 
+/// The price table of a savings answer: the current one, or every table
+/// that priced the window's calls when that is not only the current one.
+fn price_tables(body: &Value) -> String {
+    let current = text(&body["price_table_version"]);
+    let tables = body["price_tables"]
+        .as_object()
+        .filter(|tables| tables.len() > 1 || tables.keys().any(|version| *version != current));
+    match tables {
+        Some(tables) => tables
+            .iter()
+            .map(|(version, calls)| {
+                format!("{} ({})", printable(version), counted_value(calls, "call"))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => current,
+    }
+}
+
 pub fn savings(body: &Value, days: u32) {
     outln!(
         "Savings over the last {} ({}, prices {})\n",
         counted(days.into(), "day"),
         counted_value(&body["total_calls"], "call"),
-        text(&body["price_table_version"])
+        price_tables(body)
     );
     let mut table = Table::new(&["", "usd"]);
     table
@@ -399,6 +418,18 @@ pub fn event_line(e: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn savings_name_the_tables_that_priced_them() {
+        let one = json!({"price_table_version": "v2", "price_tables": {"v2": 3}});
+        assert_eq!(price_tables(&one), "v2");
+        let none = json!({"price_table_version": "v2", "price_tables": {}});
+        assert_eq!(price_tables(&none), "v2");
+        let mixed = json!({"price_table_version": "v2", "price_tables": {"v1": 1, "v2": 3}});
+        assert_eq!(price_tables(&mixed), "v1 (1 call), v2 (3 calls)");
+        let older = json!({"price_table_version": "v2", "price_tables": {"v1": 2}});
+        assert_eq!(price_tables(&older), "v1 (2 calls)");
+    }
 
     #[test]
     fn money_and_percentages_are_formatted_for_people() {

@@ -82,6 +82,10 @@ pub const NAMES_PER_DAY: usize = 500;
 /// starts with `_`, so it never meets a client's name.
 pub const OTHER: &str = "_other";
 
+/// The breakdown of a day's calls by the version of the price table that
+/// priced them (costs are fixed when a call is recorded).
+const PRICE_TABLES: &str = "pt";
+
 /// Where a day counts how many names of `group` it breaks down by (the
 /// Redis script writes the same field). Summaries pass over it: it has one
 /// `:`, where breakdowns have two.
@@ -511,7 +515,9 @@ impl Prepared {
         }
     }
 
-    fn add_fields(&self, into: &mut BTreeMap<String, i64>) {
+    /// Adds this call to a day's aggregates; `price_table` is the version
+    /// of the table that priced it.
+    fn add_fields(&self, into: &mut BTreeMap<String, i64>, price_table: &str) {
         let mut add = |name: String, v: i64| {
             if v != 0 {
                 *into.entry(name).or_default() += v;
@@ -540,6 +546,7 @@ impl Prepared {
             add(format!("{group}:{name}:calls"), 1);
             add(format!("{group}:{name}:cost"), self.actual);
         }
+        add(format!("{PRICE_TABLES}:{price_table}:calls"), 1);
         let wf = &self.view.workflow;
         add(format!("wf:{wf}:cache_read"), t.cache_read as i64);
         add(format!("wf:{wf}:cache_creation"), t.cache_creation as i64);
@@ -804,7 +811,7 @@ fn plan(
             claims.push(claim_of(caller, id));
             claim_owner.push(i);
         }
-        p.add_fields(fields.entry(p.day).or_default());
+        p.add_fields(fields.entry(p.day).or_default(), settings.prices.version());
         recent
             .entry(p.day)
             .or_default()
@@ -1021,9 +1028,15 @@ pub struct Savings {
     pub response_cache_savings_usd: f64,
     /// Percent of calls per tier (every tier listed).
     pub tier_distribution: BTreeMap<String, f64>,
-    /// The model the baseline is priced at.
+    /// The model the baseline is priced at, in the current price table.
     pub baseline_model: String,
+    /// The current price table's version (see `price_tables`).
     pub price_table_version: String,
+    /// Calls in the window by the version of the price table that priced
+    /// them. Costs and baselines are fixed when a call is recorded, so after
+    /// a change of table (or with replicas on different tables) a window
+    /// adds up figures priced by each table listed here.
+    pub price_tables: BTreeMap<String, u64>,
 }
 
 pub async fn savings(state: &AppState, days: u64) -> ApiResult<Savings> {
@@ -1060,6 +1073,10 @@ pub async fn savings(state: &AppState, days: u64) -> ApiResult<Savings> {
         tier_distribution,
         baseline_model: prices.view().baseline_model,
         price_table_version: prices.version().to_owned(),
+        price_tables: t
+            .group(PRICE_TABLES)
+            .map(|(version, m)| (version.clone(), count(metric(m, "calls"))))
+            .collect(),
     })
 }
 

@@ -17,7 +17,7 @@
 //! `--prices-file` replaces the table with a TOML file:
 //!
 //! ```toml
-//! version = "acme-2026-01"            # optional; default "sha256-" + 12 hex of the file
+//! version = "acme-2026-01"            # optional (letters, digits, `.`, `_`, `-`); default "sha256-" + 12 hex of the file
 //! baseline_model = "claude-opus-4-8"  # optional; default the first premium model
 //!
 //! [unknown]                           # optional; default $3 / $15
@@ -350,9 +350,13 @@ impl PriceTable {
             Some(r) => r.rates("unknown")?,
             None => Rates::per_million(3.0, 15.0, None, None),
         };
+        // A version names the table in answers and in the stored
+        // aggregates, so it has an id's form.
         let version = match file.version {
-            Some(v) if !v.trim().is_empty() => v,
-            _ => format!("sha256-{}", &crate::types::sha256_hex(text)[..12]),
+            Some(v) => crate::types::Id::new(v.as_str())
+                .map_err(|e| format!("version {v:?} {e}"))?
+                .to_string(),
+            None => format!("sha256-{}", &crate::types::sha256_hex(text)[..12]),
         };
         let baseline = models[&baseline_model].rates;
         Ok(Self {
@@ -481,6 +485,10 @@ mod tests {
         assert!(PriceTable::parse(negative).unwrap_err().contains("input"));
         let bad_name = "[[models]]\nmodel = \"a:b\"\ntier = \"premium\"\ninput = 1\noutput = 1\n";
         assert!(PriceTable::parse(bad_name).is_err());
+        let premium = "[[models]]\nmodel = \"a\"\ntier = \"premium\"\ninput = 1\noutput = 1\n";
+        let bad_version = format!("version = \"2026 Q1\"\n{premium}");
+        let err = PriceTable::parse(&bad_version).unwrap_err();
+        assert!(err.starts_with("version \"2026 Q1\""), "{err}");
         let err = PriceTable::parse("version = 'v1'\ncolour = 1").unwrap_err();
         assert!(err.starts_with("line 2: unknown field `colour`"), "{err}");
         let dear_cache = "[[models]]\nmodel = \"a\"\ntier = \"premium\"\ninput = 3\noutput = 15\ncache_read = 3.75\n";
