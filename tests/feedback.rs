@@ -248,6 +248,13 @@ async fn quality_scores_outside_0_to_1_are_refused(kind: Kind) {
         .get("/v1/feedback/recommendation?workflow=w&stage=s&current_tier=gold")
         .await;
     assert_eq!((status, problem_field(&b).as_str()), (422, "current_tier"));
+    // A misspelt field is refused, not dropped (the metadata would be lost).
+    let mut misspelt = body(json!(0.5));
+    misspelt["metdata"] = json!({"run": 1});
+    let (status, b) = app.post("/v1/feedback", misspelt).await;
+    assert_eq!((status, problem_field(&b).as_str()), (422, "metdata"));
+    let (_, stats) = app.get("/v1/feedback/stats?workflow=w&stage=s").await;
+    assert_eq!(stats["sample_count"], 0, "{stats}");
 }
 
 async fn feedback_is_recorded_with_an_event_carrying_its_metadata(kind: Kind) {
@@ -306,6 +313,13 @@ async fn template_confidence_is_the_share_of_good_ratings(kind: Kind) {
         .post("/v1/templates/alpha/feedback", json!({ "rating": "meh" }))
         .await;
     assert_eq!((status, problem_field(&b).as_str()), (422, "rating"));
+    let (status, b) = app
+        .post(
+            "/v1/templates/alpha/feedback",
+            json!({ "rating": "good", "weight": 2 }),
+        )
+        .await;
+    assert_eq!((status, problem_field(&b).as_str()), (422, "weight"));
 
     let ids = |body: &Value| -> Vec<String> {
         body["templates"]

@@ -329,6 +329,55 @@ async fn a_batch_of_1001_records_is_refused_naming_records(kind: Kind) {
     );
 }
 
+/// A field the record does not have is refused by name, not dropped: the
+/// original's `cost` and `prompt_cache`, or a misspelt cache count, would
+/// otherwise leave the figures silently wrong.
+async fn an_unknown_usage_field_is_refused_naming_it(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    let with = |path: &[&str], value: Value| {
+        let mut record = simple("u");
+        let (last, parents) = path.split_last().unwrap();
+        let mut at = &mut record;
+        for p in parents {
+            at = &mut at[*p];
+        }
+        at[*last] = value;
+        record
+    };
+    for (record, field) in [
+        (with(&["cost"], json!(0.5)), "cost"),
+        (
+            with(&["prompt_cache"], json!({"read_tokens": 10})),
+            "prompt_cache",
+        ),
+        (
+            with(&["tokens", "cache_reads"], json!(5000)),
+            "tokens.cache_reads",
+        ),
+        (with(&["cache", "kind"], json!("exact")), "cache.kind"),
+    ] {
+        let (status, body) = app.post("/v1/usage", record.clone()).await;
+        assert_eq!(
+            (status, problem_field(&body).as_str()),
+            (422, field),
+            "{body}"
+        );
+        let batch = json!({ "records": [simple("ok"), record] });
+        let (status, body) = app.post("/v1/usage", batch).await;
+        let in_batch = format!("records[1].{field}");
+        assert_eq!((status, problem_field(&body)), (422, in_batch), "{body}");
+    }
+    let batch = json!({ "records": [simple("ok")], "workflow": "x" });
+    let (status, body) = app.post("/v1/usage", batch).await;
+    assert_eq!(
+        (status, problem_field(&body).as_str()),
+        (422, "workflow"),
+        "{body}"
+    );
+    let (_, stats) = app.get("/v1/usage/stats").await;
+    assert_eq!(stats["total_calls"], 0, "nothing was recorded: {stats}");
+}
+
 async fn a_negative_token_count_is_refused_naming_the_field(kind: Kind) {
     let app = TestApp::spawn(kind).await;
     let mut bad = simple("x");
@@ -945,6 +994,7 @@ conformance!(
     a_repeated_usage_id_is_counted_once_even_in_a_later_batch,
     a_batch_of_1001_records_is_refused_naming_records,
     a_negative_token_count_is_refused_naming_the_field,
+    an_unknown_usage_field_is_refused_naming_it,
     user_ids_are_never_stored_in_clear,
     recent_lists_newest_first_with_totals,
     recent_pages_with_a_cursor,

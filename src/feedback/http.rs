@@ -194,8 +194,9 @@ async fn get_feedback_underperforming(
     }))
 }
 
-/// The body of a template rating.
+/// The body of a template rating (unknown fields refused, as for usage).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TemplateFeedbackIn {
     pub rating: Rating,
     /// The agent giving the rating; agent keys may only name agents in

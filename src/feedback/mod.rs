@@ -74,8 +74,9 @@ fn sample_score(member: &str) -> Option<f64> {
     member.rsplit_once('|').and_then(|(_, s)| s.parse().ok())
 }
 
-/// The body of `POST /v1/feedback`.
+/// The body of `POST /v1/feedback` (unknown fields refused, as for usage).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct FeedbackIn {
     pub workflow: Id,
     pub stage: Id,

@@ -174,6 +174,7 @@ pub type TokenCount = Bounded<0, 1_000_000_000>;
 
 /// `tokens` of a usage record.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TokensIn {
     /// Ordinary input tokens, not counting cache reads or writes.
     #[schema(value_type = u64, maximum = 1_000_000_000)]
@@ -201,6 +202,7 @@ impl TokensIn {
 
 /// `cache` of a usage record: whether the response came from a response cache.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct CacheInfo {
     /// The response was served from a response cache: nothing was spent.
     pub hit: bool,
@@ -235,8 +237,11 @@ impl<'de> Deserialize<'de> for Usd {
     }
 }
 
-/// One LLM call, as posted.
+/// One LLM call, as posted. Unknown fields are refused: a misspelt
+/// `cost_usd` or cache count would otherwise be dropped and the figures
+/// silently wrong.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UsageRecordIn {
     /// Client id: a repeat of an id already recorded is ignored.
     pub id: Option<Id>,
@@ -272,6 +277,7 @@ pub struct UsageRecordIn {
 
 /// A batch of records.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UsageBatchIn {
     /// 1–1000 records.
     #[schema(min_items = 1, max_items = 1000)]
