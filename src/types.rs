@@ -18,6 +18,13 @@ use crate::error::ApiError;
 /// Largest serialized size of a free-form object (`payload`, `metadata`, …).
 pub const MAX_OBJECT_BYTES: usize = 64 * 1024;
 
+/// Deepest nesting of a free-form object, itself the first level. Answers
+/// put it a few levels deeper (`{"approvals":[{"request":{"context":…`),
+/// and JSON readers have depth limits of their own (128 for serde_json,
+/// this service's command line included): an object this service accepts
+/// stays readable wherever it is shown.
+pub const MAX_OBJECT_DEPTH: usize = 32;
+
 /// A client-chosen identifier: `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ToSchema)]
 #[schema(value_type = String, pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", example = "agent-1")]
@@ -269,6 +276,20 @@ impl JsonObject {
         if size > MAX_OBJECT_BYTES {
             return Err(format!(
                 "must be at most {MAX_OBJECT_BYTES} bytes serialized (got {size})"
+            ));
+        }
+        /// Levels of objects and arrays in `value`, itself included.
+        fn depth(value: &serde_json::Value) -> usize {
+            match value {
+                serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+                serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+                _ => 0,
+            }
+        }
+        let levels = 1 + map.values().map(depth).max().unwrap_or(0);
+        if levels > MAX_OBJECT_DEPTH {
+            return Err(format!(
+                "must nest at most {MAX_OBJECT_DEPTH} levels of objects and arrays (got {levels})"
             ));
         }
         Ok(Self(map))
@@ -629,5 +650,22 @@ mod tests {
         let err = serde_json::from_value::<JsonObject>(sized(MAX_OBJECT_BYTES - 7)).unwrap_err();
         assert!(err.to_string().contains("(got 65537)"), "{err}");
         assert!(serde_json::from_value::<JsonObject>(serde_json::json!([1])).is_err());
+    }
+
+    #[test]
+    fn objects_nested_past_32_levels_are_rejected() {
+        let nested = |levels: usize| -> serde_json::Value {
+            let text = format!("{}1{}", r#"{"a":"#.repeat(levels), "}".repeat(levels));
+            serde_json::from_str(&text).unwrap()
+        };
+        assert!(serde_json::from_value::<JsonObject>(nested(MAX_OBJECT_DEPTH)).is_ok());
+        let err = serde_json::from_value::<JsonObject>(nested(MAX_OBJECT_DEPTH + 1)).unwrap_err();
+        assert!(err.to_string().contains("(got 33)"), "{err}");
+        // Arrays count as levels too.
+        let arrays = serde_json::json!({ "a": [[[1]]] });
+        assert!(serde_json::from_value::<JsonObject>(arrays).is_ok());
+        let text = format!("{{\"a\":{}1{}}}", "[".repeat(32), "]".repeat(32));
+        let deep: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(serde_json::from_value::<JsonObject>(deep).is_err());
     }
 }

@@ -617,6 +617,17 @@ async fn invalid_requests_are_refused_naming_the_field(kind: Kind) {
             json!({"approval_type": "deploy", "agent_id": "a", "context": [1]}),
             "context",
         ),
+        // Deeper than the 32 levels every reader of the answers can take
+        // (the command line's serde_json stops at 128).
+        (
+            serde_json::from_str(&format!(
+                r#"{{"approval_type": "deploy", "agent_id": "a", "context": {}1{}}}"#,
+                r#"{"k":"#.repeat(33),
+                "}".repeat(33)
+            ))
+            .unwrap(),
+            "context",
+        ),
     ];
     for (body, field) in cases {
         let (status, problem) = app.post("/v1/approvals", body.clone()).await;
