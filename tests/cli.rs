@@ -328,6 +328,84 @@ async fn lossy_proxy(
     (addr, seen)
 }
 
+/// A server that answers every request with the next of `pages` (JSON
+/// bodies), recording each request's path.
+async fn canned_pages(
+    pages: Vec<Value>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        for page in pages {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            log.lock()
+                .unwrap()
+                .push(head.split(' ').nth(1).unwrap_or("/").to_owned());
+            let body = page.to_string();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(reply.as_bytes()).await;
+        }
+    });
+    (addr, seen)
+}
+
+/// A filtered listing may answer a short page, even an empty one, with a
+/// cursor (the server reads a bounded number of records per page): the
+/// command line follows the cursor until it has `--limit` rows, asking
+/// each time for what it still lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_follow_the_cursor_past_short_pages() {
+    let row = |id: &str| {
+        json!({"request": {"request_id": id, "approval_type": "deploy", "agent_id": "sparse-1",
+                           "status": "pending", "requested_by": "sparse-1",
+                           "created_at": "2026-11-27T10:00:00.000Z",
+                           "expires_at": "2026-11-27T10:05:00.000Z"},
+               "response": null})
+    };
+    let (url, seen) = canned_pages(vec![
+        json!({"approvals": [], "next_cursor": "c1"}),
+        json!({"approvals": [row("first")], "next_cursor": "c2"}),
+        json!({"approvals": [row("second")], "next_cursor": "c3"}),
+    ])
+    .await;
+    let out = cli_at(
+        &url,
+        None,
+        &["approvals", "list", "--agent", "sparse-1", "--limit", "2"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("first") && text.contains("second"), "{text}");
+    // Two rows were asked for and shown; the server has more after them.
+    assert!(text.contains("(more: raise --limit)"), "{text}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            "/v1/approvals?status=pending&agent_id=sparse-1&limit=2",
+            "/v1/approvals?status=pending&agent_id=sparse-1&limit=2&cursor=c1",
+            "/v1/approvals?status=pending&agent_id=sparse-1&limit=1&cursor=c2",
+        ]
+    );
+}
+
 /// When the answer of a consuming read is lost (no answer, then a 504),
 /// the command line asks again with the same `Idempotency-Key` and prints
 /// what the first attempt took, which is gone from the inbox.

@@ -230,6 +230,9 @@ pub enum SignalAction {
     },
 }
 
+/// Most pages one listing command reads to fill its `--limit`.
+const MAX_PAGES: usize = 100;
+
 /// How often the client asks for a consuming read whose answer it did not
 /// get (waiting 1, 2 and 4 s between: a restart or a failover).
 const TAKE_ATTEMPTS: u32 = 4;
@@ -351,6 +354,34 @@ impl Api {
     async fn get(&self, path: &str) -> Result<Value, String> {
         self.json(self.request(Method::GET, path, Duration::ZERO))
             .await
+    }
+
+    /// Up to `limit` rows of a listing (`path` without its `limit`; the rows
+    /// under `rows`), following `next_cursor` while pages come back short:
+    /// a filtered listing may answer fewer rows than asked for, even none,
+    /// with a cursor to go on from. Answers the first page with every row
+    /// gathered and the last page's cursor.
+    async fn page(&self, path: &str, rows: &str, limit: u32) -> Result<Value, String> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut body = self.get(&format!("{path}{sep}limit={limit}")).await?;
+        for _ in 1..MAX_PAGES {
+            let have = body[rows].as_array().map_or(0, Vec::len);
+            let Some(cursor) = body["next_cursor"].as_str().map(q) else {
+                break;
+            };
+            let Some(wanted) = (limit as usize).checked_sub(have).filter(|&n| n > 0) else {
+                break;
+            };
+            let mut next = self
+                .get(&format!("{path}{sep}limit={wanted}&cursor={cursor}"))
+                .await?;
+            if let (Some(all), Some(more)) = (body[rows].as_array_mut(), next[rows].as_array_mut())
+            {
+                all.append(more);
+            }
+            body["next_cursor"] = next["next_cursor"].take();
+        }
+        Ok(body)
     }
 
     /// A consuming read (`GET path`), made safe to retry with an
@@ -518,20 +549,19 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
         } => {
             let api = Api::new(&client)?;
             let path = match stale {
-                Some(seconds) => {
-                    format!("/v1/agents/stale?threshold_seconds={seconds}&limit={limit}")
-                }
+                Some(seconds) => format!("/v1/agents/stale?threshold_seconds={seconds}"),
                 None => {
-                    let mut path = format!("/v1/agents?limit={limit}");
+                    let mut path = "/v1/agents".to_owned();
                     for (name, value) in [("state", state), ("status", status)] {
                         if let Some(value) = value {
-                            path.push_str(&format!("&{name}={}", q(&value)));
+                            let sep = if path.contains('?') { '&' } else { '?' };
+                            path.push_str(&format!("{sep}{name}={}", q(&value)));
                         }
                     }
                     path
                 }
             };
-            let body = api.get(&path).await?;
+            let body = api.page(&path, "agents", limit).await?;
             if client.json {
                 return print_json(&body);
             }
@@ -553,14 +583,14 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     agent,
                     limit,
                 } => {
-                    let mut path = format!("/v1/approvals?status={}&limit={limit}", q(&status));
+                    let mut path = format!("/v1/approvals?status={}", q(&status));
                     if let Some(t) = approval_type {
                         path.push_str(&format!("&type={}", q(&t)));
                     }
                     if let Some(a) = agent {
                         path.push_str(&format!("&agent_id={}", q(&a)));
                     }
-                    let body = api.get(&path).await?;
+                    let body = api.page(&path, "approvals", limit).await?;
                     if client.json {
                         return print_json(&body);
                     }
