@@ -170,6 +170,37 @@ async fn a_trimmed_cursor_starts_with_a_stream_reset(kind: Kind) {
     assert_ne!(next_json(&mut fine).await.unwrap()["type"], "stream.reset");
 }
 
+/// Trimming goes on while subscribers connect: a reset's `oldest_id` is
+/// the event that comes next, never one trimmed between the look at the
+/// log and the replay.
+async fn a_reset_names_the_event_that_comes_next_while_the_log_is_trimmed(kind: Kind) {
+    let app = TestApp::spawn_with(Options::new(kind).configure(|c| c.stream_max_len = 10)).await;
+    let first = publish(&app, "test.race", 0).await;
+    let engine = app.state.engine.clone();
+    // Stopped when dropped, a failed assertion included.
+    let _writer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        for n in 1.. {
+            let body = attune_telemetry::events::EventBody::new(
+                "test.race",
+                "test",
+                None,
+                chrono::Utc::now(),
+                json!({ "n": n }),
+            );
+            engine.publish(body).await.expect("appended");
+            // The memory engine appends without waiting: let others run.
+            tokio::task::yield_now().await;
+        }
+    }));
+    for _ in 0..40 {
+        let mut socket = connect(&app, &format!("?since={first}")).await;
+        let reset = next_json(&mut socket).await.unwrap();
+        assert_eq!(reset["type"], "stream.reset", "{reset}");
+        let next = next_json(&mut socket).await.unwrap();
+        assert_eq!(next["id"], reset["oldest_id"], "{reset} then {next}");
+    }
+}
+
 /// A short log is trimmed to its length exactly, beats' events included
 /// (Redis's approximate trimming would keep a whole node of them).
 async fn the_log_holds_at_most_its_maximum_length(kind: Kind) {
@@ -625,6 +656,7 @@ conformance!(
     a_subscriber_that_reconnects_with_since_gets_every_event_exactly_once,
     a_stream_filters_by_type_prefix_and_agent,
     a_trimmed_cursor_starts_with_a_stream_reset,
+    a_reset_names_the_event_that_comes_next_while_the_log_is_trimmed,
     the_log_holds_at_most_its_maximum_length,
     a_since_ahead_of_the_log_is_a_reset_then_every_new_event,
     a_malformed_since_is_a_422,

@@ -143,6 +143,9 @@ pub struct Subscription {
     /// Where replay started (checked for trimming by [`Subscription::start`]).
     since: Option<StreamId>,
     replaying: bool,
+    /// `since` was trimmed away: a `stream.reset` goes out with the first
+    /// replayed batch, naming the log's oldest id when `start` looked.
+    trimmed: Option<Option<StreamId>>,
     pending: VecDeque<Frame>,
 }
 
@@ -156,13 +159,12 @@ impl Subscription {
         let live = state.hub.subscribe(state.config.redis_timeout * 2).await?;
         let mut pending = VecDeque::new();
         let mut since = since;
+        let mut trimmed = None;
         if let Some(asked) = since {
             let bounds = state.engine.log_bounds().await?;
             let now_ms = u64::try_from(state.clock.now().timestamp_millis()).unwrap_or(0);
             if bounds.trimmed_after(asked) {
-                pending.push_back(Frame::Reset {
-                    oldest: bounds.oldest,
-                });
+                trimmed = Some(bounds.oldest);
             } else if asked.ms > now_ms && bounds.newest.is_none_or(|newest| asked > newest) {
                 // No event of this log has that id, nor will one until the
                 // clock gets there: every event before then would be
@@ -182,6 +184,7 @@ impl Subscription {
             handed: since,
             since,
             replaying: since.is_some(),
+            trimmed,
             pending,
         })
     }
@@ -197,13 +200,11 @@ impl Subscription {
                 // A long replay of a busy log can be overtaken by trimming:
                 // the client is told, as when `since` itself was trimmed,
                 // and replay goes on from what is left.
-                let mut reset = None;
+                let mut reset = self.trimmed;
                 if self.last != self.since {
                     let bounds = self.engine.log_bounds().await.map_err(Ended::Engine)?;
                     if bounds.trimmed_after(after) {
-                        reset = Some(Frame::Reset {
-                            oldest: bounds.oldest,
-                        });
+                        reset = Some(bounds.oldest);
                     }
                 }
                 let batch = self
@@ -211,7 +212,15 @@ impl Subscription {
                     .read_events(after, REPLAY_BATCH)
                     .await
                     .map_err(Ended::Engine)?;
-                self.pending.extend(reset);
+                if let Some(oldest) = reset {
+                    // Trimming may go on between the look at the log's
+                    // bounds and the read: the oldest event left is the
+                    // first one read (the next the client gets, unless its
+                    // filter passes over it), not one trimmed in between.
+                    let oldest = batch.first().map(|event| event.id).or(oldest);
+                    self.pending.push_back(Frame::Reset { oldest });
+                    self.trimmed = None;
+                }
                 if batch.len() < REPLAY_BATCH {
                     self.replaying = false;
                 }
