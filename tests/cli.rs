@@ -267,6 +267,21 @@ async fn a_consuming_read_from_the_command_line_can_be_retried() {
     assert_eq!(first, again);
 }
 
+/// The head of the request on `socket`: a GET without a body, so its head
+/// is all there is.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// A proxy in front of `app` that passes every request on but loses the
 /// first two answers: the first connection is closed without one, the
 /// second gets a 504. Returns its address and the `Idempotency-Key` of
@@ -277,7 +292,7 @@ async fn lossy_proxy(
     String,
     std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -285,16 +300,7 @@ async fn lossy_proxy(
     tokio::spawn(async move {
         loop {
             let (mut socket, _) = listener.accept().await.unwrap();
-            // A GET without a body: its head is all there is.
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                let mut byte = [0u8; 1];
-                if socket.read(&mut byte).await.unwrap_or(0) == 0 {
-                    break;
-                }
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
+            let head = read_head(&mut socket).await;
             let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
             let key = head
                 .lines()
@@ -333,7 +339,7 @@ async fn lossy_proxy(
 async fn canned_pages(
     pages: Vec<Value>,
 ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -341,15 +347,7 @@ async fn canned_pages(
     tokio::spawn(async move {
         for page in pages {
             let (mut socket, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                let mut byte = [0u8; 1];
-                if socket.read(&mut byte).await.unwrap_or(0) == 0 {
-                    break;
-                }
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
+            let head = read_head(&mut socket).await;
             log.lock()
                 .unwrap()
                 .push(head.split(' ').nth(1).unwrap_or("/").to_owned());
