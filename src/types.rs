@@ -253,7 +253,7 @@ impl<'de> Deserialize<'de> for Fraction {
     }
 }
 
-/// A free-form JSON object of at most 64 KiB serialized.
+/// A free-form JSON object of at most 64 KiB serialized and 32 levels deep.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
 #[schema(value_type = Object)]
 pub struct JsonObject(serde_json::Map<String, serde_json::Value>);

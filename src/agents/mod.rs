@@ -106,7 +106,7 @@ pub struct HeartbeatRequest {
     /// What the agent is doing now (at most 1024 characters).
     #[schema(value_type = Option<String>, max_length = 1024)]
     pub current_task: Option<Text<1024>>,
-    /// Kept across beats until a beat sends a new object (at most 64 KiB).
+    /// Kept across beats until a beat sends a new object (at most 64 KiB, 32 levels deep).
     pub metadata: Option<JsonObject>,
     /// Kept across beats until a beat sends a new one (at most 256 characters).
     #[schema(value_type = Option<String>, max_length = 256)]

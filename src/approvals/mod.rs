@@ -124,7 +124,7 @@ pub struct NewApprovalRequest {
     pub approval_type: Id,
     /// The agent asking (must be in the key's scope).
     pub agent_id: Id,
-    /// What the approver needs to know (at most 64 KiB).
+    /// What the approver needs to know (at most 64 KiB, 32 levels deep).
     pub context: Option<JsonObject>,
     /// Seconds until the request times out: 1–86400, default 300.
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 86400)]

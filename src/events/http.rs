@@ -37,7 +37,7 @@ pub struct NewEvent {
     /// `^[a-z][a-z0-9_.-]{0,63}$`, e.g. `workflow.progress`, `agent.error`.
     #[serde(rename = "type")]
     pub kind: EventType,
-    /// At most 64 KiB serialized.
+    /// At most 64 KiB serialized, 32 levels deep.
     #[serde(default)]
     pub data: JsonObject,
     /// The agent the event is about (must be in the key's scope).

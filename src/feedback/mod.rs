@@ -85,7 +85,7 @@ pub struct FeedbackIn {
     /// 0.0–1.0.
     #[schema(value_type = f64, minimum = 0.0, maximum = 1.0)]
     pub quality_score: Fraction,
-    /// Carried in the `feedback.recorded` event (at most 64 KiB).
+    /// Carried in the `feedback.recorded` event (at most 64 KiB, 32 levels deep).
     pub metadata: Option<JsonObject>,
     /// The agent giving the feedback; agent keys may only name agents in their scope.
     pub agent_id: Option<Id>,

@@ -87,7 +87,7 @@ pub struct SignalRequest {
     /// The receiving agent; absent for a broadcast to every agent. Must be
     /// absent on `/v1/signals/broadcast`.
     pub target_agent: Option<Id>,
-    /// Free-form data for the readers (at most 64 KiB serialized).
+    /// Free-form data for the readers (at most 64 KiB serialized, 32 levels deep).
     pub payload: Option<JsonObject>,
     /// Seconds the signal stays deliverable: 1–86400, default 60.
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 86400)]
