@@ -132,6 +132,26 @@ pub fn short_time(v: &Value) -> String {
         .unwrap_or_else(|| s.to_owned())
 }
 
+/// A record's cache column: a response-cache hit, and its prompt-cache
+/// reads and writes (`hit, read 20000`), or `-`.
+fn cache_cell(record: &Value) -> String {
+    let t = &record["tokens"];
+    let mut parts = Vec::new();
+    if record["cache"]["hit"].as_bool() == Some(true) {
+        parts.push("hit".to_owned());
+    }
+    for (name, field) in [("read", "cache_read"), ("write", "cache_creation")] {
+        if t[field].as_u64().unwrap_or(0) > 0 {
+            parts.push(format!("{name} {}", num(&t[field])));
+        }
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
 pub fn recent(body: &Value) {
     let mut table = Table::new(&[
         "time", "workflow", "stage", "tier", "cost", "tokens", "cache", "duration",
@@ -139,22 +159,7 @@ pub fn recent(body: &Value) {
     for r in body["records"].as_array().into_iter().flatten() {
         let t = &r["tokens"];
         let tokens = format!("{}/{}", num(&t["input"]), num(&t["output"]));
-        let cache = if r["cache"]["hit"].as_bool() == Some(true) {
-            "hit".to_owned()
-        } else {
-            let read = t["cache_read"].as_u64().unwrap_or(0);
-            let write = t["cache_creation"].as_u64().unwrap_or(0);
-            match (read > 0, write > 0) {
-                (true, true) => format!(
-                    "read {}, write {}",
-                    num(&t["cache_read"]),
-                    num(&t["cache_creation"])
-                ),
-                (true, false) => format!("read {}", num(&t["cache_read"])),
-                (false, true) => format!("write {}", num(&t["cache_creation"])),
-                (false, false) => "-".to_owned(),
-            }
-        };
+        let cache = cache_cell(r);
         table.row(vec![
             short_time(&r["ts"]),
             text(&r["workflow"]),
@@ -418,6 +423,19 @@ pub fn event_line(e: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_cache_column_shows_a_hit_and_the_prompt_cache_together() {
+        let record = |hit: bool, read: u64, write: u64| {
+            json!({"cache": {"hit": hit},
+                   "tokens": {"input": 1, "output": 1, "cache_read": read, "cache_creation": write}})
+        };
+        assert_eq!(cache_cell(&record(false, 0, 0)), "-");
+        assert_eq!(cache_cell(&record(true, 0, 0)), "hit");
+        assert_eq!(cache_cell(&record(true, 20000, 0)), "hit, read 20000");
+        assert_eq!(cache_cell(&record(false, 5, 7)), "read 5, write 7");
+        assert_eq!(cache_cell(&record(false, 0, 7)), "write 7");
+    }
 
     #[test]
     fn savings_name_the_tables_that_priced_them() {
