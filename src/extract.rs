@@ -29,11 +29,16 @@ pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 )]
 pub struct IdempotencyKeyParam(String);
 
-/// The `Idempotency-Key` header, if sent: 1–255 visible ASCII characters.
+/// The `Idempotency-Key` header, if sent: 1–255 visible ASCII characters,
+/// once (two keys for one request could each name another request).
 pub fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<String>> {
-    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(ApiError::invalid(IDEMPOTENCY_KEY, "must be sent once"));
+    }
     let bad = || ApiError::invalid(IDEMPOTENCY_KEY, "must be 1 to 255 visible ASCII characters");
     let key = value.to_str().map_err(|_| bad())?.trim();
     if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {

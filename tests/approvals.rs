@@ -267,6 +267,21 @@ async fn the_same_idempotency_key_twice_creates_one_approval_and_another_body_is
     let (status, problem) = create_with_key(&app, &keys.agent, "retry-7", other).await;
     assert_eq!(status, 422, "{problem}");
     assert_eq!(problem_field(&problem), "Idempotency-Key");
+    // Two keys for one request: which one would it be retried under?
+    let resp = app
+        .client
+        .post(app.url("/v1/approvals"))
+        .bearer_auth(&keys.agent)
+        .header("Idempotency-Key", "retry-9")
+        .header("Idempotency-Key", "retry-10")
+        .header("Content-Type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 422);
+    let problem: Value = resp.json().await.expect("a JSON body");
+    assert_eq!(problem_field(&problem), "Idempotency-Key");
 
     let (_, list) = app.get("/v1/approvals?status=all").await;
     assert_eq!(list["approvals"].as_array().unwrap().len(), 2, "{list}");
