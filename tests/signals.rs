@@ -48,6 +48,20 @@ async fn send_many(app: &TestApp, count: usize, body: Value) {
     }
 }
 
+/// A Redis app whose sweepers stay idle, so that a test can count the
+/// Redis calls its own requests make.
+async fn redis_without_sweeps() -> TestApp {
+    TestApp::spawn_with(
+        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
+    )
+    .await
+}
+
+/// A broadcast of type `note` from `hub` that lives an hour.
+fn hour_long_note() -> Value {
+    json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600})
+}
+
 /// Every page of an inbox read that does not consume (`query` sets its
 /// filters and `limit`), following `next_cursor`; and how many pages.
 async fn page_through(app: &TestApp, agent: &str, query: &str) -> (Vec<String>, usize) {
@@ -1182,12 +1196,7 @@ fn calls_of(conn: &mut ::redis::Connection, command: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_that_matches_little_answers_a_short_page_with_a_cursor() {
     let app = TestApp::spawn(Kind::Memory).await;
-    send_many(
-        &app,
-        10_050,
-        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
-    )
-    .await;
+    send_many(&app, 10_050, hour_long_note()).await;
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
     let (status, first) = app.get("/v1/signals?type=task&limit=10").await;
     assert_eq!(status, 200, "{first}");
@@ -1215,16 +1224,8 @@ async fn a_listing_that_matches_little_answers_a_short_page_with_a_cursor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_long_listing_scan_is_split_into_short_calls() {
     // No sweeps (scripts too) while script calls are counted.
-    let app = TestApp::spawn_with(
-        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
-    )
-    .await;
-    send_many(
-        &app,
-        2_500,
-        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
-    )
-    .await;
+    let app = redis_without_sweeps().await;
+    send_many(&app, 2_500, hour_long_note()).await;
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
     let mut conn = app.redis.as_ref().expect("redis").conn();
     let script_calls = |conn: &mut ::redis::Connection| calls_of(conn, "evalsha");
@@ -1249,10 +1250,7 @@ async fn redis_a_long_listing_scan_is_split_into_short_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
     // No sweeps (scripts too) while script calls are counted.
-    let app = TestApp::spawn_with(
-        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
-    )
-    .await;
+    let app = redis_without_sweeps().await;
     // Older than every broadcast: targeted signals that match nothing.
     send_many(
         &app,
@@ -1260,12 +1258,7 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
         json!({"signal_type": "note", "source_agent": "hub", "target_agent": "w"}),
     )
     .await;
-    send_many(
-        &app,
-        2_500,
-        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
-    )
-    .await;
+    send_many(&app, 2_500, hour_long_note()).await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let task = send(&app, json!({"signal_type": "task", "source_agent": "hub"})).await;
 
@@ -1296,16 +1289,8 @@ async fn redis_a_long_walk_past_broadcasts_is_split_into_short_calls() {
 /// of them, that held Redis past its time limit (503 on every replica).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_deep_page_starts_at_its_cursor() {
-    let app = TestApp::spawn_with(
-        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
-    )
-    .await;
-    send_many(
-        &app,
-        600,
-        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
-    )
-    .await;
+    let app = redis_without_sweeps().await;
+    send_many(&app, 600, hour_long_note()).await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let (mut cursor, mut pages) = (String::new(), Vec::new());
     for _ in 0..5 {
@@ -1341,18 +1326,10 @@ async fn redis_a_deep_page_starts_at_its_cursor() {
 /// count of all of them once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_long_clear_is_split_into_short_calls() {
-    let app = TestApp::spawn_with(
-        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
-    )
-    .await;
+    let app = redis_without_sweeps().await;
     let note = json!({"signal_type": "note", "source_agent": "hub", "target_agent": "w"});
     futures_util::future::join_all((0..10).map(|_| send(&app, note.clone()))).await;
-    send_many(
-        &app,
-        2_500,
-        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
-    )
-    .await;
+    send_many(&app, 2_500, hour_long_note()).await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
 
     let mut conn = app.redis.as_ref().expect("redis").conn();
@@ -1391,7 +1368,7 @@ async fn redis_a_clear_leaves_broadcasts_sent_after_its_moment() {
     let app = TestApp::spawn(Kind::Redis).await;
     let ahead = app.replica().await;
     ahead.state.clock.advance(Duration::from_secs(60));
-    let note = json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600});
+    let note = hour_long_note();
     send(&app, note.clone()).await;
     let later = send(&ahead, note).await;
     let (status, body) = app.delete("/v1/agents/w/signals").await;
@@ -1407,10 +1384,7 @@ async fn redis_a_clear_leaves_broadcasts_sent_after_its_moment() {
 /// came after, instead of every broadcast after its oldest match.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_read_that_does_not_consume_goes_on_from_where_it_stopped() {
-    let app = TestApp::spawn_with(
-        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
-    )
-    .await;
+    let app = redis_without_sweeps().await;
     let task = || async {
         let task = json!({"signal_type": "task", "source_agent": "hub", "ttl_seconds": 3600});
         send(&app, task).await["signal_id"]
@@ -1419,12 +1393,7 @@ async fn redis_a_read_that_does_not_consume_goes_on_from_where_it_stopped() {
             .to_owned()
     };
     let first = task().await;
-    send_many(
-        &app,
-        2_000,
-        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
-    )
-    .await;
+    send_many(&app, 2_000, hour_long_note()).await;
     // The last broadcast walked: listed, and where the walk starts after.
     let last = task().await;
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
@@ -1464,10 +1433,7 @@ async fn redis_a_read_that_does_not_consume_goes_on_from_where_it_stopped() {
 /// (or, targeted, before where the next call resumes) and found again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_long_first_read_that_does_not_consume_is_split_too() {
-    let app = TestApp::spawn_with(
-        Options::new(Kind::Redis).configure(|c| c.sweep_interval = Duration::from_secs(3600)),
-    )
-    .await;
+    let app = redis_without_sweeps().await;
     let task = |target: Option<&str>| {
         let mut body = json!({"signal_type": "task", "source_agent": "hub", "ttl_seconds": 3600});
         if let Some(target) = target {
@@ -1482,12 +1448,7 @@ async fn redis_a_long_first_read_that_does_not_consume_is_split_too() {
         }
     };
     let mut found = vec![task(Some("w")).await, task(None).await];
-    send_many(
-        &app,
-        2_500,
-        json!({"signal_type": "note", "source_agent": "hub", "ttl_seconds": 3600}),
-    )
-    .await;
+    send_many(&app, 2_500, hour_long_note()).await;
     found.push(task(Some("w")).await);
     app.state.clock.advance(PAST_THE_SEEN_MARGIN);
     let mut conn = app.redis.as_ref().expect("redis").conn();
