@@ -373,7 +373,7 @@ pub fn router(state: AppState) -> Router {
         // allocation and a move of the response future per layer and request.
         .layer(
             tower::ServiceBuilder::new()
-                .map_request(drop_long_request_id)
+                .map_request(drop_unusable_request_id)
                 .layer(SetRequestIdLayer::new(
                     x_request_id.clone(),
                     MakeRequestUuidV7,
@@ -408,12 +408,18 @@ pub fn router(state: AppState) -> Router {
 /// a new id (it would be written into every log line of the request).
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-fn drop_long_request_id(mut req: Request) -> Request {
+/// Replaces (by a new id) a client's `x-request-id` that is over
+/// [`MAX_REQUEST_ID_LEN`], or not visible ASCII (and spaces), which the
+/// logs could not show as it was echoed.
+fn drop_unusable_request_id(mut req: Request) -> Request {
     let headers = req.headers_mut();
-    if headers
-        .get("x-request-id")
-        .is_some_and(|id| id.len() > MAX_REQUEST_ID_LEN)
-    {
+    if headers.get("x-request-id").is_some_and(|id| {
+        id.len() > MAX_REQUEST_ID_LEN
+            || !id
+                .as_bytes()
+                .iter()
+                .all(|&b| b == b' ' || b.is_ascii_graphic())
+    }) {
         headers.remove("x-request-id");
     }
     req
@@ -625,7 +631,7 @@ fn is_loopback_host(host: &str) -> bool {
 /// and SSE responses return at once, so their streams are not limited by it.
 async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = req.method().clone();
+    let method = metric_method(req.method());
     let started = Instant::now();
     let declared = req
         .headers()
@@ -644,8 +650,9 @@ async fn per_route(State(settings): State<RouteSettings>, req: Request, next: Ne
             .uri()
             .query()
             .and_then(|q| {
+                // As the handlers read it: a blank value is absent.
                 form_urlencoded::parse(q.as_bytes())
-                    .find(|(k, _)| k == "wait_seconds")
+                    .find(|(k, v)| k == "wait_seconds" && !v.trim().is_empty())
                     .and_then(|(_, v)| v.trim().parse::<u64>().ok())
             })
             .unwrap_or(0)
@@ -711,6 +718,26 @@ impl BodyProgress {
 /// (by the borrowed route, no allocation) instead of building label sets
 /// and searching the registry twice. The set is bounded: routes, methods
 /// and status codes.
+/// The method as the request metrics label it: a client may send any
+/// token as a method (every one a new series, from anyone, even on
+/// `/healthz`), so the standard methods are named and any other is `OTHER`.
+fn metric_method(method: &Method) -> Method {
+    static OTHER: std::sync::LazyLock<Method> =
+        std::sync::LazyLock::new(|| Method::from_bytes(b"OTHER").expect("a valid token"));
+    match *method {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::HEAD
+        | Method::OPTIONS
+        | Method::PATCH
+        | Method::TRACE
+        | Method::CONNECT => method.clone(),
+        _ => OTHER.clone(),
+    }
+}
+
 fn request_metrics(
     method: Method,
     route: &str,

@@ -386,8 +386,9 @@ fn check_key_name(name: &str) -> Result<(), String> {
 }
 
 /// An agent key's `agents` patterns must each be able to match an agent
-/// id (letters, digits, `.`, `_`, `-`, with `*` and `?`), and there must
-/// be one: a key that may act as no agent could do nothing.
+/// id (1–128 letters, digits, `.`, `_`, `-`, starting with a letter or a
+/// digit; patterns add `*` and `?`), and there must be one: a key that may
+/// act as no agent could do nothing.
 fn check_agent_patterns(name: &str, patterns: &[String]) -> Result<(), String> {
     if patterns.is_empty() {
         return Err(format!(
@@ -395,14 +396,21 @@ fn check_agent_patterns(name: &str, patterns: &[String]) -> Result<(), String> {
         ));
     }
     for pattern in patterns {
-        let usable = !pattern.is_empty()
+        // Every character but `*` stands for exactly one of the id's.
+        let usable = pattern
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b'*' | b'?'))
             && pattern.bytes().all(|b| {
                 b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'*' | b'?')
-            });
+            })
+            && pattern.bytes().filter(|&b| b != b'*').count() <= crate::types::MAX_ID_LEN;
         if !usable {
             return Err(format!(
-                "key {name:?}: agents pattern {pattern:?} can match no agent id (letters, \
-                 digits, `.`, `_`, `-`, with `*` and `?`)"
+                "key {name:?}: agents pattern {pattern:?} can match no agent id (1 to {} \
+                 letters, digits, `.`, `_`, `-`, starting with a letter or a digit; with `*` \
+                 and `?`)",
+                crate::types::MAX_ID_LEN
             ));
         }
     }
@@ -514,13 +522,17 @@ mod tests {
             ))
         };
         assert!(with("[]").unwrap_err().contains("admits no agent"));
-        for bad in ["['']", "['a b']", "['ci:*']"] {
+        let long = format!("['{}']", "a".repeat(129));
+        for bad in [
+            "['']", "['a b']", "['ci:*']", "['-*']", "['_x']", "['.*']", &long,
+        ] {
             assert!(
                 with(bad).unwrap_err().contains("can match no agent id"),
                 "{bad}"
             );
         }
-        assert!(with("['ci-*', 'agent-?', 'x.y_z']").is_ok());
+        assert!(with("['ci-*', 'agent-?', 'x.y_z', '*-x', '?.x']").is_ok());
+        assert!(with(&format!("['{}*']", "a".repeat(128))).is_ok());
     }
 
     #[test]

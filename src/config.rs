@@ -138,7 +138,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ATTUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter (`info`, `attune_telemetry=debug`, …).
-    #[arg(long, env = "ATTUNE_LOG", default_value = "info")]
+    #[arg(long, env = "ATTUNE_LOG", default_value = "info", value_parser = log_filter)]
     pub log: String,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "ATTUNE_BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
@@ -482,9 +482,31 @@ impl ServeArgs {
     }
 }
 
+/// `--log`: a filter the logger takes. A blank one would turn every log
+/// line off (the anonymous-access warning too), and one it cannot read
+/// would be replaced by its default: both are refused at start.
+fn log_filter(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("must name a filter, such as `info` or `attune_telemetry=debug`".into());
+    }
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("not a log filter: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blank_or_unreadable_log_filter_is_refused() {
+        for bad in ["", "  ", "foo=bar"] {
+            assert!(log_filter(bad).is_err(), "{bad:?}");
+        }
+        for good in ["info", "attune_telemetry=debug,tower_http=warn"] {
+            assert_eq!(log_filter(good).as_deref(), Ok(good));
+        }
+    }
 
     #[test]
     fn retention_periods_over_ten_years_are_refused() {

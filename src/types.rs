@@ -46,6 +46,9 @@ impl fmt::Debug for Id {
     }
 }
 
+/// Longest id: agent ids, types, names.
+pub const MAX_ID_LEN: usize = 128;
+
 impl Id {
     /// Checks `value` against the id grammar.
     pub fn new(value: impl Into<String>) -> Result<Self, String> {
@@ -54,8 +57,8 @@ impl Id {
         if bytes.is_empty() {
             return Err("must not be empty".into());
         }
-        if bytes.len() > 128 {
-            return Err("must be at most 128 characters".into());
+        if bytes.len() > MAX_ID_LEN {
+            return Err(format!("must be at most {MAX_ID_LEN} characters"));
         }
         if !bytes[0].is_ascii_alphanumeric() {
             let first = value.chars().next().unwrap_or_default();

@@ -227,21 +227,21 @@ async fn the_log_holds_at_most_its_maximum_length(kind: Kind) {
 
 /// An id ahead of the log and of the clock (no event has it): taken as it
 /// is, every event until the clock got there would count as already sent.
-async fn a_since_ahead_of_the_log_is_a_reset_then_every_new_event(kind: Kind) {
+/// It comes from another log, so all of this one is news: a reset naming
+/// the oldest event, then everything from it.
+async fn a_since_ahead_of_the_log_is_a_reset_then_the_whole_log(kind: Kind) {
     let app = TestApp::spawn(kind).await;
-    let newest = publish(&app, "test.ahead", 0).await;
+    let oldest = publish(&app, "test.ahead", 0).await;
     let ahead = "99999999999999-0";
     let mut socket = connect(&app, &format!("?types=test.ahead&since={ahead}")).await;
     let reset = next_json(&mut socket).await.unwrap();
     assert_eq!(reset["type"], "stream.reset", "{reset}");
-    assert_eq!(reset["oldest_id"].as_str().map(str::is_empty), Some(false));
+    assert_eq!(reset["oldest_id"], oldest, "{reset}");
+    let replayed = next_json(&mut socket).await.unwrap();
+    assert_eq!(replayed["id"], oldest, "replay starts at the oldest event");
     let sent = publish(&app, "test.ahead", 1).await;
     let next = next_json(&mut socket).await.unwrap();
-    assert_eq!(
-        next["id"],
-        sent.as_str(),
-        "the stream goes on from the newest event"
-    );
+    assert_eq!(next["id"], sent, "then the stream goes live");
 
     let resp = app
         .client
@@ -251,13 +251,17 @@ async fn a_since_ahead_of_the_log_is_a_reset_then_every_new_event(kind: Kind) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let sent = publish(&app, "test.ahead", 2).await;
-    assert_eq!(read_sse_ids(resp, 1).await, vec![sent]);
+    let sent_too = publish(&app, "test.ahead", 2).await;
+    assert_eq!(
+        read_sse_ids(resp, 3).await,
+        vec![oldest, sent, sent_too.clone()]
+    );
 
     // The newest id itself is a place in the log: no reset.
-    let mut fine = connect(&app, &format!("?types=test.ahead&since={newest}")).await;
+    let mut fine = connect(&app, &format!("?types=test.ahead&since={sent_too}")).await;
+    let later = publish(&app, "test.ahead", 3).await;
     let first = next_json(&mut fine).await.unwrap();
-    assert_eq!(first["type"], "test.ahead", "{first}");
+    assert_eq!(first["id"], later, "{first}");
 }
 
 async fn a_malformed_since_is_a_422(kind: Kind) {
@@ -658,7 +662,7 @@ conformance!(
     a_trimmed_cursor_starts_with_a_stream_reset,
     a_reset_names_the_event_that_comes_next_while_the_log_is_trimmed,
     the_log_holds_at_most_its_maximum_length,
-    a_since_ahead_of_the_log_is_a_reset_then_every_new_event,
+    a_since_ahead_of_the_log_is_a_reset_then_the_whole_log,
     a_malformed_since_is_a_422,
     a_history_cursor_is_blamed_by_name_and_an_empty_one_is_absent,
     the_largest_possible_since_is_an_empty_page,

@@ -234,6 +234,63 @@ async fn request_ids_are_echoed_or_generated() {
         .await
         .unwrap();
     assert_eq!(resp.headers()["x-request-id"], "y".repeat(128).as_str());
+    // So is one the logs could not show as it was sent (not ASCII).
+    let resp = app
+        .client
+        .get(app.url("/healthz"))
+        .header(
+            "x-request-id",
+            reqwest::header::HeaderValue::from_bytes("café".as_bytes()).unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+}
+
+/// Any token is a method to HTTP: one the metrics label by its name would
+/// let anyone, without a key, add series without end.
+#[tokio::test]
+async fn made_up_methods_are_counted_as_one() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    for n in 0..3 {
+        let method = reqwest::Method::from_bytes(format!("FOO{n}").as_bytes()).unwrap();
+        let resp = app
+            .client
+            .request(method, app.url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405);
+    }
+    let text = app.metrics_text().await;
+    assert!(!text.contains("FOO"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("attune_http_requests_total{")
+                && l.contains("method=\"OTHER\"")
+                && l.contains("route=\"/healthz\"")
+                && l.ends_with(" 3")),
+        "{text}"
+    );
+}
+
+/// A blank `wait_seconds` is absent, for the time limit as for the handler:
+/// the long poll is given the wait it asked for in the other value.
+#[tokio::test]
+async fn a_blank_wait_seconds_beside_a_real_one_still_gets_its_time() {
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory).configure(|c| c.request_timeout = Duration::from_secs(1)),
+    )
+    .await;
+    let started = Instant::now();
+    let (status, body) = app
+        .get("/v1/agents/coder/signals?wait_seconds=&wait_seconds=2")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["signals"], json!([]), "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(1900));
 }
 
 #[tokio::test]

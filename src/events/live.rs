@@ -97,9 +97,8 @@ pub struct StreamQuery {
 /// One frame for a subscriber.
 #[derive(Debug, Clone)]
 pub enum Frame {
-    /// `since` was trimmed away (replay continues from `oldest`), or lies
-    /// ahead of the log and of the clock (the stream goes on from the
-    /// newest event).
+    /// `since` was trimmed away, or lies ahead of the log and of the clock:
+    /// replay continues from `oldest`, the first event replayed.
     Reset {
         oldest: Option<StreamId>,
     },
@@ -157,7 +156,6 @@ impl Subscription {
         filter: EventFilter,
     ) -> Result<Self, EngineError> {
         let live = state.hub.subscribe(state.config.redis_timeout * 2).await?;
-        let mut pending = VecDeque::new();
         let mut since = since;
         let mut trimmed = None;
         if let Some(asked) = since {
@@ -167,13 +165,14 @@ impl Subscription {
                 trimmed = Some(bounds.oldest);
             } else if asked.ms > now_ms && bounds.newest.is_none_or(|newest| asked > newest) {
                 // No event of this log has that id, nor will one until the
-                // clock gets there: every event before then would be
-                // dropped as already sent. The client is told its place is
-                // not in the log, and the stream goes on from its end.
-                pending.push_back(Frame::Reset {
-                    oldest: bounds.oldest,
-                });
-                since = bounds.newest;
+                // clock gets there: taken as it is, every event before then
+                // would be dropped as already sent. Such an id comes from
+                // another log (one Redis lost, on a host whose clock ran
+                // ahead), so every event of this one is news to the client:
+                // as for an id trimmed away, it is told, and replay starts
+                // from the oldest event.
+                trimmed = Some(bounds.oldest);
+                since = Some(StreamId::ZERO);
             }
         }
         Ok(Self {
@@ -185,7 +184,7 @@ impl Subscription {
             since,
             replaying: since.is_some(),
             trimmed,
-            pending,
+            pending: VecDeque::new(),
         })
     }
 
@@ -339,8 +338,8 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 /// One JSON text frame per event. With `since`, replays everything after
 /// that id and then goes live with no gap and no duplicate; if `since` was
 /// trimmed away the first frame is `{"type":"stream.reset","oldest_id":…}`,
-/// as it is for a `since` after the newest event and in the future (the
-/// stream then goes on from the newest event).
+/// as it is for a `since` after the newest event and in the future (an id
+/// of another log: replay then starts from the oldest event).
 /// The server pings every 15 s; client frames over 64 KiB close the socket
 /// with 1009; a subscriber that falls too far behind is closed with 4008 and
 /// the id to resume from.
