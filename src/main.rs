@@ -27,7 +27,10 @@ fn main() -> ExitCode {
         Some(Command::Keys(KeysCommand::New { name, role, agents })) => {
             let (secret, entry) = attune_telemetry::auth::new_key(&name, role, &agents);
             // The entry must load as the server will load it.
-            attune_telemetry::auth::KeyRing::parse(&entry).and_then(|_| {
+            attune_telemetry::auth::KeyRing::parse(&entry)
+                .and_then(|_| nowhere("standard error", "entry", &std::io::stderr()))
+                .and_then(|()| nowhere("standard output", "secret", &std::io::stdout()))
+                .and_then(|()| {
                 use std::io::Write;
                 // Standard error is only TOML (comments and the entry), so
                 // `keys new … 2>> keys.toml` appends a loadable entry. It is
@@ -68,13 +71,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
+/// Logs to standard output (`serve`: a service's log stream), or to
+/// standard error for a command whose output is its result (`migrate`).
+/// Refuses to hand a key's `part` to a stream that goes nowhere: one that
+/// was closed when the command started (the process then finds
+/// `/dev/null` in its place, and writes there succeed) or `/dev/null`
+/// itself. Half a key is no key: an entry whose secret nobody has, or a
+/// secret no keys file knows.
+fn nowhere(stream: &str, part: &str, fd: &impl std::os::fd::AsFd) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(null) = std::fs::metadata("/dev/null") else {
+        return Ok(());
+    };
+    let is_null =
+        |meta: &std::fs::Metadata| meta.file_type().is_char_device() && meta.rdev() == null.rdev();
+    let target = fd
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|file| file.metadata());
+    match target {
+        Ok(meta) if is_null(&meta) => Err(format!(
+            "{stream} is closed or /dev/null: the key's {part} would be lost, so none was made"
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str, to_stderr: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in a file or a pipe.
+    let (writer, terminal): (fn() -> Box<dyn std::io::Write>, bool) = if to_stderr {
+        (
+            || Box::new(std::io::stderr()),
+            std::io::stderr().is_terminal(),
+        )
+    } else {
+        (
+            || Box::new(std::io::stdout()),
+            std::io::stdout().is_terminal(),
+        )
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        .with_writer(writer)
+        .with_ansi(terminal);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -85,7 +128,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     // First of all: a hang-up while Redis is awaited must not end the process.
     let shutdown = shutdown_signal();
     let config = args.into_config()?;
-    init_logging(config.log_format, &config.log);
+    init_logging(config.log_format, &config.log, false);
     let listen = config.listen;
     // Build first: a configuration the server would refuse (anonymous
     // access off loopback, unreachable Redis) fails before the port opens.
@@ -102,7 +145,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), String> {
-    init_logging(LogFormat::Text, "info");
+    init_logging(LogFormat::Text, "info", true);
     let url = args
         .redis
         .url()

@@ -107,13 +107,16 @@ async fn agents_and_performance_print_aligned_rows_and_json_parses() {
 async fn errors_exit_non_zero_with_the_servers_detail() {
     let keys = TestKeys::new();
     let app = TestApp::spawn_with(Options::new(Kind::Memory).keys(&keys.toml)).await;
-    let out = cli(&app, None, &["agents"]).await;
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("401") && stderr(&out).contains("ATTUNE_TOKEN"),
-        "{}",
-        stderr(&out)
-    );
+    // An empty `ATTUNE_TOKEN` is no token, and gets the same hint.
+    for token in [None, Some("")] {
+        let out = cli(&app, token, &["agents"]).await;
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("401") && stderr(&out).contains("ATTUNE_TOKEN"),
+            "{}",
+            stderr(&out)
+        );
+    }
     let out = cli(&app, Some(&keys.viewer), &["agents", "--state", "sideways"]).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("state"), "{}", stderr(&out));
@@ -363,45 +366,180 @@ async fn canned_pages(
     (addr, seen)
 }
 
+fn sparse_row(id: &str) -> Value {
+    json!({"request": {"request_id": id, "approval_type": "deploy", "agent_id": "sparse-1",
+                       "status": "pending", "requested_by": "sparse-1",
+                       "created_at": "2026-11-27T10:00:00.000Z",
+                       "expires_at": "2026-11-27T10:05:00.000Z"},
+           "response": null})
+}
+
 /// A filtered listing may answer a short page, even an empty one, with a
-/// cursor (the server reads a bounded number of records per page): the
-/// command line follows the cursor until it has `--limit` rows, asking
-/// each time for what it still lacks.
+/// cursor (the server reads a bounded number of records per page, more for
+/// a larger page): the command line asks for pages of at least 100 rows
+/// and follows the cursor; a page with more rows than it still wants says
+/// there is more, and the rows up to it are read again in a page of
+/// exactly what is wanted, so the cursor it gives follows the last row
+/// shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_follow_the_cursor_past_short_pages() {
-    let row = |id: &str| {
-        json!({"request": {"request_id": id, "approval_type": "deploy", "agent_id": "sparse-1",
-                           "status": "pending", "requested_by": "sparse-1",
-                           "created_at": "2026-11-27T10:00:00.000Z",
-                           "expires_at": "2026-11-27T10:05:00.000Z"},
-               "response": null})
-    };
     let (url, seen) = canned_pages(vec![
         json!({"approvals": [], "next_cursor": "c1"}),
-        json!({"approvals": [row("first")], "next_cursor": "c2"}),
-        json!({"approvals": [row("second")], "next_cursor": "c3"}),
+        json!({"approvals": [sparse_row("first")], "next_cursor": "c2"}),
+        json!({"approvals": [sparse_row("second"), sparse_row("third")], "next_cursor": "c3"}),
+        json!({"approvals": [sparse_row("second")], "next_cursor": "c2b"}),
     ])
     .await;
     let out = cli_at(
         &url,
         None,
-        &["approvals", "list", "--agent", "sparse-1", "--limit", "2"],
+        &[
+            "approvals",
+            "list",
+            "--agent",
+            "sparse-1",
+            "--limit",
+            "2",
+            "--json",
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
-    assert!(text.contains("first") && text.contains("second"), "{text}");
-    // Two rows were asked for and shown; the server has more after them.
-    assert!(text.contains("(more: raise --limit)"), "{text}");
+    let body: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let ids: Vec<&str> = body["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["request"]["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["first", "second"]);
+    assert_eq!(
+        body["next_cursor"], "c2b",
+        "the cursor after the last row shown"
+    );
     let seen = seen.lock().unwrap().clone();
     assert_eq!(
         seen,
         [
-            "/v1/approvals?status=pending&agent_id=sparse-1&limit=2",
-            "/v1/approvals?status=pending&agent_id=sparse-1&limit=2&cursor=c1",
+            "/v1/approvals?status=pending&agent_id=sparse-1&limit=100",
+            "/v1/approvals?status=pending&agent_id=sparse-1&limit=100&cursor=c1",
+            "/v1/approvals?status=pending&agent_id=sparse-1&limit=100&cursor=c2",
             "/v1/approvals?status=pending&agent_id=sparse-1&limit=1&cursor=c2",
         ]
     );
+
+    // As a table: the rows, and that more follow.
+    let (url, _) = canned_pages(vec![
+        json!({"approvals": [sparse_row("first")], "next_cursor": "c1"}),
+        json!({"approvals": [sparse_row("second"), sparse_row("third")], "next_cursor": "c2"}),
+        json!({"approvals": [sparse_row("second")], "next_cursor": "c2b"}),
+    ])
+    .await;
+    let out = cli_at(&url, None, &["approvals", "list", "--limit", "2"]).await;
+    let text = stdout(&out);
+    assert!(text.contains("first") && text.contains("second"), "{text}");
+    assert!(!text.contains("third"), "{text}");
+    assert!(text.contains("(more: raise --limit)"), "{text}");
+}
+
+/// A full page comes with a cursor whether or not anything follows it: the
+/// command line looks, and says "more" only when there is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listing_with_nothing_after_it_says_no_more() {
+    let (url, seen) = canned_pages(vec![
+        json!({"approvals": [sparse_row("only")], "next_cursor": "c1"}),
+        json!({"approvals": [], "next_cursor": "c2"}),
+        json!({"approvals": [], "next_cursor": null}),
+    ])
+    .await;
+    let out = cli_at(&url, None, &["approvals", "list", "--limit", "1"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("only"), "{text}");
+    assert!(!text.contains("more"), "{text}");
+    assert_eq!(seen.lock().unwrap().len(), 3);
+
+    // On a real server: one failed agent among others, and one pending
+    // approval of a type among others, each the whole of its listing.
+    let app = TestApp::spawn(Kind::Memory).await;
+    app.post("/v1/agents/a1/heartbeats", json!({"status": "failed"}))
+        .await;
+    app.post("/v1/agents/a2/heartbeats", json!({})).await;
+    for (kind, agent) in [("deploy", "x"), ("other", "y")] {
+        let (status, body) = app
+            .post(
+                "/v1/approvals",
+                json!({"approval_type": kind, "agent_id": agent}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    for args in [
+        &["agents", "--status", "failed", "--limit", "1"][..],
+        &["approvals", "list", "--type", "deploy", "--limit", "1"][..],
+    ] {
+        let out = cli(&app, None, args).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert_eq!(text.lines().count(), 2, "{args:?}: {text}");
+        assert!(!text.contains("more"), "{args:?}: {text}");
+        let mut json_args = args.to_vec();
+        json_args.push("--json");
+        let out = cli(&app, None, &json_args).await;
+        let body: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert!(body["next_cursor"].is_null(), "{args:?}: {body}");
+    }
+}
+
+/// `agent-performance` reads every page, but not without end: a server
+/// that keeps answering with a cursor is left after 100 pages, and the
+/// table says it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_performance_reads_at_most_a_hundred_pages() {
+    let page = json!({"agents": [], "next_cursor": "again",
+                      "total": {"agent_id": "total", "runs": 0}});
+    let (url, seen) = canned_pages(vec![page; 100]).await;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_attune-telemetry"));
+    cmd.args(["agent-performance", "--url", &url, "--timeout", "5"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("stopped after"), "{}", stdout(&out));
+    assert_eq!(seen.lock().unwrap().len(), 100);
+}
+
+/// Text agents sent reaches the operator's terminal inert: in tables,
+/// controls and reordering marks are escaped; in `--json`, DEL, the C1
+/// controls and those marks are `\u` escapes (JSON leaves them raw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_from_agents_cannot_act_on_the_terminal() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let task = "A\u{9b}31mB\u{7f}C \u{202e}reversed";
+    let (status, body) = app
+        .post("/v1/agents/odd/heartbeats", json!({"current_task": task}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let out = cli(&app, None, &["agents", "--json"]).await;
+    let text = stdout(&out);
+    assert!(!text.contains(['\u{9b}', '\u{7f}', '\u{202e}']), "{text:?}");
+    assert!(
+        text.contains("\\u009b31mB\\u007fC \\u202ereversed"),
+        "{text}"
+    );
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["agents"][0]["current_task"], task);
+
+    let out = cli(&app, None, &["agents"]).await;
+    let text = stdout(&out);
+    assert!(!text.contains(['\u{9b}', '\u{7f}', '\u{202e}']), "{text:?}");
+    assert!(text.contains("\\u{202e}reversed"), "{text}");
+
+    // The server's problem detail quotes what it was sent.
+    let out = cli(&app, None, &["agents", "--state", "\u{1b}[31mX"]).await;
+    assert!(!out.status.success());
+    assert!(!stderr(&out).contains('\u{1b}'), "{:?}", stderr(&out));
+    assert!(stderr(&out).contains("\\u{1b}[31mX"), "{}", stderr(&out));
 }
 
 /// When the answer of a consuming read is lost (no answer, then a 504),
@@ -743,6 +881,29 @@ fn keys_new_gives_no_secret_when_its_entry_cannot_be_written() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stdout(&output).is_empty(), "{}", stdout(&output));
 
+    // Nor to a stream that goes nowhere: one closed when it started (the
+    // process finds `/dev/null` in its place) or `/dev/null` itself.
+    let output = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .args(["keys", "new", "--name", "ci", "--role", "agent"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .output()
+        .expect("binary runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout(&output).is_empty(), "{}", stdout(&output));
+    let output = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+        .args(["keys", "new", "--name", "ci", "--role", "agent"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("binary runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("standard output") && !stderr(&output).contains("[[keys]]"),
+        "{}",
+        stderr(&output)
+    );
+
     // A secret that cannot be shown is a failure too, not a quiet end.
     let output = with_output_closed(&["keys", "new", "--name", "ci", "--role", "agent"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
@@ -759,7 +920,22 @@ fn keys_new_gives_no_secret_when_its_entry_cannot_be_written() {
 fn out_of_range_flags_are_refused_by_their_own_name() {
     for (args, flag) in [
         (&["agents", "--stale", "0"][..], "--stale"),
-        (&["agents", "--limit", "1001"][..], "--limit"),
+        (&["agents", "--limit", "10001"][..], "--limit"),
+        (&["show", "--limit", "1001"][..], "--limit"),
+        (&["agents", "--url", "127.0.0.1:8080"][..], "--url"),
+        (&["agents", "--url", "https://127.0.0.1:8080"][..], "--url"),
+        (&["agents", "--token", "two words"][..], "--token"),
+        (
+            &[
+                "signals",
+                "inbox",
+                "coder",
+                "--consume",
+                "--idempotency-key",
+                "two words",
+            ][..],
+            "--idempotency-key",
+        ),
         (&["signals", "inbox", "coder", "--wait", "61"][..], "--wait"),
         (
             &["signals", "inbox", "coder", "--limit", "0"][..],

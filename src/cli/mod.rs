@@ -27,16 +27,18 @@ use render::short_time;
 /// Where the server is and how to present answers; shared by every client command.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Base URL of the server.
+    /// Base URL of the server (`http://host:port`).
     #[arg(
         long,
         env = "ATTUNE_URL",
         default_value = "http://127.0.0.1:8080",
-        global = true
+        global = true,
+        value_parser = server_url
     )]
     pub url: String,
-    /// API key (sent as a bearer token).
-    #[arg(long, env = "ATTUNE_TOKEN", global = true, hide_env_values = true)]
+    /// API key (sent as a bearer token; empty: none).
+    #[arg(long, env = "ATTUNE_TOKEN", global = true, hide_env_values = true,
+          value_parser = token)]
     pub token: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -61,8 +63,8 @@ pub enum ClientCommand {
     Show {
         #[command(flatten)]
         client: ClientArgs,
-        /// How many calls.
-        #[arg(long, default_value_t = 20)]
+        /// How many calls (1–1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=MAX_PAGE_ROWS as i64))]
         limit: u32,
         /// Only calls from the last N days.
         #[arg(long)]
@@ -107,8 +109,8 @@ pub enum ClientCommand {
         /// failed, cancelled).
         #[arg(long, conflicts_with = "stale")]
         status: Option<String>,
-        /// Most agents to show (1–1000).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        /// Most agents to show (1–10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_ROWS as i64))]
         limit: u32,
     },
     /// List and decide approval requests.
@@ -154,8 +156,8 @@ pub enum ApprovalAction {
         /// Only requests from this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// Most requests to show (1–1000).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        /// Most requests to show (1–10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_ROWS as i64))]
         limit: u32,
     },
     /// Approve a request.
@@ -174,6 +176,43 @@ pub enum ApprovalAction {
         #[arg(long, value_parser = not_blank)]
         reason: String,
     },
+}
+
+/// `--url`: an `http://` URL with a host. The client speaks plain HTTP
+/// (put a TLS-terminating proxy's plain side, or a tunnel, in front of it).
+fn server_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| format!("not a URL ({e}); give it as http://host:port"))?;
+    match url.scheme() {
+        "http" if url.has_host() => Ok(text.to_owned()),
+        "http" => Err("names no host; give it as http://host:port".into()),
+        "https" => Err(
+            "https is not spoken by this client: give the server's plain \
+                        http:// address (or a tunnel to it)"
+                .into(),
+        ),
+        other => Err(format!("{other}: is not http; give it as http://host:port")),
+    }
+}
+
+/// `--token`: text a header can carry (visible ASCII); an empty one (an
+/// empty `ATTUNE_TOKEN`) is no token.
+fn token(text: &str) -> Result<String, String> {
+    if text.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(text.to_owned())
+    } else {
+        Err("must be visible ASCII characters only (an API key as `keys new` printed it)".into())
+    }
+}
+
+/// `--idempotency-key`: what the server takes, 1–255 visible ASCII
+/// characters.
+fn idempotency_key(text: &str) -> Result<String, String> {
+    if !text.is_empty() && text.len() <= 255 && text.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(text.to_owned())
+    } else {
+        Err("must be 1 to 255 visible ASCII characters".into())
+    }
 }
 
 /// A flag's text that says something: not empty, not only spaces.
@@ -216,7 +255,7 @@ pub enum SignalAction {
         consume: bool,
         /// With --consume: the Idempotency-Key to send (default: a new one);
         /// the same key again returns what its first read took.
-        #[arg(long, requires = "consume")]
+        #[arg(long, requires = "consume", value_parser = idempotency_key)]
         idempotency_key: Option<String>,
         /// Wait up to N seconds (0–60) for a signal when the inbox is empty.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60))]
@@ -224,14 +263,33 @@ pub enum SignalAction {
         /// Only signals of this type.
         #[arg(long = "type")]
         signal_type: Option<String>,
-        /// Most signals to show or take (1–1000).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        /// Most signals to show (1–10000) or take (1–1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_ROWS as i64))]
         limit: u32,
     },
 }
 
 /// Most pages one listing command reads to fill its `--limit`.
 const MAX_PAGES: usize = 100;
+
+/// Most rows the server answers per page.
+const MAX_PAGE_ROWS: usize = 1000;
+
+/// Fewest rows a listing command asks for per page while it looks for its
+/// rows (see [`Api::page`]).
+const LOOKAHEAD: usize = 100;
+
+/// Most rows a listing command shows (`--limit`): it reads them in pages.
+const MAX_ROWS: u32 = 10_000;
+
+/// Whether a listing has rows after those shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum More {
+    No,
+    Yes,
+    /// Not found out within [`MAX_PAGES`] pages.
+    Unknown,
+}
 
 /// How often the client asks for a consuming read whose answer it did not
 /// get (waiting 1, 2 and 4 s between: a restart or a failover).
@@ -258,7 +316,7 @@ impl Api {
         Ok(Self {
             http,
             base: args.url.trim_end_matches('/').to_owned(),
-            token: args.token.clone(),
+            token: args.token.clone().filter(|t| !t.is_empty()),
             answer_limit: Duration::from_secs(args.timeout),
         })
     }
@@ -357,31 +415,69 @@ impl Api {
     }
 
     /// Up to `limit` rows of a listing (`path` without its `limit`; the rows
-    /// under `rows`), following `next_cursor` while pages come back short:
-    /// a filtered listing may answer fewer rows than asked for, even none,
-    /// with a cursor to go on from. Answers the first page with every row
-    /// gathered and the last page's cursor.
-    async fn page(&self, path: &str, rows: &str, limit: u32) -> Result<Value, String> {
+    /// under `rows`), and whether more follow them. Answers the first page's
+    /// body with the rows gathered and the cursor that follows the last of
+    /// them (null when nothing does).
+    ///
+    /// A filtered listing may answer fewer rows than asked for, even none,
+    /// with a cursor to go on from (the server reads a bounded number of
+    /// entries per page, more for a larger page), and a full page has a
+    /// cursor whether or not anything follows it. So pages are asked for
+    /// one row beyond what is still wanted, and at least [`LOOKAHEAD`]
+    /// rows: a page with more than that settles that more follow, and the
+    /// rows up to it are then read again in pages of exactly what is still
+    /// wanted, so that the cursor given follows the last row shown.
+    async fn page(&self, path: &str, rows: &str, limit: u32) -> Result<(Value, More), String> {
         let sep = if path.contains('?') { '&' } else { '?' };
-        let mut body = self.get(&format!("{path}{sep}limit={limit}")).await?;
-        for _ in 1..MAX_PAGES {
-            let have = body[rows].as_array().map_or(0, Vec::len);
-            let Some(cursor) = body["next_cursor"].as_str().map(q) else {
-                break;
+        let url = |cursor: Option<&str>, n: usize| match cursor {
+            Some(c) => format!("{path}{sep}limit={n}&cursor={}", q(c)),
+            None => format!("{path}{sep}limit={n}"),
+        };
+        let limit = limit as usize;
+        let mut first: Option<Value> = None;
+        let mut shown: Vec<Value> = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut more = More::Unknown;
+        let mut exact = false;
+        for _ in 0..MAX_PAGES {
+            let wanted = limit - shown.len();
+            let ask = if exact {
+                wanted
+            } else {
+                (wanted + 1).clamp(LOOKAHEAD, MAX_PAGE_ROWS)
             };
-            let Some(wanted) = (limit as usize).checked_sub(have).filter(|&n| n > 0) else {
-                break;
-            };
-            let mut next = self
-                .get(&format!("{path}{sep}limit={wanted}&cursor={cursor}"))
-                .await?;
-            if let (Some(all), Some(more)) = (body[rows].as_array_mut(), next[rows].as_array_mut())
-            {
-                all.append(more);
+            let mut page = self.get(&url(cursor.as_deref(), ask)).await?;
+            let found = page[rows]
+                .as_array_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            let next = page["next_cursor"].as_str().map(str::to_owned);
+            first.get_or_insert(page);
+            if !exact && found.len() > wanted {
+                more = More::Yes;
+                if wanted == 0 {
+                    break;
+                }
+                exact = true;
+                continue;
             }
-            body["next_cursor"] = next["next_cursor"].take();
+            shown.extend(found);
+            cursor = next;
+            if cursor.is_none() {
+                more = More::No;
+                break;
+            }
+            if shown.len() == limit && exact {
+                break;
+            }
         }
-        Ok(body)
+        let mut body = first.unwrap_or_else(|| json!({}));
+        body[rows] = Value::Array(shown);
+        body["next_cursor"] = match (more, cursor) {
+            (More::No, _) | (_, None) => Value::Null,
+            (_, Some(c)) => Value::String(c),
+        };
+        Ok((body, more))
     }
 
     /// A consuming read (`GET path`), made safe to retry with an
@@ -433,8 +529,43 @@ impl Api {
 
 fn print_json(value: &Value) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    outln!("{text}");
+    outln!("{}", terminal_safe_json(&text));
     Ok(())
+}
+
+/// The line after a listing's table that says whether it goes on: how to
+/// see more (`--limit` up to `max`), or that the listing stopped looking.
+fn print_more(more: More, limit: u32, max: u32) {
+    match more {
+        More::No => {}
+        More::Yes if limit < max => outln!("(more: raise --limit)"),
+        More::Yes => outln!("(more than {max}: narrow the listing with its filters)"),
+        More::Unknown => outln!(
+            "(more may follow: the listing stopped after {MAX_PAGES} pages; narrow it or raise --limit)"
+        ),
+    }
+}
+
+/// JSON text with the characters [`render::unsafe_for_terminals`] that
+/// JSON leaves as they are (DEL, C1 controls, bidirectional marks) written
+/// as `\uXXXX` escapes: the same JSON to a parser, inert on a terminal.
+/// They occur only inside strings (JSON's own whitespace and punctuation
+/// are ASCII, and it escapes the controls below 0x20 itself).
+fn terminal_safe_json(text: &str) -> String {
+    let unsafe_here = |c: char| u32::from(c) >= 0x7f && render::unsafe_for_terminals(c);
+    if !text.chars().any(unsafe_here) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_here(c) {
+            // Every such character is in the Basic Multilingual Plane.
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Writes one line of command output. A reader that went away (`| head`)
@@ -451,10 +582,13 @@ pub fn out(line: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Reports an error on standard error, as `error: …`. Standard error
-/// itself may be unwritable (closed, a full disk); the exit status still
-/// tells, so that is not a second failure.
+/// Reports an error on standard error, as `error: …`, on one line: a
+/// reason may quote what a server or a user sent, so characters that would
+/// act on the terminal are shown escaped. Standard error itself may be
+/// unwritable (closed, a full disk); the exit status still tells, so that
+/// is not a second failure.
 pub fn report(reason: std::fmt::Arguments<'_>) {
+    let reason = render::printable(&reason.to_string());
     let _ = writeln!(std::io::stderr(), "error: {reason}");
 }
 
@@ -489,15 +623,26 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
             days,
         } => {
             let api = Api::new(&client)?;
-            let mut path = format!("/v1/usage/recent?limit={limit}");
-            if let Some(days) = days {
-                path.push_str(&format!("&days={days}"));
-            }
-            let body = api.get(&path).await?;
+            let days = days.map(|d| format!("&days={d}")).unwrap_or_default();
+            let body = api
+                .get(&format!("/v1/usage/recent?limit={limit}{days}"))
+                .await?;
             if client.json {
                 return print_json(&body);
             }
             render::recent(&body);
+            // A full page has a cursor whether or not anything follows it.
+            if let Some(cursor) = body["next_cursor"].as_str() {
+                let next = api
+                    .get(&format!(
+                        "/v1/usage/recent?limit=1{days}&cursor={}",
+                        q(cursor)
+                    ))
+                    .await?;
+                if next["records"].as_array().is_some_and(|r| !r.is_empty()) {
+                    print_more(More::Yes, limit, MAX_PAGE_ROWS as u32);
+                }
+            }
             Ok(())
         }
         ClientCommand::Savings { client, days } => {
@@ -525,7 +670,10 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
             // Every agent's row: the pages, one after the other, as one.
             let first = format!("/v1/agents/performance?hours={hours}&limit=1000");
             let mut body = api.get(&first).await?;
-            while let Some(cursor) = body["next_cursor"].as_str().map(q) {
+            for _ in 1..MAX_PAGES {
+                let Some(cursor) = body["next_cursor"].as_str().map(q) else {
+                    break;
+                };
                 let mut next = api.get(&format!("{first}&cursor={cursor}")).await?;
                 if let (Some(rows), Some(more)) =
                     (body["agents"].as_array_mut(), next["agents"].as_array_mut())
@@ -538,6 +686,12 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                 return print_json(&body);
             }
             render::performance(&body);
+            if body["next_cursor"].is_string() {
+                outln!(
+                    "(more agents: the listing stopped after {} rows)",
+                    MAX_PAGES * MAX_PAGE_ROWS
+                );
+            }
             Ok(())
         }
         ClientCommand::Agents {
@@ -561,11 +715,12 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     path
                 }
             };
-            let body = api.page(&path, "agents", limit).await?;
+            let (body, more) = api.page(&path, "agents", limit).await?;
             if client.json {
                 return print_json(&body);
             }
             render::agents(&body);
+            print_more(more, limit, MAX_ROWS);
             Ok(())
         }
         ClientCommand::Approvals { client, action } => {
@@ -590,11 +745,12 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     if let Some(a) = agent {
                         path.push_str(&format!("&agent_id={}", q(&a)));
                     }
-                    let body = api.page(&path, "approvals", limit).await?;
+                    let (body, more) = api.page(&path, "approvals", limit).await?;
                     if client.json {
                         return print_json(&body);
                     }
                     render::approvals(&body);
+                    print_more(more, limit, MAX_ROWS);
                     Ok(())
                 }
                 ApprovalAction::Approve { id, reason } => {
@@ -647,23 +803,40 @@ pub async fn run(command: ClientCommand) -> Result<(), String> {
                     signal_type,
                     limit,
                 } => {
-                    let mut path = format!(
-                        "/v1/agents/{}/signals?consume={consume}&wait_seconds={wait}&limit={limit}",
-                        segment(&agent)
-                    );
+                    let mut path = format!("/v1/agents/{}/signals?", segment(&agent));
                     if let Some(t) = signal_type {
-                        path.push_str(&format!("&type={}", q(&t)));
+                        path.push_str(&format!("type={}&", q(&t)));
                     }
                     let held = Duration::from_secs(wait);
-                    let body = if consume {
-                        api.take(&path, idempotency_key, held).await?
-                    } else {
-                        api.json(api.request(Method::GET, &path, held)).await?
-                    };
+                    let waiting = format!("{path}wait_seconds={wait}");
+                    if consume {
+                        // One read takes them: it cannot be paged.
+                        if limit as usize > MAX_PAGE_ROWS {
+                            return Err(format!(
+                                "--consume takes at most {MAX_PAGE_ROWS} signals at a time (--limit)"
+                            ));
+                        }
+                        let path = format!("{waiting}&consume=true&limit={limit}");
+                        let body = api.take(&path, idempotency_key, held).await?;
+                        if client.json {
+                            return print_json(&body);
+                        }
+                        render::signals(&body);
+                        return Ok(());
+                    }
+                    if wait > 0 {
+                        // Until a signal is there (a read that takes nothing),
+                        // then the inbox page by page without waiting.
+                        api.json(api.request(Method::GET, &format!("{waiting}&limit=1"), held))
+                            .await?;
+                    }
+                    let path = format!("{path}wait_seconds=0");
+                    let (body, more) = api.page(&path, "signals", limit).await?;
                     if client.json {
                         return print_json(&body);
                     }
                     render::signals(&body);
+                    print_more(more, limit, MAX_ROWS);
                     Ok(())
                 }
             }
@@ -774,7 +947,7 @@ async fn tail(
                 last = Some(id.to_owned());
             }
             let line = if client.json {
-                serde_json::to_string(&event).unwrap_or_default()
+                terminal_safe_json(&serde_json::to_string(&event).unwrap_or_default())
             } else {
                 render::event_line(&event)
             };
@@ -798,6 +971,16 @@ fn next_sse_block(buffer: &mut Vec<u8>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_output_escapes_what_json_leaves_raw_for_terminals() {
+        let value = json!({"task": "a\u{9b}b\u{7f}c\u{202e}d\u{1b}e é"});
+        let text = terminal_safe_json(&serde_json::to_string_pretty(&value).unwrap());
+        assert!(text.contains(r"a\u009bb\u007fc\u202ed\u001be é"), "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), value);
+        // The layout's own line breaks are kept.
+        assert!(text.starts_with("{\n"), "{text}");
+    }
 
     #[test]
     fn path_segments_escape_all_but_unreserved_characters() {

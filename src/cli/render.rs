@@ -50,14 +50,24 @@ impl Table {
     }
 }
 
-/// `text` with every control character escaped (`\n`, `\u{1b}`).
+/// Whether `c` would act on the terminal rather than show: a control
+/// character (C0, DEL, C1: escape sequences, line breaks) or a mark that
+/// reorders the text around it (bidirectional overrides, embeddings and
+/// isolates), which could make a row read as something else.
+pub fn unsafe_for_terminals(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with every character [`unsafe_for_terminals`] escaped (`\n`,
+/// `\u{1b}`, `\u{202e}`).
 pub fn printable(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(unsafe_for_terminals) {
         return text.to_owned();
     }
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if unsafe_for_terminals(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
@@ -344,9 +354,6 @@ pub fn agents(body: &Value) {
         ]);
     }
     table.numeric(&[3, 6]).print();
-    if body["next_cursor"].is_string() {
-        outln!("(more: raise --limit)");
-    }
 }
 
 pub fn approvals(body: &Value) {
@@ -374,9 +381,6 @@ pub fn approvals(body: &Value) {
         ]);
     }
     table.print();
-    if body["next_cursor"].is_string() {
-        outln!("(more: raise --limit)");
-    }
 }
 
 pub fn signals(body: &Value) {
@@ -398,9 +402,6 @@ pub fn signals(body: &Value) {
         ]);
     }
     table.print();
-    if body["next_cursor"].is_string() {
-        outln!("(more: raise --limit)");
-    }
 }
 
 /// `14:03:07.123  agent.down  summarizer-1  {"ttl_seconds":30}`
