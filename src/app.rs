@@ -27,7 +27,6 @@ use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -810,19 +809,7 @@ pub async fn serve(
             token.cancel();
         }
     };
-    // Small writes (WebSocket frames, SSE events) go out at once: without
-    // TCP_NODELAY, Nagle holds each frame until the previous one is acked,
-    // and delayed ACKs turn that into tens of milliseconds.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal);
+    let server = serve_connections(listener, router, state.config.header_read_timeout, signal);
     // WebSockets are upgraded connections, which the server no longer
     // tracks: it would return while sockets still have their close frame
     // (and where to resume) to send, and the process would end without
@@ -830,9 +817,9 @@ pub async fn serve(
     // SSE client has been sent its end, within the same grace period.
     let hub = state.hub.clone();
     let server = async move {
-        let served = server.await.map_err(|e| format!("server error: {e}"));
+        server.await;
         hub.clients_gone().await;
-        served
+        Ok(())
     };
     tokio::pin!(server);
     let result = tokio::select! {
@@ -847,6 +834,82 @@ pub async fn serve(
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     result
+}
+
+/// Accepts connections and serves `router` on each until `signal`
+/// completes; then stops accepting, lets every connection finish its
+/// request in flight, and returns when all have closed.
+///
+/// This is `axum::serve` with one difference: hyper is given a timer, and
+/// so a time limit on reading each request's head (`header_read_timeout`,
+/// counted from when the connection is ready for its next request). Without
+/// one a client could hold connections open without end by sending a
+/// head a byte at a time, or nothing at all (a file descriptor each, and
+/// no key needed).
+async fn serve_connections(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    signal: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tokio::sync::watch;
+    use tower::ServiceExt;
+
+    // Dropped when `signal` completes: each connection then shuts down
+    // gracefully.
+    let (stop_tx, stop_rx) = watch::channel(());
+    tokio::spawn(async move {
+        signal.await;
+        drop(stop_rx);
+    });
+    // Every connection holds a receiver; all gone, serving is done.
+    let (open_tx, open_rx) = watch::channel(());
+    // Errors accepting (too many open files, a connection reset before it
+    // was taken) are logged and waited out by axum's listener.
+    let mut listener = listener;
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            () = stop_tx.closed() => break,
+        };
+        // Small writes (WebSocket frames, SSE events) go out at once:
+        // without TCP_NODELAY, Nagle holds each frame until the previous
+        // one is acked, and delayed ACKs turn that into tens of ms.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+        let service = hyper_util::service::TowerToHyperService::new(router.clone().map_request(
+            |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+        ));
+        let stop = stop_tx.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::trace!(error = %err, "connection ended with an error");
+                    }
+                }
+                () = stop.closed() => {
+                    connection.as_mut().graceful_shutdown();
+                    if let Err(err) = connection.await {
+                        tracing::trace!(error = %err, "connection ended with an error");
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    drop(open_rx);
+    open_tx.closed().await;
 }
 
 /// Builds and serves in one call: what `attune-telemetry serve` does.

@@ -149,6 +149,11 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish at shutdown.
     #[arg(long, env = "ATTUNE_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// How long a connection may take to send a request's head, counted
+    /// from when the server is ready to read it (an idle kept-alive
+    /// connection too): a client that stalls is disconnected.
+    #[arg(long, env = "ATTUNE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub header_read_timeout_seconds: u64,
     /// Maximum length of the event log (older events are trimmed).
     #[arg(long, env = "ATTUNE_STREAM_MAX_LEN", default_value_t = 100_000)]
     pub stream_max_len: usize,
@@ -202,6 +207,8 @@ pub struct Config {
     pub body_limit_bytes: usize,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// `--header-read-timeout-seconds`.
+    pub header_read_timeout: Duration,
     pub stream_max_len: usize,
     pub subscriber_buffer: usize,
     pub ws_write_interval: Duration,
@@ -239,6 +246,10 @@ impl ServeArgs {
         };
         positive("redis-timeout-ms", self.redis.redis_timeout_ms)?;
         positive("request-timeout-seconds", self.request_timeout_seconds)?;
+        positive(
+            "header-read-timeout-seconds",
+            self.header_read_timeout_seconds,
+        )?;
         positive("agent-retention-seconds", self.agent_retention_seconds)?;
         positive(
             "approval-retention-seconds",
@@ -278,6 +289,12 @@ impl ServeArgs {
             self.shutdown_grace_seconds,
             86_400,
             "a day",
+        )?;
+        at_most(
+            "header-read-timeout-seconds",
+            self.header_read_timeout_seconds,
+            3_600,
+            "an hour",
         )?;
         at_most(
             "sweep-interval-ms",
@@ -378,6 +395,7 @@ impl ServeArgs {
             body_limit_bytes: self.body_limit_bytes,
             request_timeout: Duration::from_secs(self.request_timeout_seconds),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_seconds),
             stream_max_len: self.stream_max_len,
             subscriber_buffer: self.subscriber_buffer,
             ws_write_interval: Duration::from_millis(self.ws_write_interval_ms),

@@ -490,6 +490,52 @@ async fn first_answer(app: &TestApp, rest: &str, expected: &str) -> String {
     String::from_utf8_lossy(&answer[..n]).into_owned()
 }
 
+/// A client that sends a request's head a little at a time, or nothing at
+/// all, is disconnected once the head is late: it cannot hold connections
+/// (file descriptors) open without end. A kept-alive connection gets the
+/// same time for its next request.
+#[tokio::test]
+async fn a_request_head_that_does_not_arrive_in_time_ends_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(
+        Options::new(Kind::Memory).configure(|c| c.header_read_timeout = Duration::from_secs(1)),
+    )
+    .await;
+    let started = Instant::now();
+    let closed_within = |mut stream: tokio::net::TcpStream, limit: Duration| async move {
+        let mut buffer = vec![0u8; 4096];
+        loop {
+            let read = tokio::time::timeout(limit, stream.read(&mut buffer))
+                .await
+                .expect("the server closes the connection");
+            match read {
+                // The end, or a reset.
+                Ok(0) | Err(_) => return started.elapsed(),
+                // An answer to an earlier request (or a 408 for the head).
+                Ok(_) => continue,
+            }
+        }
+    };
+    let mut partial = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut kept = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    for stream in [partial, silent, kept] {
+        // Not before its time (after the time limit from the start, seen
+        // when each in turn is looked at).
+        let took = closed_within(stream, Duration::from_secs(5)).await;
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+    }
+    // Requests sent in time are answered as ever.
+    assert_eq!(app.get("/healthz").await.0, 200);
+}
+
 /// A body that stops arriving is the client's delay: 408 at the time limit,
 /// not a 503 that asks it to retry the same way.
 #[tokio::test]
