@@ -176,10 +176,11 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// Builds the 422 for a deserialization error at `path`.
 fn data_error(path: &str, message: &str) -> ApiError {
     // serde_json appends " at line L column C"; the field name says more.
-    let message = message
-        .rsplit_once(" at line ")
-        .map_or(message, |(head, _)| head)
-        .to_owned();
+    let message = json_words(
+        message
+            .rsplit_once(" at line ")
+            .map_or(message, |(head, _)| head),
+    );
     let path = if path == "." { "" } else { path };
     // A missing or repeated field is reported at its parent; name the
     // field itself.
@@ -190,6 +191,30 @@ fn data_error(path: &str, message: &str) -> ApiError {
         None => path.to_owned(),
     };
     ApiError::Validation(vec![FieldError::new(field, message)])
+}
+
+/// A serde message with the Rust types it names (`expected struct
+/// HeartbeatRequest`, `expected f64`) said as the JSON that goes there.
+fn json_words(message: &str) -> String {
+    if let Some(at) = message.find("expected struct ") {
+        return format!("{}expected a JSON object", &message[..at]);
+    }
+    for (rust, json) in [
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+    ] {
+        if let Some(head) = message.strip_suffix(rust) {
+            return format!("{head}{json}");
+        }
+    }
+    message.to_owned()
 }
 
 /// The field a serde error about a missing or repeated field names.
@@ -306,6 +331,33 @@ mod tests {
         assert_eq!(field_of(err), "tokens.input");
         let err = parse_json::<Body>(br#"{"name":"a:b","tokens":{"input":1}}"#).unwrap_err();
         assert_eq!(field_of(err), "name");
+    }
+
+    /// Messages say what JSON goes there, not which Rust type takes it.
+    #[test]
+    fn data_errors_name_json_kinds_not_rust_types() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Beat {
+            progress: Option<f64>,
+            ttl: Option<u64>,
+        }
+        let message = |body: &[u8]| match parse_json::<Beat>(body).unwrap_err() {
+            ApiError::Validation(errors) => errors[0].message.clone(),
+            other => panic!("expected a validation error, got {other:?}"),
+        };
+        assert_eq!(
+            message(br#""x""#),
+            r#"invalid type: string "x", expected a JSON object"#
+        );
+        assert_eq!(
+            message(br#"{"progress":"NaN"}"#),
+            r#"invalid type: string "NaN", expected a number"#
+        );
+        assert_eq!(
+            message(br#"{"ttl":"3"}"#),
+            r#"invalid type: string "3", expected a whole number"#
+        );
     }
 
     #[test]

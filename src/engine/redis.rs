@@ -467,6 +467,13 @@ fn unavailable(err: RedisError) -> EngineError {
 /// timeouts, loading, failover, a busy script, out of memory, …) is an
 /// outage (503).
 fn classify(err: RedisError) -> EngineError {
+    // Redis answers a protocol error and closes the connection: what it
+    // says to a client that has not authenticated and sends a long
+    // command, when a password is set under a running service. Another
+    // connection is opened; it is an outage until that one works.
+    if err.to_string().contains("Protocol error") {
+        return EngineError::Unavailable(err.to_string());
+    }
     match err.kind() {
         ErrorKind::Parse
         | ErrorKind::UnexpectedReturnType
@@ -507,6 +514,11 @@ mod tests {
             None
         )));
         // Transient conditions stay retryable.
+        assert!(!corrupt(RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "Protocol error",
+            "unauthenticated multibulk length".to_owned()
+        ))));
         assert!(!corrupt(redis::make_extension_error("BUSY".into(), None)));
         assert!(!corrupt(redis::make_extension_error("OOM".into(), None)));
         assert!(!corrupt(RedisError::from((
