@@ -71,8 +71,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to standard output (`serve`: a service's log stream), or to
-/// standard error for a command whose output is its result (`migrate`).
 /// Refuses to hand a key's `part` to a stream that goes nowhere: one that
 /// was closed when the command started (the process then finds
 /// `/dev/null` in its place, and writes there succeed) or `/dev/null`
@@ -98,19 +96,22 @@ fn nowhere(stream: &str, part: &str, fd: &impl std::os::fd::AsFd) -> Result<(), 
     }
 }
 
+/// Logs to standard output (`serve`: a service's log stream), or to
+/// standard error for a command whose output is its result (`migrate`).
 fn init_logging(format: LogFormat, filter: &str, to_stderr: bool) {
     use std::io::IsTerminal;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in a file or a pipe.
-    let (writer, terminal): (fn() -> Box<dyn std::io::Write>, bool) = if to_stderr {
+    let (writer, terminal) = if to_stderr {
         (
-            || Box::new(std::io::stderr()),
+            BoxMakeWriter::new(std::io::stderr),
             std::io::stderr().is_terminal(),
         )
     } else {
         (
-            || Box::new(std::io::stdout()),
+            BoxMakeWriter::new(std::io::stdout),
             std::io::stdout().is_terminal(),
         )
     };

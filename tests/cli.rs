@@ -868,35 +868,28 @@ fn a_closed_output_pipe_ends_a_command_quietly() {
 #[test]
 fn keys_new_gives_no_secret_when_its_entry_cannot_be_written() {
     use std::process::{Command, Stdio};
+    let keys_new = |stdout: Stdio, stderr: Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
+            .args(["keys", "new", "--name", "ci", "--role", "agent"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .output()
+            .expect("binary runs")
+    };
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .expect("/dev/full");
-    let output = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
-        .args(["keys", "new", "--name", "ci", "--role", "agent"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(full))
-        .output()
-        .expect("binary runs");
+    let output = keys_new(Stdio::piped(), Stdio::from(full));
     assert_eq!(output.status.code(), Some(1));
     assert!(stdout(&output).is_empty(), "{}", stdout(&output));
 
     // Nor to a stream that goes nowhere: one closed when it started (the
     // process finds `/dev/null` in its place) or `/dev/null` itself.
-    let output = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
-        .args(["keys", "new", "--name", "ci", "--role", "agent"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .output()
-        .expect("binary runs");
+    let output = keys_new(Stdio::piped(), Stdio::null());
     assert_eq!(output.status.code(), Some(1));
     assert!(stdout(&output).is_empty(), "{}", stdout(&output));
-    let output = Command::new(env!("CARGO_BIN_EXE_attune-telemetry"))
-        .args(["keys", "new", "--name", "ci", "--role", "agent"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("binary runs");
+    let output = keys_new(Stdio::null(), Stdio::piped());
     assert_eq!(output.status.code(), Some(1));
     assert!(
         stderr(&output).contains("standard output") && !stderr(&output).contains("[[keys]]"),
