@@ -814,6 +814,25 @@ async fn client_frames_over_64_kib_close_the_socket_with_1009() {
     }
 }
 
+/// RFC 6455: an endpoint that receives text that is not UTF-8 closes with
+/// 1007, rather than dropping the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_that_is_not_utf8_closes_the_socket_with_1007() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let app = TestApp::spawn(Kind::Memory).await;
+    let mut socket = connect(&app, "").await;
+    let bad = Frame::message(vec![0xff, 0xfe, b'x'], OpCode::Data(Data::Text), true);
+    socket.send(Message::Frame(bad)).await.unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("answer");
+    match frame {
+        Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 1007),
+        other => panic!("expected close 1007, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_falls_too_far_behind_is_closed_with_a_resume_point() {
     let app =

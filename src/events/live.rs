@@ -432,9 +432,12 @@ async fn run_socket(
                 Err(ended) => break ended,
             },
             end = &mut client => {
-                if let Ok(ClientEnd::TooLarge) = end {
-                    let _ = sink.send(close(1009, "frame too large (limit 64 KiB)".into())).await;
-                }
+                let message = match end {
+                    Ok(ClientEnd::TooLarge) => close(1009, "frame too large (limit 64 KiB)".into()),
+                    Ok(ClientEnd::NotUtf8) => close(1007, "a text frame that is not UTF-8".into()),
+                    _ => return,
+                };
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await;
                 return;
             }
             _ = ping.tick() => {
@@ -476,6 +479,8 @@ enum ClientEnd {
     Gone,
     /// A frame over [`MAX_CLIENT_FRAME`].
     TooLarge,
+    /// A text frame that is not UTF-8 (RFC 6455: close with 1007).
+    NotUtf8,
 }
 
 /// Reads (and discards) client frames until the client goes; answering
@@ -494,6 +499,8 @@ async fn read_client(mut stream: SplitStream<WebSocket>) -> ClientEnd {
                     || text.contains("capacity");
                 return if too_large {
                     ClientEnd::TooLarge
+                } else if text.contains("UTF-8") {
+                    ClientEnd::NotUtf8
                 } else {
                     ClientEnd::Gone
                 };
