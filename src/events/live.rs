@@ -341,7 +341,7 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 /// as it is for a `since` after the newest event and in the future (an id
 /// of another log: replay then starts from the oldest event).
 /// The server pings every 15 s; client frames over 64 KiB close the socket
-/// with 1009; a subscriber that falls too far behind is closed with 4008 and
+/// with 1009, a text frame that is not UTF-8 with 1007; a subscriber that falls too far behind is closed with 4008 and
 /// the id to resume from.
 #[utoipa::path(
     get, path = "/v1/events/ws", tag = "events", params(StreamQuery),
