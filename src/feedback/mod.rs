@@ -230,14 +230,18 @@ pub fn recommend(
                 current,
                 1.0,
                 format!(
-                    "average quality {avg:.2} is below {LOW_QUALITY} but premium is the highest tier"
+                    "average quality {} is below {LOW_QUALITY} but premium is the highest tier",
+                    beside(avg, &[LOW_QUALITY])
                 ),
             )
         } else {
             (
                 current.up(),
                 confidence,
-                format!("average quality {avg:.2} is below {LOW_QUALITY}: move one tier up"),
+                format!(
+                    "average quality {} is below {LOW_QUALITY}: move one tier up",
+                    beside(avg, &[LOW_QUALITY])
+                ),
             )
         }
     } else if avg > HIGH_QUALITY && current != Tier::Cheap {
@@ -249,9 +253,10 @@ pub fn recommend(
                 lower_tier,
                 confidence,
                 format!(
-                    "average quality {avg:.2} is above {HIGH_QUALITY} and {lower_tier} averages {:.2} \
+                    "average quality {} is above {HIGH_QUALITY} and {lower_tier} averages {} \
                      over {} scores: move one tier down",
-                    l.avg_or_zero(),
+                    beside(avg, &[HIGH_QUALITY]),
+                    beside(l.avg_or_zero(), &[LOWER_TIER_QUALITY]),
                     l.sample_count
                 ),
             ),
@@ -259,17 +264,19 @@ pub fn recommend(
                 current,
                 confidence,
                 format!(
-                    "average quality {avg:.2} is above {HIGH_QUALITY} but {lower_tier} averages only \
-                     {:.2} (needs above {LOWER_TIER_QUALITY}): keep",
-                    l.avg_or_zero()
+                    "average quality {} is above {HIGH_QUALITY} but {lower_tier} averages only \
+                     {} (needs above {LOWER_TIER_QUALITY}): keep",
+                    beside(avg, &[HIGH_QUALITY]),
+                    beside(l.avg_or_zero(), &[LOWER_TIER_QUALITY])
                 ),
             ),
             None => (
                 current,
                 confidence,
                 format!(
-                    "average quality {avg:.2} is above {HIGH_QUALITY} but {lower_tier} has no \
-                     scores of its own: keep"
+                    "average quality {} is above {HIGH_QUALITY} but {lower_tier} has no \
+                     scores of its own: keep",
+                    beside(avg, &[HIGH_QUALITY])
                 ),
             ),
         }
@@ -277,7 +284,10 @@ pub fn recommend(
         (
             current,
             confidence,
-            format!("average quality {avg:.2} is acceptable: keep"),
+            format!(
+                "average quality {} is acceptable: keep",
+                beside(avg, &[LOW_QUALITY, HIGH_QUALITY])
+            ),
         )
     };
     Recommendation {
@@ -685,6 +695,22 @@ pub async fn rate_template(
     Ok(TemplateRating::new(id, good, bad))
 }
 
+/// `value` with two decimals for a sentence that compares it with the
+/// `thresholds`, or in full where two decimals would land on the other side
+/// of one, or on it (0.6999999999996 is not "0.70 is below 0.7").
+fn beside(value: f64, thresholds: &[f64]) -> String {
+    let short = format!("{value:.2}");
+    let rounded: f64 = short.parse().unwrap_or(value);
+    if thresholds
+        .iter()
+        .all(|t| rounded.partial_cmp(t) == value.partial_cmp(t))
+    {
+        short
+    } else {
+        value.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +718,28 @@ mod tests {
     fn stats(scores: &[f64]) -> QualityStats {
         let id = Id::new("x").unwrap();
         QualityStats::of(&id, &id, Some(Tier::Capable), scores)
+    }
+
+    /// The reason never says a number is below a threshold it rounds to.
+    #[test]
+    fn reasons_show_averages_that_agree_with_their_rule() {
+        let below = recommend(Tier::Cheap, stats(&[0.6999999999996; 10]), None);
+        assert_eq!(below.recommended_tier, Tier::Capable);
+        assert!(
+            below
+                .reason
+                .starts_with("average quality 0.6999999999996 is below 0.7"),
+            "{}",
+            below.reason
+        );
+        let plain = recommend(Tier::Cheap, stats(&[0.5; 10]), None);
+        assert!(
+            plain
+                .reason
+                .starts_with("average quality 0.50 is below 0.7"),
+            "{}",
+            plain.reason
+        );
     }
 
     #[test]

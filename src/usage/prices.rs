@@ -3,8 +3,8 @@
 //! Prices are kept as integer nano-dollars per token (a price of $3 per
 //! million tokens is 3,000 n$ per token), so every cost, baseline and saving
 //! is an exact integer sum: no float drift however many records are added.
-//! Prices are therefore exact to $0.001 per million tokens; finer ones are
-//! rounded to that.
+//! Prices are therefore exact to $0.001 per million tokens; a file with a
+//! finer one is refused at start-up (it would be rounded).
 //!
 //! The built-in table is Attune's registry: claude-haiku-4-5 (cheap) $1/$5,
 //! claude-sonnet-5 (capable) $3/$15, claude-opus-4-8 (premium) $5/$25 per
