@@ -847,7 +847,7 @@ pub async fn serve(
 /// head a byte at a time, or nothing at all (a file descriptor each, and
 /// no key needed).
 async fn serve_connections(
-    listener: TcpListener,
+    mut listener: TcpListener,
     router: Router,
     header_read_timeout: Duration,
     signal: impl Future<Output = ()> + Send + 'static,
@@ -867,7 +867,6 @@ async fn serve_connections(
     let (open_tx, open_rx) = watch::channel(());
     // Errors accepting (too many open files, a connection reset before it
     // was taken) are logged and waited out by axum's listener.
-    let mut listener = listener;
     loop {
         let (tcp, _) = tokio::select! {
             accepted = axum::serve::Listener::accept(&mut listener) => accepted,
