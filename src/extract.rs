@@ -41,10 +41,16 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<Stri
     }
     let bad = || ApiError::invalid(IDEMPOTENCY_KEY, "must be 1 to 255 visible ASCII characters");
     let key = value.to_str().map_err(|_| bad())?.trim();
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+    if !is_idempotency_key(key) {
         return Err(bad());
     }
     Ok(Some(key.to_owned()))
+}
+
+/// Whether `key` is one the service takes as an `Idempotency-Key`: 1–255
+/// visible ASCII characters (the command line checks its flag with it).
+pub fn is_idempotency_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 255 && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// A JSON body, deserialized with field-level errors.

@@ -805,12 +805,17 @@ async fn client_frames_over_64_kib_close_the_socket_with_1009() {
         .send(Message::Text("x".repeat(70 * 1024).into()))
         .await
         .unwrap();
+    expect_close(&mut socket, 1009).await;
+}
+
+/// The next frame on `socket` is a close with `code`.
+async fn expect_close(socket: &mut Socket, code: u16) {
     let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
         .await
         .expect("answer");
     match frame {
-        Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 1009),
-        other => panic!("expected close 1009, got {other:?}"),
+        Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), code),
+        other => panic!("expected close {code}, got {other:?}"),
     }
 }
 
@@ -824,13 +829,7 @@ async fn a_text_frame_that_is_not_utf8_closes_the_socket_with_1007() {
     let mut socket = connect(&app, "").await;
     let bad = Frame::message(vec![0xff, 0xfe, b'x'], OpCode::Data(Data::Text), true);
     socket.send(Message::Frame(bad)).await.unwrap();
-    let frame = tokio::time::timeout(Duration::from_secs(5), socket.next())
-        .await
-        .expect("answer");
-    match frame {
-        Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), 1007),
-        other => panic!("expected close 1007, got {other:?}"),
-    }
+    expect_close(&mut socket, 1007).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -208,7 +208,7 @@ fn token(text: &str) -> Result<String, String> {
 /// `--idempotency-key`: what the server takes, 1–255 visible ASCII
 /// characters.
 fn idempotency_key(text: &str) -> Result<String, String> {
-    if !text.is_empty() && text.len() <= 255 && text.bytes().all(|b| b.is_ascii_graphic()) {
+    if crate::extract::is_idempotency_key(text) {
         Ok(text.to_owned())
     } else {
         Err("must be 1 to 255 visible ASCII characters".into())
