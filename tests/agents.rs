@@ -1080,6 +1080,64 @@ async fn redis_beats_behind_a_changed_record_still_apply_in_order() {
     assert_eq!(app.events_of("agent.finished").await.len(), 2);
 }
 
+/// Beats queued behind calls Redis does not answer fail within two calls'
+/// bounds of their arrival (the calls ahead of them, then their own), not
+/// one bound per batch ahead: those that already waited a bound fail
+/// unsent. Here 300 beats (three batches) queue behind a call in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_beats_queued_behind_a_hung_redis_fail_within_two_bounds() {
+    use attune_telemetry::agents::AgentStatus::Running;
+    use attune_telemetry::engine::EngineError;
+    let bound = Duration::from_secs(1);
+    let app = TestApp::spawn_with(Options::new(Kind::Redis).configure(move |c| {
+        c.redis_timeout = bound;
+        c.request_timeout = Duration::from_secs(60);
+    }))
+    .await;
+    let engine = &app.state.engine;
+    let now = || app.state.clock.now();
+    engine
+        .record_beat(engine_beat("a", Running, now()))
+        .await
+        .unwrap();
+    let mut conn = app.redis.as_ref().expect("redis").conn();
+    let _: () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(4000)
+        .arg("ALL")
+        .query(&mut conn)
+        .expect("CLIENT PAUSE");
+    let timed = |at| async move {
+        let started = std::time::Instant::now();
+        let result = engine.record_beat(engine_beat("a", Running, at)).await;
+        (result.map(|_| ()), started.elapsed())
+    };
+    let in_flight = timed(now());
+    let queued = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        futures_util::future::join_all((0..300).map(|_| timed(now()))).await
+    };
+    let (first, rest) = tokio::join!(in_flight, queued);
+    for (result, took) in std::iter::once(first).chain(rest) {
+        assert!(
+            matches!(result, Err(EngineError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(
+            took < bound * 2 + Duration::from_millis(500),
+            "answered after {took:?}"
+        );
+    }
+    // Redis answers again once the pause ends.
+    eventually(Duration::from_secs(10), || async {
+        engine
+            .record_beat(engine_beat("a", Running, now()))
+            .await
+            .ok()
+    })
+    .await;
+}
+
 /// Another program's key where an agent's record belongs (a string, not a
 /// hash) fails that agent's beats alone: the beats queued with it, in the
 /// same script call on Redis, apply and answer as usual. Both forms of the

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{Cmd, ErrorKind, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
@@ -355,7 +355,13 @@ const KNOWN_AGENTS: usize = 50_000;
 /// (up to 64 KiB each).
 const KNOWN_STORED_BYTES: usize = 1024;
 
-type PendingBeat = (Beat, oneshot::Sender<EngineResult<AgentRecord>>);
+/// A beat waiting for its writer.
+struct PendingBeat {
+    beat: Beat,
+    /// When it was queued (see [`BatchWriter::apply`]).
+    queued: Instant,
+    reply: oneshot::Sender<EngineResult<AgentRecord>>,
+}
 
 /// Group commit for heartbeats.
 ///
@@ -500,7 +506,19 @@ impl BatchWriter {
         loop {
             // A beat whose request already gave up (it answered 503 while
             // Redis was slow) is dropped rather than sent late.
-            batch.retain(|(_, reply)| !reply.is_closed());
+            batch.retain(|p| !p.reply.is_closed());
+            // A beat is sent only while it has waited at most one call's
+            // bound, so that it is answered within two: the calls ahead of
+            // it, then its own. One that waited longer (behind calls Redis
+            // did not answer) fails unsent. This is the beats' time limit:
+            // a timer per beat would cost more than this check per batch.
+            let now = Instant::now();
+            let bound = self.link.timeout();
+            for late in batch.extract_if(.., |p| now.duration_since(p.queued) > bound) {
+                let _ = late.reply.send(Err(EngineError::Unavailable(
+                    "Redis did not answer in time".into(),
+                )));
+            }
             if batch.is_empty() {
                 return;
             }
@@ -527,7 +545,7 @@ impl BatchWriter {
                 Err(err) => {
                     // The call may or may not have been applied: forget what
                     // it would have taught.
-                    for (beat, reply) in batch {
+                    for PendingBeat { beat, reply, .. } in batch {
                         self.known.remove(&beat.agent_id);
                         let _ = reply.send(Err(err.clone()));
                     }
@@ -535,12 +553,13 @@ impl BatchWriter {
                 }
             };
             let mut again = Vec::new();
-            for ((beat, reply), outcome) in batch.into_iter().zip(outcomes) {
+            for (pending, outcome) in batch.into_iter().zip(outcomes) {
                 match outcome {
                     Outcome::Answered(stored) => {
-                        let _ = reply.send(stored.map(|stored| record_after(beat, stored)));
+                        let record = stored.map(|stored| record_after(pending.beat, stored));
+                        let _ = pending.reply.send(record);
                     }
-                    Outcome::Deferred => again.push((beat, reply)),
+                    Outcome::Deferred => again.push(pending),
                 }
             }
             batch = again;
@@ -551,7 +570,7 @@ impl BatchWriter {
     /// into the command (no string per value), and for each beat sent in
     /// the quick form what its answer shows besides the beat itself.
     fn command(&mut self, batch: &[PendingBeat]) -> (Cmd, Vec<Option<Stored>>) {
-        let retention = batch[0].0.retention.as_millis();
+        let retention = batch[0].beat.retention.as_millis();
         let slack = expiry_slack(retention);
         let (retention_ms, slack_ms) = (
             i64::try_from(retention).unwrap_or(i64::MAX / 4),
@@ -562,7 +581,7 @@ impl BatchWriter {
             Cmd::with_capacity(3 + n_keys + 4 + batch.len() * FULL_ARGS, 512 * batch.len());
         cmd.arg("EVALSHA").arg(BEATS.get_hash()).arg(n_keys);
         cmd.arg(&self.events).arg(&self.index_keys[..]);
-        for (beat, _) in batch {
+        for PendingBeat { beat, .. } in batch {
             cmd.arg(self.keys.agent(&beat.agent_id));
         }
         cmd.arg(self.stream_max_len)
@@ -571,7 +590,7 @@ impl BatchWriter {
             .arg(rand::random::<u64>());
         let mut json = Vec::with_capacity(256);
         let mut quick = Vec::with_capacity(batch.len());
-        for (beat, _) in batch {
+        for PendingBeat { beat, .. } in batch {
             match self.known.get_mut(&beat.agent_id) {
                 Some(known) if known.admits(beat, retention_ms, slack_ms) => {
                     let (alive_until, down_at) = deadlines(beat);
@@ -605,7 +624,7 @@ impl BatchWriter {
         let corrupt = || EngineError::Corrupt("unexpected answer from the beat script".into());
         let mut values = values.into_iter();
         let mut outcomes = Vec::with_capacity(batch.len());
-        for ((beat, _), quick) in batch.iter().zip(quick) {
+        for (PendingBeat { beat, .. }, quick) in batch.iter().zip(quick) {
             let kind = values.next().flatten().ok_or_else(corrupt)?;
             let outcome = match (kind.as_str(), quick) {
                 ("q", Some(stored)) => Outcome::Answered(Ok(stored)),
@@ -919,18 +938,18 @@ impl RedisEngine {
     pub async fn record_beat(&self, beat: Beat) -> EngineResult<AgentRecord> {
         let batcher = self.beat_batcher.get_or_init(|| BeatBatcher::start(self));
         let (reply, answer) = oneshot::channel();
+        let pending = PendingBeat {
+            beat,
+            queued: Instant::now(),
+            reply,
+        };
+        let stopped = || EngineError::Unavailable("heartbeat writer stopped".into());
         batcher
-            .queue(&beat.agent_id)
-            .send((beat, reply))
-            .map_err(|_| EngineError::Unavailable("heartbeat writer stopped".into()))?;
-        // A batch is one bounded call; allow for waiting behind one more.
-        match tokio::time::timeout(self.timeout * 2, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(EngineError::Unavailable("heartbeat writer stopped".into())),
-            Err(_) => Err(EngineError::Unavailable(
-                "Redis did not answer in time".into(),
-            )),
-        }
+            .queue(&pending.beat.agent_id)
+            .send(pending)
+            .map_err(|_| stopped())?;
+        // Bounded by the writer (see `BatchWriter::apply`).
+        answer.await.map_err(|_| stopped())?
     }
 
     pub async fn get_agent(&self, id: &Id) -> EngineResult<Option<AgentRecord>> {

@@ -332,6 +332,11 @@ impl Link {
         }
     }
 
+    /// The bound on every call.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// A clone of the current connection (cheap: it is a handle).
     pub(crate) fn conn(&self) -> ConnectionManager {
         ConnectionManager::clone(&self.current.load())
