@@ -13,6 +13,7 @@ use axum::http::{StatusCode, header, request::Parts};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ApiResult, FieldError};
+use crate::types::MAX_OBJECT_DEPTH;
 
 /// The header that makes a request safe to retry (creating an approval,
 /// consuming from an inbox).
@@ -155,6 +156,13 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        if err
+            .inner()
+            .to_string()
+            .starts_with("recursion limit exceeded")
+        {
+            return too_deep(err.path());
+        }
         let path = err.path().to_string();
         let inner = err.into_inner();
         match inner.classify() {
@@ -177,6 +185,35 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     Ok(value)
+}
+
+/// The 422 for a body nested deeper than the parser goes (128 levels of
+/// objects and arrays, the body itself included): the field named is the
+/// body's own field the nesting is in (with its index, in a list), since
+/// the parser stops long before the nesting ends.
+fn too_deep(path: &serde_path_to_error::Path) -> ApiError {
+    use serde_path_to_error::Segment;
+    const PARSER_LEVELS: usize = 128;
+    let mut field = String::new();
+    let mut segments = 0;
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+            _ if field.is_empty() => field.push_str(&segment.to_string()),
+            _ => break,
+        }
+        segments += 1;
+    }
+    if field.is_empty() {
+        field.push_str("body");
+    }
+    ApiError::invalid(
+        field,
+        format!(
+            "must nest at most {MAX_OBJECT_DEPTH} levels of objects and arrays (got at least {})",
+            PARSER_LEVELS - segments
+        ),
+    )
 }
 
 /// Builds the 422 for a deserialization error at `path`.

@@ -202,6 +202,62 @@ async fn blank_query_parameters_are_taken_as_absent() {
     assert_eq!(common::problem_field(&body), "workflow");
 }
 
+/// A value nested deeper than the JSON parser goes is refused as one
+/// nested past the limit is: a 422 naming the field it is in, not a 400
+/// calling well-formed JSON malformed.
+#[tokio::test]
+async fn bodies_nested_past_the_parser_name_their_field() {
+    let app = TestApp::spawn(Kind::Memory).await;
+    let nested = |levels: usize| format!("{}1{}", r#"{"n":"#.repeat(levels), "}".repeat(levels));
+    let deep = nested(200);
+    let cases = [
+        (
+            "/v1/agents/a/heartbeats",
+            format!(r#"{{"metadata":{}}}"#, nested(40)),
+            "metadata",
+            "(got 40)",
+        ),
+        (
+            "/v1/agents/a/heartbeats",
+            format!(r#"{{"metadata":{deep}}}"#),
+            "metadata",
+            "(got at least 127)",
+        ),
+        (
+            "/v1/signals",
+            format!(
+                r#"{{"signal_type":"t","source_agent":"a","target_agent":"b","payload":{deep}}}"#
+            ),
+            "payload",
+            "(got at least 127)",
+        ),
+        (
+            "/v1/usage",
+            format!(r#"{{"records":[{{"tokens":{deep}}}]}}"#),
+            "records[0]",
+            "(got at least 126)",
+        ),
+    ];
+    for (path, body, field, got) in cases {
+        let resp = app
+            .client
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{path} {field}");
+        let problem: Value = resp.json().await.unwrap();
+        assert_eq!(common::problem_field(&problem), field, "{problem}");
+        let message = problem["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("must nest at most 32 levels") && message.ends_with(got),
+            "{problem}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
     let app = TestApp::spawn(Kind::Memory).await;
