@@ -374,6 +374,34 @@ async fn an_unknown_usage_field_is_refused_naming_it(kind: Kind) {
         (422, "workflow"),
         "{body}"
     );
+    // A field sent twice is refused too, not read as its last value.
+    let record = simple("twice").to_string();
+    let twice = format!(
+        r#"{},"tokens":{{"input":1,"output":0}}}}"#,
+        &record[..record.len() - 1]
+    );
+    for (body, field) in [
+        (twice.clone(), "tokens"),
+        (format!(r#"{{"records":[{twice}]}}"#), "records[0].tokens"),
+    ] {
+        let resp = app
+            .client
+            .post(app.url("/v1/usage"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422);
+        let problem: Value = resp.json().await.unwrap();
+        assert_eq!(problem_field(&problem), field, "{problem}");
+        assert!(
+            problem["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("duplicate field")),
+            "{problem}"
+        );
+    }
     let (_, stats) = app.get("/v1/usage/stats").await;
     assert_eq!(stats["total_calls"], 0, "nothing was recorded: {stats}");
 }
@@ -738,8 +766,37 @@ async fn usage_ids_belong_to_the_key_that_sends_them(kind: Kind) {
     }
     let (_, body) = app.post_as("/v1/usage", prod, Some(&keys.agent)).await;
     assert_eq!(body["duplicate_ids"], json!(["call-1"]), "{body}");
+    // Two keys' records alike to the millisecond are two records in
+    // `recent` too.
+    let mut twin = simple("call-2");
+    twin["agent_id"] = json!("prod-1");
+    twin["ts"] = json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    for key in [&keys.agent, &keys.admin] {
+        let (status, body) = app.post_as("/v1/usage", twin.clone(), Some(key)).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["duplicate_ids"], json!([]), "{body}");
+    }
     let (_, stats) = app.get_as("/v1/usage/stats", Some(&keys.viewer)).await;
-    assert_eq!(stats["total_calls"], 2);
+    assert_eq!(stats["total_calls"], 4);
+    let (_, recent) = app
+        .get_as("/v1/usage/recent?limit=10", Some(&keys.viewer))
+        .await;
+    let ids: Vec<&str> = recent["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids.iter().filter(|id| **id == "call-2").count(),
+        2,
+        "{recent}"
+    );
+    assert_eq!(recent["totals"]["calls"], 4, "{recent}");
+    assert!(
+        recent["records"][0].get("key").is_none(),
+        "only the view is shown: {recent}"
+    );
 }
 
 /// A day breaks its totals down by its first 500 workflows (and models,

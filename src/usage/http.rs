@@ -53,9 +53,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn post_usage(
     caller: Caller<AgentWrite>,
     State(state): State<AppState>,
-    ValidJson(body): ValidJson<serde_json::Value>,
+    ValidJson(body): ValidJson<Box<serde_json::value::RawValue>>,
 ) -> ApiResult<(StatusCode, Json<UsageAccepted>)> {
-    let body = UsageBody::parse(body)?;
+    let body = UsageBody::parse(body.get())?;
     let accepted = record_usage(&state, &caller, body).await?;
     Ok((StatusCode::CREATED, Json(accepted)))
 }

@@ -294,14 +294,18 @@ pub enum UsageBody {
 }
 
 impl UsageBody {
-    /// Decodes a JSON body: an object with `records` is a batch. Errors name
-    /// the field (`records[3].tokens.input`, or `tokens.input` for one record).
-    pub fn parse(value: serde_json::Value) -> ApiResult<Self> {
-        let bytes = serde_json::to_vec(&value).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if value.get("records").is_some() {
-            crate::extract::parse_json::<UsageBatchIn>(&bytes).map(Self::Batch)
+    /// Decodes a JSON object as sent: one with `records` is a batch. Errors
+    /// name the field (`records[3].tokens.input`, or `tokens.input` for one
+    /// record), a field sent twice included.
+    pub fn parse(body: &str) -> ApiResult<Self> {
+        // Its fields' names, their values skipped, not built.
+        let fields: BTreeMap<String, de::IgnoredAny> =
+            serde_json::from_str(body).unwrap_or_default();
+        if fields.contains_key("records") {
+            crate::extract::parse_json::<UsageBatchIn>(body.as_bytes()).map(Self::Batch)
         } else {
-            crate::extract::parse_json::<UsageRecordIn>(&bytes).map(|r| Self::One(Box::new(r)))
+            crate::extract::parse_json::<UsageRecordIn>(body.as_bytes())
+                .map(|r| Self::One(Box::new(r)))
         }
     }
 }
@@ -397,12 +401,17 @@ impl UsageSettings {
     }
 
     /// The UTC days of a `days` window ending today, newest first. Never
-    /// more than the retention period holds.
+    /// more than the retention period holds. In a day's last minutes it
+    /// starts with tomorrow: a record may be dated up to [`MAX_FUTURE`]
+    /// ahead, and one that was accepted is shown.
     pub fn window(&self, now: DateTime<Utc>, days: u64) -> Vec<NaiveDate> {
         let today = now.date_naive();
+        let ahead = (now + MAX_FUTURE).date_naive();
         let count = days.min(self.retention_days + 1);
-        (0..count)
-            .filter_map(|back| today.checked_sub_days(chrono::Days::new(back)))
+        (ahead > today)
+            .then_some(ahead)
+            .into_iter()
+            .chain((0..count).filter_map(|back| today.checked_sub_days(chrono::Days::new(back))))
             .collect()
     }
 
@@ -497,8 +506,6 @@ mod field {
 #[derive(Debug, Clone)]
 struct Prepared {
     view: UsageRecordView,
-    /// `view` serialized, as stored for `recent`.
-    json: String,
     /// The `user_id` sent, kept (never stored) to hash it again under
     /// another secret.
     user_id: Option<Text<256>>,
@@ -517,7 +524,6 @@ impl Prepared {
     fn rehash(&mut self, secret: &[u8]) {
         if let Some(user_id) = &self.user_id {
             self.view.user_hash = Some(hash_user(secret, user_id.as_str()));
-            self.json = serde_json::to_string(&self.view).expect("a record view always serializes");
         }
     }
 
@@ -774,7 +780,6 @@ fn prepare(
         duration_ms: r.duration_ms.get(),
     };
     Ok(Prepared {
-        json: serde_json::to_string(&view).expect("a record view always serializes"),
         user_id: r.user_id,
         view,
         claim: r.id,
@@ -795,6 +800,19 @@ fn claim_of(caller: &Identity, id: &Id) -> String {
     crate::types::sha256_hex(format!("{}\n{id}", caller.name))
 }
 
+/// A record as stored for `recent`: its view, `id` first (see
+/// [`RecentCursor::record_prefix`]), and for a record with a client id,
+/// whose id it is (16 hex digits of its claim), so that two keys' records
+/// alike in every field stay two members of the day's set. Readers take
+/// the view and pass over `key`.
+#[derive(Serialize)]
+struct StoredRecord<'a> {
+    #[serde(flatten)]
+    view: &'a UsageRecordView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+}
+
 /// Builds the storage write for the records at `live`; also returns, for
 /// each claim, the index of the record it belongs to.
 fn plan(
@@ -813,15 +831,18 @@ fn plan(
     let mut agents: HashSet<Option<&str>> = HashSet::new();
     for &i in live {
         let p = &prepared[i];
-        if let Some(id) = &p.claim {
-            claims.push(claim_of(caller, id));
+        let claim = p.claim.as_ref().map(|id| claim_of(caller, id));
+        let stored = StoredRecord {
+            view: &p.view,
+            key: claim.as_deref().map(|c| &c[..16]),
+        };
+        let json = serde_json::to_string(&stored).expect("a record view always serializes");
+        if let Some(claim) = claim {
+            claims.push(claim);
             claim_owner.push(i);
         }
         p.add_fields(fields.entry(p.day).or_default(), settings.prices.version());
-        recent
-            .entry(p.day)
-            .or_default()
-            .push((p.ts_ms, p.json.clone()));
+        recent.entry(p.day).or_default().push((p.ts_ms, json));
         cost += p.actual;
         tokens_in += p.view.tokens.input;
         tokens_out += p.view.tokens.output;
@@ -1334,6 +1355,17 @@ mod tests {
             ["2026-03-10", "2026-03-09", "2026-03-08"]
         );
         assert_eq!(s.window(now, 10_000).len(), 91);
+        // Records dated up to five minutes ahead may already be tomorrow's.
+        let late = "2026-03-10T23:56:00Z".parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            s.window(late, 2)
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>(),
+            ["2026-03-11", "2026-03-10", "2026-03-09"]
+        );
+        let earlier = "2026-03-10T23:54:59Z".parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(s.window(earlier, 2).len(), 2);
     }
 
     #[test]
