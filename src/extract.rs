@@ -188,30 +188,18 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// The 422 for a body nested deeper than the parser goes (128 levels of
-/// objects and arrays, the body itself included): the field named is the
-/// body's own field the nesting is in (with its index, in a list), since
-/// the parser stops long before the nesting ends.
+/// objects and arrays, the body itself included), naming the body's field
+/// the nesting is in: the parser stops long before the nesting ends, and
+/// that field's value is at least 127 levels deep.
 fn too_deep(path: &serde_path_to_error::Path) -> ApiError {
-    use serde_path_to_error::Segment;
-    const PARSER_LEVELS: usize = 128;
-    let mut field = String::new();
-    let mut segments = 0;
-    for segment in path.iter() {
-        match segment {
-            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
-            _ if field.is_empty() => field.push_str(&segment.to_string()),
-            _ => break,
-        }
-        segments += 1;
-    }
-    if field.is_empty() {
-        field.push_str("body");
-    }
+    let field = path
+        .iter()
+        .next()
+        .map_or_else(|| "body".to_owned(), ToString::to_string);
     ApiError::invalid(
         field,
         format!(
-            "must nest at most {MAX_OBJECT_DEPTH} levels of objects and arrays (got at least {})",
-            PARSER_LEVELS - segments
+            "must nest at most {MAX_OBJECT_DEPTH} levels of objects and arrays (got at least 127)"
         ),
     )
 }

@@ -232,10 +232,14 @@ async fn bodies_nested_past_the_parser_name_their_field() {
             "(got at least 127)",
         ),
         (
-            "/v1/usage",
-            format!(r#"{{"records":[{{"tokens":{deep}}}]}}"#),
-            "records[0]",
-            "(got at least 126)",
+            "/v1/events",
+            format!(
+                r#"{{"type":"a.b","data":{{"n":{}1{}}}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
+            "data",
+            "(got at least 127)",
         ),
     ];
     for (path, body, field, got) in cases {
