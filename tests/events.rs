@@ -201,6 +201,30 @@ async fn a_reset_names_the_event_that_comes_next_while_the_log_is_trimmed(kind: 
     }
 }
 
+/// Trimming that passes `since` after the subscription looked at the log
+/// but before it read is told as well: a reset, never a silent gap.
+async fn trimming_between_the_subscription_and_its_first_read_is_a_reset(kind: Kind) {
+    use attune_telemetry::events::StreamId;
+    use attune_telemetry::events::live::{Frame, Subscription};
+    let app = TestApp::spawn_with(Options::new(kind).configure(|c| c.stream_max_len = 10)).await;
+    let since: StreamId = publish(&app, "test.gap", 0).await.parse().unwrap();
+    let mut subscription = Subscription::start(&app.state, Some(since), Default::default())
+        .await
+        .unwrap();
+    for n in 1..40 {
+        publish(&app, "test.gap", n).await;
+    }
+    let Ok(Frame::Reset { oldest }) = subscription.next().await else {
+        panic!("no reset before the replay");
+    };
+    let Ok(Frame::Event(next)) = subscription.next().await else {
+        panic!("no replay after the reset");
+    };
+    assert_eq!(oldest, Some(next.id));
+    let envelope: Value = serde_json::from_str(next.json.as_str()).unwrap();
+    assert_eq!(envelope["data"], json!({"n": 30}), "the oldest left");
+}
+
 /// A short log is trimmed to its length exactly, beats' events included
 /// (Redis's approximate trimming would keep a whole node of them).
 async fn the_log_holds_at_most_its_maximum_length(kind: Kind) {
@@ -661,6 +685,7 @@ conformance!(
     a_stream_filters_by_type_prefix_and_agent,
     a_trimmed_cursor_starts_with_a_stream_reset,
     a_reset_names_the_event_that_comes_next_while_the_log_is_trimmed,
+    trimming_between_the_subscription_and_its_first_read_is_a_reset,
     the_log_holds_at_most_its_maximum_length,
     a_since_ahead_of_the_log_is_a_reset_then_the_whole_log,
     a_malformed_since_is_a_422,

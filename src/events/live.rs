@@ -196,26 +196,27 @@ impl Subscription {
             }
             if self.replaying {
                 let after = self.last.unwrap_or(StreamId::ZERO);
-                // A long replay of a busy log can be overtaken by trimming:
-                // the client is told, as when `since` itself was trimmed,
-                // and replay goes on from what is left.
-                let mut reset = self.trimmed;
-                if self.last != self.since {
-                    let bounds = self.engine.log_bounds().await.map_err(Ended::Engine)?;
-                    if bounds.trimmed_after(after) {
-                        reset = Some(bounds.oldest);
-                    }
-                }
                 let batch = self
                     .engine
                     .read_events(after, REPLAY_BATCH)
                     .await
                     .map_err(Ended::Engine)?;
+                // Trimming can overtake a long replay of a busy log, or
+                // pass `since` between `start`'s look and the first read:
+                // the client is told, as when `since` itself was trimmed,
+                // and replay goes on from what is left. The log is looked
+                // at after the read, so trimming before it cannot go
+                // unseen (trimming only moves forward; trimming just after
+                // the read is told too, though the read missed nothing).
+                let mut reset = self.trimmed;
+                let bounds = self.engine.log_bounds().await.map_err(Ended::Engine)?;
+                if bounds.trimmed_after(after) {
+                    reset = Some(bounds.oldest);
+                }
                 if let Some(oldest) = reset {
-                    // Trimming may go on between the look at the log's
-                    // bounds and the read: the oldest event left is the
-                    // first one read (the next the client gets, unless its
-                    // filter passes over it), not one trimmed in between.
+                    // The oldest event left when the batch was read is its
+                    // first (the next the client gets, unless its filter
+                    // passes over it), not one trimmed since.
                     let oldest = batch.first().map(|event| event.id).or(oldest);
                     self.pending.push_back(Frame::Reset { oldest });
                     self.trimmed = None;
