@@ -1378,6 +1378,42 @@ async fn redis_the_down_due_score_is_never_behind_the_deadline() {
     }
 }
 
+/// An agent beating less often than every quarter second gains nothing
+/// from a down-due score put ahead of its deadline (every beat moves the
+/// deadline past it): its score is the deadline itself, so it goes down
+/// within a sweep interval of it.
+#[tokio::test]
+async fn redis_an_agent_beating_seldom_is_due_down_at_its_deadline() {
+    use attune_telemetry::agents::AgentStatus::Running;
+    let app = TestApp::spawn(Kind::Redis).await;
+    let start = app.state.clock.now();
+    let start_ms = start.timestamp_millis();
+    let mut full_beats = 0;
+    for k in [0, 300, 1300, 3300] {
+        let at = start + chrono::Duration::milliseconds(k);
+        app.state
+            .engine
+            .record_beat(engine_beat("seldom", Running, at))
+            .await
+            .unwrap();
+        if k == 0 {
+            full_beats = redis_calls(&app, "hmget");
+        }
+        // ttl + grace of `engine_beat`.
+        let deadline = start_ms + k + 60_000;
+        assert_eq!(
+            down_due_score(&app, "seldom"),
+            deadline,
+            "after the beat at {k} ms"
+        );
+    }
+    assert_eq!(
+        redis_calls(&app, "hmget"),
+        full_beats,
+        "the later beats went in the quick form"
+    );
+}
+
 /// Two replicas holding the same token, one whose clock is behind: its
 /// quick beat must not pull the down-due score back behind what the other
 /// put ahead and counts on, or the sweepers claim a live agent early.

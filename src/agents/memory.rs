@@ -142,11 +142,15 @@ fn emit(state: &mut MemoryState, event: EventBody) {
 }
 
 impl MemoryEngine {
-    pub async fn record_beat(&self, beat: Beat) -> EngineResult<AgentRecord> {
+    pub async fn record_beat(&self, mut beat: Beat) -> EngineResult<AgentRecord> {
+        // What the beat carries is moved, not copied, while the lock is held.
+        let heartbeat = beat.heartbeat_event.take();
         Ok(self.write(|s| {
             let now_ms = beat.now.timestamp_millis();
-            let previous = s.agents.live(&beat.agent_id, now_ms).cloned();
             s.agents.unindex(&beat.agent_id);
+            // Taken out (not copied) and put back below.
+            let previous =
+                (s.agents.agents.remove(&beat.agent_id)).filter(|e| e.expires_ms > now_ms);
             let (mut record, mut run_key, was_down) = match previous {
                 Some(e) => {
                     let down = e.record.down;
@@ -173,12 +177,12 @@ impl MemoryEngine {
             let previous_run_id = record.run_id.clone();
             record.status = beat.status;
             record.progress = beat.progress;
-            record.current_task = beat.current_task.clone();
-            if let Some(m) = &beat.metadata {
-                record.metadata = m.as_map().clone();
+            record.current_task = beat.current_task.take();
+            if let Some(m) = beat.metadata.take() {
+                record.metadata = m.into_inner();
             }
-            if let Some(d) = &beat.display_name {
-                record.display_name = Some(d.clone());
+            if let Some(d) = beat.display_name.take() {
+                record.display_name = Some(d);
             }
             let new_run_id = beat.run_id.as_ref().map(|r| r.to_string());
             if new_run_id.is_some() {
@@ -245,9 +249,7 @@ impl MemoryEngine {
                     events.push(beat.lifecycle_event("agent.finished", record.run_id.as_deref()));
                 }
             }
-            if let Some(hb) = &beat.heartbeat_event {
-                events.push(hb.clone());
-            }
+            events.extend(heartbeat);
             agents.index(&record);
             agents.agents.insert(
                 beat.agent_id.clone(),

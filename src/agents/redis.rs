@@ -110,10 +110,12 @@ end
 /// A token is only issued for a `running` record, so quick beats leave the
 /// status alone. Nor do they move the agent's down-due score on every beat:
 /// that index only tells the sweepers when to claim an agent, and a score
-/// somewhat past the deadline is as good, so a writer puts it
-/// [`DOWN_DUE_AHEAD_MS`] beyond the deadline and leaves it until the
-/// deadline catches up (the score never falls behind the deadline, so no
-/// agent is ever claimed early). Other writers may hold the same token
+/// somewhat past the deadline is as good, so for an agent beating more
+/// often than every [`DOWN_DUE_AHEAD_MS`] a writer puts it that far beyond
+/// the deadline and leaves it until the deadline catches up (the score
+/// never falls behind the deadline, so no agent is ever claimed early). An
+/// agent beating less often gets its exact deadline: no later beat would
+/// skip a write, and it would only go down later. Other writers may hold the same token
 /// (a typical full beat keeps it), and one of them may have put the score
 /// further ahead than this writer knows (a later beat, or a replica whose
 /// clock runs ahead) and count on it: quick beats and a full beat that
@@ -336,10 +338,10 @@ return out
 const QUICK_ARGS: usize = 8;
 /// Values of a full beat in [`BEATS`]'s `ARGV`.
 const FULL_ARGS: usize = 17;
-/// How far beyond an agent's down deadline a quick beat puts its down-due
-/// score (see [`BEATS`]): the sweepers claim it at most this much later
-/// (on top of their interval), and the beats of that much time after it
-/// leave the index alone.
+/// How far beyond the down deadline of an agent beating more often than
+/// this a quick beat puts its down-due score (see [`BEATS`]): the sweepers
+/// claim it at most this much later (on top of their interval), and the
+/// beats of that much time after it leave the index alone.
 const DOWN_DUE_AHEAD_MS: i64 = 250;
 /// Most beats applied by one script call.
 const MAX_BATCH: usize = 128;
@@ -425,6 +427,8 @@ struct Known {
     grace_seconds: u64,
     /// The agent's down-due score, or less (ms).
     down_due_ms: i64,
+    /// When its last beat was (ms).
+    last_beat_ms: i64,
     stored: Stored,
 }
 
@@ -594,8 +598,12 @@ impl BatchWriter {
             match self.known.get_mut(&beat.agent_id) {
                 Some(known) if known.admits(beat, retention_ms, slack_ms) => {
                     let (alive_until, down_at) = deadlines(beat);
+                    let now = beat.now.timestamp_millis();
+                    let often = now.saturating_sub(known.last_beat_ms) < DOWN_DUE_AHEAD_MS;
+                    known.last_beat_ms = now;
                     let down_due = (known.down_due_ms < down_at).then(|| {
-                        known.down_due_ms = down_at.saturating_add(DOWN_DUE_AHEAD_MS);
+                        let ahead = if often { DOWN_DUE_AHEAD_MS } else { 0 };
+                        known.down_due_ms = down_at.saturating_add(ahead);
                         known.down_due_ms
                     });
                     cmd.arg(&known.token);
@@ -690,6 +698,7 @@ impl BatchWriter {
             grace_seconds: beat.grace_seconds,
             // What the beat sent; a kept token may have kept a later score.
             down_due_ms: deadlines(beat).1,
+            last_beat_ms: beat.now.timestamp_millis(),
             stored: stored.clone(),
         };
         self.known.insert(beat.agent_id.clone(), known);

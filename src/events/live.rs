@@ -139,8 +139,6 @@ pub struct Subscription {
     last: Option<StreamId>,
     /// The last event handed out of `pending` (replay), or `since`.
     handed: Option<StreamId>,
-    /// Where replay started (checked for trimming by [`Subscription::start`]).
-    since: Option<StreamId>,
     replaying: bool,
     /// `since` was trimmed away: a `stream.reset` goes out with the first
     /// replayed batch, naming the log's oldest id when `start` looked.
@@ -181,7 +179,6 @@ impl Subscription {
             filter,
             last: since,
             handed: since,
-            since,
             replaying: since.is_some(),
             trimmed,
             pending: VecDeque::new(),
