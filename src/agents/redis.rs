@@ -518,8 +518,12 @@ impl BatchWriter {
             // a timer per beat would cost more than this check per batch.
             let now = Instant::now();
             let bound = self.link.timeout();
-            for late in batch.extract_if(.., |p| now.duration_since(p.queued) > bound) {
-                let _ = late.reply.send(Err(EngineError::Unavailable(
+            let (late, ready): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .partition(|p| now.duration_since(p.queued) > bound);
+            batch = ready;
+            for PendingBeat { reply, .. } in late {
+                let _ = reply.send(Err(EngineError::Unavailable(
                     "Redis did not answer in time".into(),
                 )));
             }
