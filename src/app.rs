@@ -331,21 +331,31 @@ async fn connect_redis(url: &str, config: &Config) -> Result<RedisEngine, String
     }
 }
 
-/// Hides a password in a Redis URL for logs: everything between the user
-/// name's `:` and the host's `@` (the last one: a password written with an
-/// `@` or a `:` in it hides whole).
+/// Hides the passwords in a Redis URL for logs: the user info's and the
+/// `pass` or `password` query parameter's (Unix socket URLs take it there).
+/// A URL that does not parse is not shown at all: it may hold one anywhere.
 fn redact(url: &str) -> String {
-    let Some((head, host)) = url.rsplit_once('@') else {
-        return url.to_owned();
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "(a URL that does not parse)".to_owned();
     };
-    match head.split_once("//") {
-        Some((scheme, userinfo)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}//{user}:***@{host}"),
-            // A user name alone: no password to hide.
-            None => url.to_owned(),
-        },
-        None => format!("***@{host}"),
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if matches!(&*key, "pass" | "password") {
+                    "***".into()
+                } else {
+                    value
+                };
+                (key.into_owned(), value.into_owned())
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// Builds the router with every layer.
@@ -408,16 +418,13 @@ pub fn router(state: AppState) -> Router {
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Replaces (by a new id) a client's `x-request-id` that is over
-/// [`MAX_REQUEST_ID_LEN`], or not visible ASCII (and spaces), which the
-/// logs could not show as it was echoed.
+/// [`MAX_REQUEST_ID_LEN`], or not visible ASCII: the logs could not show
+/// it as it was echoed, and in text logs a space would let a client write
+/// fields of its own into every line of the request (`id} status=500`).
 fn drop_unusable_request_id(mut req: Request) -> Request {
     let headers = req.headers_mut();
     if headers.get("x-request-id").is_some_and(|id| {
-        id.len() > MAX_REQUEST_ID_LEN
-            || !id
-                .as_bytes()
-                .iter()
-                .all(|&b| b == b' ' || b.is_ascii_graphic())
+        id.len() > MAX_REQUEST_ID_LEN || !id.as_bytes().iter().all(u8::is_ascii_graphic)
     }) {
         headers.remove("x-request-id");
     }
@@ -968,5 +975,14 @@ mod tests {
         assert_eq!(redact("redis://:p@ss@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
         assert_eq!(redact("redis://user@host"), "redis://user@host");
+        assert_eq!(
+            redact("redis+unix:///run/r.sock?db=2&pass=secret"),
+            "redis+unix:///run/r.sock?db=2&pass=***"
+        );
+        assert_eq!(
+            redact("redis+unix:///r.sock?password=a@b"),
+            "redis+unix:///r.sock?password=***"
+        );
+        assert!(!redact("redis://:p w@h").contains("p w"));
     }
 }

@@ -97,6 +97,17 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
+    /// Refuses a prefix that is not a key-safe name (it is the Cluster hash
+    /// tag: `{x y}z}` would tag `x y`) and a timeout outside 1 ms to a
+    /// minute; `serve` and `migrate` alike.
+    pub fn check(&self) -> Result<(), String> {
+        crate::types::Id::new(self.key_prefix.clone()).map_err(|e| format!("--key-prefix {e}"))?;
+        if !(1..=60_000).contains(&self.redis_timeout_ms) {
+            return Err("--redis-timeout-ms must be between 1 and 60000 (a minute)".into());
+        }
+        Ok(())
+    }
+
     /// The Redis URL from the flag, `ATTUNE_REDIS_URL` or `REDIS_URL`.
     pub fn url(&self) -> Option<String> {
         let given = |url: String| (!url.trim().is_empty()).then_some(url);
@@ -235,8 +246,7 @@ impl ServeArgs {
             redis::Client::open(url.as_str())
                 .map_err(|e| format!("--redis-url is not a valid Redis URL: {e}"))?;
         }
-        crate::types::Id::new(self.redis.key_prefix.clone())
-            .map_err(|e| format!("--key-prefix {e}"))?;
+        self.redis.check()?;
         let positive = |name: &str, v: u64| {
             if v == 0 {
                 Err(format!("--{name} must be greater than 0"))
@@ -244,7 +254,6 @@ impl ServeArgs {
                 Ok(v)
             }
         };
-        positive("redis-timeout-ms", self.redis.redis_timeout_ms)?;
         positive("request-timeout-seconds", self.request_timeout_seconds)?;
         positive(
             "header-read-timeout-seconds",
@@ -272,12 +281,6 @@ impl ServeArgs {
                 Ok(())
             }
         };
-        at_most(
-            "redis-timeout-ms",
-            self.redis.redis_timeout_ms,
-            60_000,
-            "a minute",
-        )?;
         at_most(
             "request-timeout-seconds",
             self.request_timeout_seconds,

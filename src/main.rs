@@ -137,8 +137,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    // The port bound, when `--listen` asked for any (`:0`).
+    let address = listener.local_addr().unwrap_or(listen);
     tracing::info!(
-        address = %listen,
+        address = %address,
         engine = app.state.engine.name(),
         "attune-telemetry listening"
     );
@@ -147,11 +149,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
 async fn migrate(args: attune_telemetry::config::MigrateArgs) -> Result<(), String> {
     init_logging(LogFormat::Text, "info", true);
+    args.redis.check()?;
     let url = args
         .redis
         .url()
         .ok_or("migrate needs --redis-url (or ATTUNE_REDIS_URL / REDIS_URL)")?;
-    let timeout = std::time::Duration::from_millis(args.redis.redis_timeout_ms.max(1));
+    let timeout = std::time::Duration::from_millis(args.redis.redis_timeout_ms);
     let engine = attune_telemetry::engine::redis::RedisEngine::connect(
         &url,
         &args.redis.key_prefix,

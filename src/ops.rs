@@ -118,17 +118,17 @@ async fn get_metrics(
         crate::agents::state_counts(&state),
         crate::approvals::pending_count(&state.engine)
     );
-    match agents {
-        Ok(counts) => {
-            for (agent_state, n) in counts {
-                metrics::gauge!("attune_agents", "state" => agent_state).set(n as f64);
-            }
+    if let Ok(counts) = &agents {
+        for &(agent_state, n) in counts {
+            metrics::gauge!("attune_agents", "state" => agent_state).set(n as f64);
         }
-        Err(_) => metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1),
     }
-    match pending {
-        Ok(n) => metrics::gauge!("attune_approvals_pending").set(n as f64),
-        Err(_) => metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1),
+    if let Ok(n) = pending {
+        metrics::gauge!("attune_approvals_pending").set(n as f64);
+    }
+    // One per scrape that could not read them all.
+    if agents.is_err() || pending.is_err() {
+        metrics::counter!("attune_engine_errors_total", "op" => "metrics").increment(1);
     }
     metrics::gauge!("attune_event_subscribers").set(state.hub.subscriber_count() as f64);
     let body = metrics_handle().render();

@@ -1114,3 +1114,30 @@ fn sighup_during_start_up_leaves_the_server_waiting() {
         "SIGHUP ended the server at start: {state:?}"
     );
 }
+
+/// `migrate` takes the prefix and the timeout `serve` would: a prefix
+/// `serve` refuses (here one that would make another Cluster hash tag) or
+/// a timeout out of bounds stops it before it writes anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_what_serve_refuses() {
+    let redis = common::RedisServer::start();
+    for (flag, value) in [
+        ("--key-prefix", "x y}z"),
+        ("--key-prefix", ""),
+        ("--redis-timeout-ms", "0"),
+        ("--redis-timeout-ms", "99999999"),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_attune-telemetry"));
+        cmd.args(["migrate", "--redis-url", &redis.url(), flag, value]);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value:?}: {}", stdout(&out));
+        assert!(stderr(&out).contains(flag), "{flag}: {}", stderr(&out));
+    }
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}

@@ -307,6 +307,17 @@ async fn request_ids_are_echoed_or_generated() {
         .unwrap();
     let id = resp.headers()["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    // And one with a space, which would write fields of the client's own
+    // into the text logs.
+    let resp = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "r2} status=500")
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
 }
 
 /// Any token is a method to HTTP: one the metrics label by its name would
@@ -681,6 +692,19 @@ async fn a_redis_outage_is_a_fast_503_and_the_service_recovers() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(failed >= 2, "{text}");
+}
+
+/// A scrape that cannot read the gauges from storage still answers, and
+/// counts one engine error, however many gauges it could not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_during_an_outage_counts_one_engine_error() {
+    let mut app = TestApp::spawn(Kind::Redis).await;
+    app.redis.as_mut().unwrap().kill();
+    let text = app.metrics_text().await;
+    assert!(
+        text.contains("attune_engine_errors_total{op=\"metrics\"} 1\n"),
+        "{text}"
+    );
 }
 
 /// A TCP proxy to a local port whose open connections can be made to
