@@ -163,6 +163,7 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = api_router().split_for_parts();
     declare_refusals_of_the_stack(&mut doc);
     problems_as_problem_json(&mut doc);
+    declare_headers(&mut doc);
     (router, doc)
 }
 
@@ -251,6 +252,47 @@ fn problems_as_problem_json(doc: &mut utoipa::openapi::OpenApi) {
                 response
                     .content
                     .extend(content.map(|c| ("application/problem+json".to_owned(), c)));
+            }
+        }
+    }
+}
+
+/// Declares the headers every answer of a kind carries: `x-request-id` on
+/// all, `Retry-After` on a 503, `WWW-Authenticate` on a 401 (see
+/// [`crate::error::ApiError`]).
+fn declare_headers(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::header::HeaderBuilder;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let header = |description: &str| {
+        HeaderBuilder::new()
+            .schema(ObjectBuilder::new().schema_type(Type::String))
+            .description(Some(description))
+            .build()
+    };
+    for operation in operations_mut(doc) {
+        for (status, response) in &mut operation.responses.responses {
+            let RefOr::T(response) = response else {
+                continue;
+            };
+            response.headers.insert(
+                "x-request-id".into(),
+                header("The client's request id if usable, else one made for the request"),
+            );
+            match status.as_str() {
+                "503" => {
+                    response.headers.insert(
+                        "Retry-After".into(),
+                        header("Seconds to wait before retrying: `1`"),
+                    );
+                }
+                "401" => {
+                    response.headers.insert(
+                        "WWW-Authenticate".into(),
+                        header("`Bearer realm=\"attune-telemetry\"`"),
+                    );
+                }
+                _ => {}
             }
         }
     }

@@ -75,6 +75,23 @@ async fn the_openapi_document_is_whole_and_declares_problems_as_problem_json() {
                     );
                     problems += usize::from(is_problem);
                 }
+                // The headers the answers carry.
+                let headers = &response["headers"];
+                assert!(
+                    headers["x-request-id"].is_object(),
+                    "{method} {path} {status}"
+                );
+                let expected = match status.as_str() {
+                    "503" => Some("Retry-After"),
+                    "401" => Some("WWW-Authenticate"),
+                    _ => None,
+                };
+                if let Some(name) = expected {
+                    assert!(
+                        headers[name].is_object(),
+                        "{method} {path} {status}: {name}"
+                    );
+                }
             }
         }
     }
@@ -89,6 +106,16 @@ async fn the_openapi_document_is_whole_and_declares_problems_as_problem_json() {
     }
     let listing = &spec["paths"]["/v1/agents"]["get"]["responses"];
     assert!(listing["413"].is_object(), "{listing}");
+    // Fields always sent, as null when empty, are required (and nullable).
+    let view = &spec["components"]["schemas"]["AgentView"];
+    for field in ["display_name", "progress", "current_task", "run_id"] {
+        assert!(
+            view["required"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!(field))),
+            "AgentView.{field}: {view}"
+        );
+    }
     // And every schema it refers to is in it.
     let text = spec.to_string();
     for name in text.split("\"#/components/schemas/").skip(1) {

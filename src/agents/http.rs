@@ -76,7 +76,7 @@ struct ListQuery {
     /// Only agents reporting this status.
     status: Option<AgentStatus>,
     /// Page size, 1–1000 (default 100).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -87,6 +87,7 @@ struct ListQuery {
 pub struct AgentList {
     pub agents: Vec<AgentView>,
     /// Pass as `cursor` for the next page; null when this is the last.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 
@@ -118,10 +119,12 @@ struct StaleQuery {
     /// Seconds since the last beat (default 60). Up to ten years, the
     /// longest retention period; past the deployment's own, nothing is
     /// kept to find.
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 315_360_000)]
+    #[param(default = 60, value_type = Option<u64>, minimum = 1, maximum = 315_360_000)]
     threshold_seconds: Option<Param<1, 315_360_000>>,
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    /// Rows, 1–1000 (default 100).
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
@@ -274,10 +277,10 @@ async fn delete_agent(
 #[into_params(parameter_in = Query)]
 struct PerformanceQuery {
     /// Window in hours, 1–720 (default 168).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 720)]
+    #[param(default = 168, value_type = Option<u64>, minimum = 1, maximum = 720)]
     hours: Option<Param<1, 720>>,
     /// Agent rows per page (default 100).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -293,6 +296,7 @@ pub struct Performance {
     /// All agents together (`agent_id` is `total`), on every page.
     pub total: RunStats,
     /// Pass as `cursor` for the next page of agents; null on the last.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 

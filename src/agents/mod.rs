@@ -214,12 +214,16 @@ impl AgentRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AgentView {
     pub agent_id: String,
+    #[schema(required = true)]
     pub display_name: Option<String>,
     pub status: AgentStatus,
+    #[schema(required = true)]
     pub progress: Option<f64>,
+    #[schema(required = true)]
     pub current_task: Option<String>,
     #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[schema(required = true)]
     pub run_id: Option<String>,
     /// RFC 3339, UTC, milliseconds.
     pub last_beat: String,
@@ -436,8 +440,10 @@ pub struct RunStats {
     /// Runs still in progress.
     pub running: u64,
     /// completed / (completed + failed + cancelled + lost); null with none.
+    #[schema(required = true)]
     pub success_rate: Option<f64>,
     /// Mean duration of closed runs, in seconds; null with none.
+    #[schema(required = true)]
     pub avg_duration_seconds: Option<f64>,
 }
 

@@ -136,7 +136,7 @@ struct ListQuery {
     /// Only requests from this agent.
     agent_id: Option<Id>,
     /// Page size, 1–1000 (default 100).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -148,6 +148,7 @@ pub struct ApprovalList {
     /// Oldest first.
     pub approvals: Vec<Approval>,
     /// Pass as `cursor` for the next page; null when this is the last.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 

@@ -178,6 +178,7 @@ pub struct ApprovalResponse {
     pub approved: bool,
     /// The deciding (or cancelling) key's name, or `system` for a timeout.
     pub responder: String,
+    #[schema(required = true)]
     pub reason: Option<String>,
     /// RFC 3339, UTC, milliseconds; `expires_at` for a timeout.
     #[serde(with = "millis_time")]
@@ -188,6 +189,7 @@ pub struct ApprovalResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Approval {
     pub request: ApprovalRequest,
+    #[schema(required = true)]
     pub response: Option<ApprovalResponse>,
 }
 

@@ -40,7 +40,8 @@ pub struct NewEvent {
     /// At most 64 KiB serialized, 32 levels deep.
     #[serde(default)]
     pub data: JsonObject,
-    /// The agent the event is about (must be in the key's scope).
+    /// The agent the event is about (must be in the key's scope; keys
+    /// limited to some agents must name one).
     pub agent_id: Option<Id>,
 }
 
@@ -104,7 +105,8 @@ pub struct HistoryQuery {
     /// Only events about this agent.
     #[param(value_type = Option<crate::types::IdFilterParam>, inline)]
     pub agent_id: Option<String>,
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    /// Events, 1–1000 (default 100).
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     pub limit: Option<Limit>,
     /// `next_cursor` of the previous page (same as `since`).
     #[param(value_type = Option<crate::events::EventIdParam>, inline)]
@@ -116,6 +118,7 @@ pub struct HistoryQuery {
 pub struct EventList {
     pub events: Vec<EventEnvelope>,
     /// Pass as `since` (or `cursor`) for the next page; null at the end.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 

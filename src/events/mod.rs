@@ -211,6 +211,7 @@ pub struct EventEnvelope {
     pub ts: String,
     /// Who caused it: the API key's name, or `system` for the service itself.
     pub source: String,
+    #[schema(required = true)]
     pub agent_id: Option<String>,
     #[schema(value_type = Object)]
     pub data: serde_json::Value,

@@ -61,7 +61,9 @@ async fn post_feedback(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct StatsQuery {
+    /// The workflow scored.
     workflow: Id,
+    /// Its stage.
     stage: Id,
     /// One tier; absent: every tier together.
     tier: Option<Tier>,
@@ -92,7 +94,9 @@ async fn get_feedback_stats(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct RecommendationQuery {
+    /// The workflow scored.
     workflow: Id,
+    /// Its stage.
     stage: Id,
     /// The tier the stage runs on now.
     current_tier: Tier,
@@ -134,7 +138,7 @@ struct UnderperformingQuery {
     #[param(value_type = Option<u64>, minimum = 1, maximum = 10000)]
     min_samples: Option<Param<1, 10_000>>,
     /// Rows, 1–1000 (default 100).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page; empty: the first page.
     cursor: Option<String>,
@@ -149,6 +153,7 @@ pub struct Underperforming {
     pub min_samples: u64,
     /// Pass as `cursor` (with the same filters) for the next page; null
     /// when this is the last.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 
@@ -262,7 +267,7 @@ struct TemplatesQuery {
     #[param(inline)]
     order: Option<TemplateOrder>,
     /// Page size, 1–1000 (default 100).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page (same `order`); empty: the first page.
     cursor: Option<String>,
@@ -273,6 +278,7 @@ struct TemplatesQuery {
 pub struct TemplateList {
     pub templates: Vec<TemplateRating>,
     /// Pass as `cursor` for the next page; null when this is the last.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 

@@ -87,7 +87,8 @@ pub struct FeedbackIn {
     pub quality_score: Fraction,
     /// Carried in the `feedback.recorded` event (at most 64 KiB, 32 levels deep).
     pub metadata: Option<JsonObject>,
-    /// The agent giving the feedback; agent keys may only name agents in their scope.
+    /// The agent giving the feedback; agent keys may only name agents in
+    /// their scope, and keys limited to some agents must name one.
     pub agent_id: Option<Id>,
 }
 
@@ -122,12 +123,16 @@ pub struct QualityStats {
     pub workflow: String,
     pub stage: String,
     /// Null when the statistics cover every tier.
+    #[schema(required = true)]
     pub tier: Option<Tier>,
     /// Scores in the last 7 days.
     pub sample_count: u64,
     /// Null without scores.
+    #[schema(required = true)]
     pub avg: Option<f64>,
+    #[schema(required = true)]
     pub min: Option<f64>,
+    #[schema(required = true)]
     pub max: Option<f64>,
     /// `(mean of the newer half − mean of the older half) / max(older mean,
     /// 0.1)`, by time; 0 with fewer than 4 scores.

@@ -92,7 +92,7 @@ struct InboxParams {
     #[param(value_type = Option<u64>, minimum = 0, maximum = 60)]
     wait_seconds: Option<WaitSeconds>,
     /// At most this many signals, 1–1000 (default 100).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page of a read that does not consume
     /// (empty: the oldest first). With `consume=true` it is a 422: a
@@ -108,6 +108,7 @@ pub struct Inbox {
     /// For a read that does not consume and filled its page: pass as
     /// `cursor` for the signals after these. Null otherwise (a consuming
     /// read takes what it returns: the next read starts at the oldest left).
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 
@@ -270,7 +271,7 @@ struct ListParams {
     /// Only signals targeted at this agent (broadcasts are left out).
     target: Option<Id>,
     /// Page size, 1–1000 (default 100).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 100, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// `next_cursor` of the previous page (empty: the first page).
     cursor: Option<String>,
@@ -282,6 +283,7 @@ pub struct SignalList {
     /// Oldest first.
     pub signals: Vec<Signal>,
     /// Pass as `cursor` for the next page; null when this is the last.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 

@@ -102,6 +102,7 @@ pub struct Signal {
     pub signal_type: String,
     pub source_agent: String,
     /// Null for a broadcast.
+    #[schema(required = true)]
     pub target_agent: Option<String>,
     #[schema(value_type = Object)]
     pub payload: serde_json::Map<String, serde_json::Value>,

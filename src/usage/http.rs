@@ -80,7 +80,8 @@ fn optional_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Days>, D::Err
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct DaysQuery {
-    /// Today (UTC) and the `days − 1` days before it, 1–3660.
+    /// Today (UTC) and the `days − 1` days before it, 1–3660 (default 30;
+    /// for `cache-stats`, 7).
     #[serde(default, deserialize_with = "optional_days")]
     #[param(value_type = Option<u64>, minimum = 1, maximum = 3660)]
     days: Option<Days>,
@@ -96,7 +97,7 @@ impl DaysQuery {
 #[into_params(parameter_in = Query)]
 struct RecentQuery {
     /// Rows, 1–1000 (default 20).
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    #[param(default = 20, value_type = Option<u64>, minimum = 1, maximum = 1000)]
     limit: Option<Limit>,
     /// Only today (UTC) and the `days − 1` days before it (default: the
     /// whole retention period).

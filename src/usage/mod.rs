@@ -255,10 +255,11 @@ pub struct UsageRecordIn {
     pub tier: Tier,
     pub model: Id,
     pub provider: Id,
-    /// The agent that made the call; agent keys may only name agents in their scope.
+    /// The agent that made the call; agent keys may only name agents in
+    /// their scope, and keys limited to some agents must name one.
     pub agent_id: Option<Id>,
     /// Stored only as the first 16 hex digits of a keyed HMAC-SHA256.
-    #[schema(value_type = Option<String>, max_length = 256)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 256, pattern = r"\S")]
     #[serde(default, deserialize_with = "crate::types::optional_non_blank")]
     pub user_id: Option<Text<256>>,
     #[serde(deserialize_with = "crate::types::object")]
@@ -318,12 +319,15 @@ pub struct UsageRecordView {
     /// RFC 3339, UTC, milliseconds.
     pub ts: String,
     pub workflow: String,
+    #[schema(required = true)]
     pub stage: Option<String>,
     pub tier: Tier,
     pub model: String,
     pub provider: String,
+    #[schema(required = true)]
     pub agent_id: Option<String>,
     /// First 16 hex digits of the HMAC-SHA256 of the `user_id` sent.
+    #[schema(required = true)]
     pub user_hash: Option<String>,
     pub tokens: TokenCounts,
     pub cache: CacheInfo,
@@ -1195,7 +1199,8 @@ pub struct RecentUsage {
     pub records: Vec<UsageRecordView>,
     /// The totals of `records` (this page).
     pub totals: RecentTotals,
-    /// Pass as `cursor` for the records after these; absent at the end.
+    /// Pass as `cursor` for the records after these; null at the end.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 
