@@ -102,8 +102,10 @@ impl RedisArgs {
     /// minute; `serve` and `migrate` alike.
     pub fn check(&self) -> Result<(), String> {
         crate::types::Id::new(self.key_prefix.clone()).map_err(|e| format!("--key-prefix {e}"))?;
-        if !(1..=60_000).contains(&self.redis_timeout_ms) {
-            return Err("--redis-timeout-ms must be between 1 and 60000 (a minute)".into());
+        match self.redis_timeout_ms {
+            0 => return Err("--redis-timeout-ms must be greater than 0".into()),
+            60_001.. => return Err("--redis-timeout-ms must be at most 60000 (a minute)".into()),
+            _ => {}
         }
         Ok(())
     }
