@@ -1100,13 +1100,7 @@ async fn redis_beats_queued_behind_a_hung_redis_fail_within_two_bounds() {
         .record_beat(engine_beat("a", Running, now()))
         .await
         .unwrap();
-    let mut conn = app.redis.as_ref().expect("redis").conn();
-    let _: () = ::redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(4000)
-        .arg("ALL")
-        .query(&mut conn)
-        .expect("CLIENT PAUSE");
+    app.redis.as_ref().expect("redis").pause(4000);
     let timed = |at| async move {
         let started = std::time::Instant::now();
         let result = engine.record_beat(engine_beat("a", Running, at)).await;

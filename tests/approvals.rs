@@ -919,13 +919,7 @@ async fn redis_a_creator_whose_wait_fails_gets_the_request_as_created() {
         .await;
         // Every client's commands are held for 4 s: the wait's deadline
         // passes while Redis does not answer.
-        let mut conn = app.redis.as_ref().expect("redis").conn();
-        let _: () = ::redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(4000)
-            .arg("ALL")
-            .query(&mut conn)
-            .expect("CLIENT PAUSE");
+        app.redis.as_ref().expect("redis").pause(4000);
     };
     let ((status, created), ()) = tokio::join!(creator, hang);
     assert_eq!(status, 201, "{created}");

@@ -112,6 +112,17 @@ impl RedisServer {
         }
     }
 
+    /// Holds every client's commands for `ms` (`CLIENT PAUSE … ALL`): a
+    /// Redis that accepts connections and answers nothing.
+    pub fn pause(&self, ms: u64) {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("ALL")
+            .query(&mut self.conn())
+            .expect("CLIENT PAUSE");
+    }
+
     /// A synchronous connection for assertions on the raw keyspace.
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
