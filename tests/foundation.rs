@@ -269,6 +269,16 @@ async fn bodies_nested_past_the_parser_name_their_field() {
             "(got at least 127)",
         ),
     ];
+    // Nested past the parser and not JSON either: malformed.
+    let resp = app
+        .client
+        .post(app.url("/v1/agents/a/heartbeats"))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"metadata":{}"#, "[".repeat(200)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
     for (path, body, field, got) in cases {
         let resp = app
             .client
@@ -726,12 +736,15 @@ async fn a_redis_outage_is_a_fast_503_and_the_service_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_during_an_outage_counts_one_engine_error() {
     let mut app = TestApp::spawn(Kind::Redis).await;
+    let failed_scrapes = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("attune_engine_errors_total{op=\"metrics\"} "))
+            .map_or(0, |n| n.parse::<u64>().expect("a count"))
+    };
+    let before = failed_scrapes(app.metrics_text().await);
     app.redis.as_mut().unwrap().kill();
-    let text = app.metrics_text().await;
-    assert!(
-        text.contains("attune_engine_errors_total{op=\"metrics\"} 1\n"),
-        "{text}"
-    );
+    let after = failed_scrapes(app.metrics_text().await);
+    assert_eq!(after, before + 1);
 }
 
 /// A TCP proxy to a local port whose open connections can be made to

@@ -507,26 +507,28 @@ impl BatchWriter {
     /// Applies `batch`, and then at once, in the full form, whatever the
     /// script deferred, so that an agent's beats still apply in order.
     async fn apply(&mut self, mut batch: Vec<PendingBeat>) {
+        // A beat is sent only while it has waited at most one call's bound,
+        // so that it is answered within two: the calls ahead of it, then
+        // its own (a beat the script defers is sent again at once, after a
+        // call Redis answered). One that waited longer, behind calls Redis
+        // did not answer or a backlog, fails unsent. This is the beats'
+        // time limit: a timer per beat would cost more than this check per
+        // batch.
+        let now = Instant::now();
+        let bound = self.link.timeout();
+        let (late, ready): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|p| now.duration_since(p.queued) > bound);
+        batch = ready;
+        for PendingBeat { reply, .. } in late {
+            let _ = reply.send(Err(EngineError::Unavailable(
+                "the heartbeat waited longer than --redis-timeout-ms for Redis".into(),
+            )));
+        }
         loop {
-            // A beat whose request already gave up (it answered 503 while
-            // Redis was slow) is dropped rather than sent late.
+            // A beat whose request already gave up (its client left, or the
+            // request's time limit passed) is dropped rather than sent late.
             batch.retain(|p| !p.reply.is_closed());
-            // A beat is sent only while it has waited at most one call's
-            // bound, so that it is answered within two: the calls ahead of
-            // it, then its own. One that waited longer (behind calls Redis
-            // did not answer) fails unsent. This is the beats' time limit:
-            // a timer per beat would cost more than this check per batch.
-            let now = Instant::now();
-            let bound = self.link.timeout();
-            let (late, ready): (Vec<_>, Vec<_>) = batch
-                .into_iter()
-                .partition(|p| now.duration_since(p.queued) > bound);
-            batch = ready;
-            for PendingBeat { reply, .. } in late {
-                let _ = reply.send(Err(EngineError::Unavailable(
-                    "Redis did not answer in time".into(),
-                )));
-            }
             if batch.is_empty() {
                 return;
             }
