@@ -156,10 +156,13 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        // Nested past the parser, yet JSON (skipping a value has no depth
+        // limit): too deep, not malformed.
         if err
             .inner()
             .to_string()
             .starts_with("recursion limit exceeded")
+            && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
         {
             return too_deep(err.path());
         }

@@ -274,7 +274,7 @@ async fn bodies_nested_past_the_parser_name_their_field() {
         .client
         .post(app.url("/v1/agents/a/heartbeats"))
         .header("content-type", "application/json")
-        .body(format!(r#"{{"metadata":{}"#, "[".repeat(200)))
+        .body(format!(r#"{{"metadata":{}"#, r#"{"n":"#.repeat(200)))
         .send()
         .await
         .unwrap();

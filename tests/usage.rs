@@ -797,6 +797,21 @@ async fn usage_ids_belong_to_the_key_that_sends_them(kind: Kind) {
         recent["records"][0].get("key").is_none(),
         "only the view is shown: {recent}"
     );
+    // Paged a row at a time, each of them comes once.
+    let mut seen = Vec::new();
+    let mut path = "/v1/usage/recent?limit=1".to_owned();
+    loop {
+        let (status, page) = app.get_as(&path, Some(&keys.viewer)).await;
+        assert_eq!(status, 200, "{page}");
+        let rows = page["records"].as_array().unwrap();
+        seen.extend(rows.iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/usage/recent?limit=1&cursor={cursor}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["call-1", "call-1", "call-2", "call-2"]);
 }
 
 /// A day breaks its totals down by its first 500 workflows (and models,

@@ -364,19 +364,35 @@ impl IndexCursor {
     /// As [`from_param`](Self::from_param), for a listing that came after
     /// cursors were named: only its own named cursors are taken.
     pub fn from_named_param(raw: Option<&str>, listing: &str) -> Result<Option<Self>, ApiError> {
+        Self::from_named_param_with(raw, listing, |member| Id::new(member).is_ok())
+    }
+
+    /// [`Self::from_named_param`] for a listing whose members are not ids:
+    /// `valid` tells which are.
+    pub fn from_named_param_with(
+        raw: Option<&str>,
+        listing: &str,
+        valid: impl Fn(&str) -> bool,
+    ) -> Result<Option<Self>, ApiError> {
         raw.filter(|c| !c.is_empty())
-            .map(|c| Self::parse("cursor", c, listing, false))
+            .map(|c| Self::parse("cursor", c, listing, false, &valid))
             .transpose()
     }
 
     /// Reads a cursor of `listing`. One without a listing (as versions
     /// before listings were named wrote them) is taken by any.
     pub fn decode(field: &str, raw: &str, listing: &str) -> Result<Self, ApiError> {
-        Self::parse(field, raw, listing, true)
+        Self::parse(field, raw, listing, true, &|member| Id::new(member).is_ok())
     }
 
     /// Reads a cursor of `listing`, or with `unnamed`, one of no listing.
-    fn parse(field: &str, raw: &str, listing: &str, unnamed: bool) -> Result<Self, ApiError> {
+    fn parse(
+        field: &str,
+        raw: &str,
+        listing: &str,
+        unnamed: bool,
+        valid: &dyn Fn(&str) -> bool,
+    ) -> Result<Self, ApiError> {
         use base64::Engine as _;
         let bad = || ApiError::invalid(field, "is not a cursor returned by this endpoint");
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -395,7 +411,7 @@ impl IndexCursor {
         let (score, member) = position.split_once(':').ok_or_else(bad)?;
         Ok(Self {
             score: score.parse().map_err(|_| bad())?,
-            member: Id::new(member).map_err(|_| bad())?.to_string(),
+            member: valid(member).then(|| member.to_owned()).ok_or_else(bad)?,
         })
     }
 }

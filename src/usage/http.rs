@@ -80,8 +80,9 @@ fn optional_days<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Days>, D::Err
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct DaysQuery {
-    /// Today (UTC) and the `days − 1` days before it, 1–3660 (default 30;
-    /// for `cache-stats`, 7).
+    /// Today (UTC) and the `days − 1` days before it (and tomorrow, for
+    /// records dated a little ahead), 1–3660 (default 30; for
+    /// `cache-stats`, 7).
     #[serde(default, deserialize_with = "optional_days")]
     #[param(value_type = Option<u64>, minimum = 1, maximum = 3660)]
     days: Option<Days>,

@@ -404,16 +404,16 @@ impl UsageSettings {
         ChronoDuration::days(self.retention_days as i64)
     }
 
-    /// The UTC days of a `days` window ending today, newest first. Never
-    /// more than the retention period holds. In a day's last minutes it
-    /// starts with tomorrow: a record may be dated up to [`MAX_FUTURE`]
-    /// ahead, and one that was accepted is shown.
+    /// The UTC days of a `days` window ending today, newest first, and
+    /// tomorrow before them: a record may be dated up to [`MAX_FUTURE`]
+    /// ahead of the clock of the replica that took it, which may run ahead
+    /// of this one's, and one accepted is shown at once. Never more than
+    /// the retention period holds.
     pub fn window(&self, now: DateTime<Utc>, days: u64) -> Vec<NaiveDate> {
         let today = now.date_naive();
-        let ahead = (now + MAX_FUTURE).date_naive();
         let count = days.min(self.retention_days + 1);
-        (ahead > today)
-            .then_some(ahead)
+        today
+            .succ_opt()
             .into_iter()
             .chain((0..count).filter_map(|back| today.checked_sub_days(chrono::Days::new(back))))
             .collect()
@@ -804,17 +804,23 @@ fn claim_of(caller: &Identity, id: &Id) -> String {
     crate::types::sha256_hex(format!("{}\n{id}", caller.name))
 }
 
-/// A record as stored for `recent`: its view, `id` first (see
-/// [`RecentCursor::record_prefix`]), and for a record with a client id,
-/// whose id it is (16 hex digits of its claim), so that two keys' records
-/// alike in every field stay two members of the day's set. Readers take
-/// the view and pass over `key`.
+/// A record as stored for `recent`: for a record with a client id, first
+/// whose id it is (`key`, 16 hex digits of its claim), so that two keys'
+/// records alike in every field stay two members of the day's set; then
+/// its view, `id` first. A cursor finds a record by how it begins (see
+/// [`RecentCursor::record_prefix`]). Readers take the view and pass over
+/// `key`.
 #[derive(Serialize)]
 struct StoredRecord<'a> {
-    #[serde(flatten)]
-    view: &'a UsageRecordView,
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
+    #[serde(flatten)]
+    view: &'a UsageRecordView,
+}
+
+/// The `key` a stored record begins with, if it has one.
+fn stored_key(json: &str) -> Option<&str> {
+    json.strip_prefix(r#"{"key":""#)?.split('"').next()
 }
 
 /// Builds the storage write for the records at `live`; also returns, for
@@ -974,7 +980,8 @@ pub struct GroupCost {
 /// `GET /v1/usage/stats`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UsageStats {
-    /// The window: today (UTC) and the `days − 1` days before it.
+    /// The window: today (UTC) and the `days − 1` days before it (and
+    /// tomorrow, for records dated a little ahead).
     pub days: u64,
     pub total_calls: u64,
     /// Actual spending: response-cache hits count 0.
@@ -1205,35 +1212,52 @@ pub struct RecentUsage {
 }
 
 /// Where a page of recent records ends: its last record, by the time it
-/// is filed under (ms) and its id. The next page starts after that record,
-/// or, if it has been dropped meanwhile (a day keeps its newest records),
-/// with the records older than it.
+/// is filed under (ms), its id and, for a client id, whose it is. The next
+/// page starts after that record, or, if it has been dropped meanwhile (a
+/// day keeps its newest records), with the records older than it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecentCursor {
     pub ts_ms: i64,
     pub id: String,
+    pub key: Option<String>,
 }
 
 impl RecentCursor {
     /// The listing's name in its cursors (see [`IndexCursor::encode`]).
     const LISTING: &'static str = "recent";
 
+    /// The id and the key are one member, `id/key` (ids have no `/`).
     fn encode(&self) -> String {
+        let member = match &self.key {
+            Some(key) => format!("{}/{key}", self.id),
+            None => self.id.clone(),
+        };
         IndexCursor {
             score: self.ts_ms,
-            member: self.id.clone(),
+            member,
         }
         .encode(Self::LISTING)
     }
 
     /// A `cursor` parameter: absent or empty is none.
     pub fn from_param(raw: Option<&str>) -> ApiResult<Option<Self>> {
-        let Some(cursor) = IndexCursor::from_named_param(raw, Self::LISTING)? else {
+        let split = |member: &str| match member.split_once('/') {
+            Some((id, key)) => (id.to_owned(), Some(key.to_owned())),
+            None => (member.to_owned(), None),
+        };
+        let valid = |member: &str| {
+            let (id, key) = split(member);
+            Id::new(id).is_ok()
+                && key.is_none_or(|k| k.len() == 16 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        let Some(cursor) = IndexCursor::from_named_param_with(raw, Self::LISTING, valid)? else {
             return Ok(None);
         };
+        let (id, key) = split(&cursor.member);
         let cursor = Self {
             ts_ms: cursor.score,
-            id: cursor.member,
+            id,
+            key,
         };
         // A time no record can have (outside the calendar) is no cursor.
         cursor.day().ok_or_else(|| {
@@ -1242,10 +1266,12 @@ impl RecentCursor {
         Ok(Some(cursor))
     }
 
-    /// How a stored record with this id begins (records are stored as their
-    /// view's JSON, `id` first).
+    /// How the stored record begins (see [`StoredRecord`]).
     pub fn record_prefix(&self) -> String {
-        format!("{{\"id\":\"{}\",", self.id)
+        match &self.key {
+            Some(key) => format!("{{\"key\":\"{key}\",\"id\":\"{}\",", self.id),
+            None => format!("{{\"id\":\"{}\",", self.id),
+        }
     }
 
     /// The UTC day the record is filed under.
@@ -1272,6 +1298,10 @@ pub async fn recent(
     let mut records = Vec::with_capacity(raw.len());
     let mut totals = RecentTotals::default();
     let mut cost = 0i64;
+    let last_key = raw
+        .last()
+        .and_then(|json| stored_key(json))
+        .map(str::to_owned);
     for json in raw {
         let r: UsageRecordView = serde_json::from_str(&json)
             .map_err(|e| ApiError::Internal(format!("stored usage record: {e}")))?;
@@ -1299,6 +1329,7 @@ pub async fn recent(
                 RecentCursor {
                     ts_ms,
                     id: r.id.clone(),
+                    key: last_key,
                 }
                 .encode(),
             )
@@ -1357,20 +1388,10 @@ mod tests {
         let w = s.window(now, 3);
         assert_eq!(
             w.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-            ["2026-03-10", "2026-03-09", "2026-03-08"]
+            ["2026-03-11", "2026-03-10", "2026-03-09", "2026-03-08"],
+            "tomorrow, for records dated a little ahead, then the window"
         );
-        assert_eq!(s.window(now, 10_000).len(), 91);
-        // Records dated up to five minutes ahead may already be tomorrow's.
-        let late = "2026-03-10T23:56:00Z".parse::<DateTime<Utc>>().unwrap();
-        assert_eq!(
-            s.window(late, 2)
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>(),
-            ["2026-03-11", "2026-03-10", "2026-03-09"]
-        );
-        let earlier = "2026-03-10T23:54:59Z".parse::<DateTime<Utc>>().unwrap();
-        assert_eq!(s.window(earlier, 2).len(), 2);
+        assert_eq!(s.window(now, 10_000).len(), 92);
     }
 
     #[test]
