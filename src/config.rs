@@ -96,18 +96,37 @@ pub struct RedisArgs {
     pub redis_timeout_ms: u64,
 }
 
+/// Refuses 0 for the setting `--name`.
+fn positive(name: &str, v: u64) -> Result<u64, String> {
+    if v == 0 {
+        Err(format!("--{name} must be greater than 0"))
+    } else {
+        Ok(v)
+    }
+}
+
+/// Refuses a value of `--name` over `max` (`what` says how much that is).
+fn at_most(name: &str, v: u64, max: u64, what: &str) -> Result<(), String> {
+    if v > max {
+        Err(format!("--{name} must be at most {max} ({what})"))
+    } else {
+        Ok(())
+    }
+}
+
 impl RedisArgs {
     /// Refuses a prefix that is not a key-safe name (it is the Cluster hash
     /// tag: `{x y}z}` would tag `x y`) and a timeout outside 1 ms to a
     /// minute; `serve` and `migrate` alike.
     pub fn check(&self) -> Result<(), String> {
         crate::types::Id::new(self.key_prefix.clone()).map_err(|e| format!("--key-prefix {e}"))?;
-        match self.redis_timeout_ms {
-            0 => return Err("--redis-timeout-ms must be greater than 0".into()),
-            60_001.. => return Err("--redis-timeout-ms must be at most 60000 (a minute)".into()),
-            _ => {}
-        }
-        Ok(())
+        positive("redis-timeout-ms", self.redis_timeout_ms)?;
+        at_most(
+            "redis-timeout-ms",
+            self.redis_timeout_ms,
+            60_000,
+            "a minute",
+        )
     }
 
     /// The Redis URL from the flag, `ATTUNE_REDIS_URL` or `REDIS_URL`.
@@ -249,13 +268,6 @@ impl ServeArgs {
                 .map_err(|e| format!("--redis-url is not a valid Redis URL: {e}"))?;
         }
         self.redis.check()?;
-        let positive = |name: &str, v: u64| {
-            if v == 0 {
-                Err(format!("--{name} must be greater than 0"))
-            } else {
-                Ok(v)
-            }
-        };
         positive("request-timeout-seconds", self.request_timeout_seconds)?;
         positive(
             "header-read-timeout-seconds",
@@ -276,13 +288,6 @@ impl ServeArgs {
         // Bounds far past any sensible setting, short of values that would
         // overflow the time arithmetic, be refused by Redis, or allocate
         // gigabytes up front.
-        let at_most = |name: &str, v: u64, max: u64, what: &str| {
-            if v > max {
-                Err(format!("--{name} must be at most {max} ({what})"))
-            } else {
-                Ok(())
-            }
-        };
         at_most(
             "request-timeout-seconds",
             self.request_timeout_seconds,
