@@ -270,26 +270,12 @@ async fn bodies_nested_past_the_parser_name_their_field() {
         ),
     ];
     // Nested past the parser and not JSON either: malformed.
-    let resp = app
-        .client
-        .post(app.url("/v1/agents/a/heartbeats"))
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"metadata":{}"#, r#"{"n":"#.repeat(200)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
+    let malformed = format!(r#"{{"metadata":{}"#, r#"{"n":"#.repeat(200));
+    let (status, _) = app.post_text("/v1/agents/a/heartbeats", malformed).await;
+    assert_eq!(status, 400);
     for (path, body, field, got) in cases {
-        let resp = app
-            .client
-            .post(app.url(path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 422, "{path} {field}");
-        let problem: Value = resp.json().await.unwrap();
+        let (status, problem) = app.post_text(path, body).await;
+        assert_eq!(status, 422, "{path} {field}");
         assert_eq!(common::problem_field(&problem), field, "{problem}");
         let message = problem["errors"][0]["message"].as_str().unwrap_or_default();
         assert!(
@@ -299,62 +285,37 @@ async fn bodies_nested_past_the_parser_name_their_field() {
     }
 }
 
+/// The `x-request-id` answered to a `GET /healthz` that sent `sent`.
+async fn answered_request_id(app: &TestApp, sent: Option<reqwest::header::HeaderValue>) -> String {
+    let mut req = app.client.get(app.url("/healthz"));
+    if let Some(id) = sent {
+        req = req.header("x-request-id", id);
+    }
+    let resp = req.send().await.unwrap();
+    resp.headers()["x-request-id"].to_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
+    use reqwest::header::HeaderValue;
     let app = TestApp::spawn(Kind::Memory).await;
-    let resp = app
-        .client
-        .get(app.url("/healthz"))
-        .header("x-request-id", "abc-123")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.headers()["x-request-id"], "abc-123");
-    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
-    let id = resp.headers()["x-request-id"].to_str().unwrap();
-    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
-    // One too long to write into every log line of the request is replaced.
-    let resp = app
-        .client
-        .get(app.url("/healthz"))
-        .header("x-request-id", "x".repeat(129))
-        .send()
-        .await
-        .unwrap();
-    let id = resp.headers()["x-request-id"].to_str().unwrap();
-    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
-    let resp = app
-        .client
-        .get(app.url("/healthz"))
-        .header("x-request-id", "y".repeat(128))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.headers()["x-request-id"], "y".repeat(128).as_str());
-    // So is one the logs could not show as it was sent (not ASCII).
-    let resp = app
-        .client
-        .get(app.url("/healthz"))
-        .header(
-            "x-request-id",
-            reqwest::header::HeaderValue::from_bytes("café".as_bytes()).unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let id = resp.headers()["x-request-id"].to_str().unwrap();
-    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
-    // And one with a space, which would write fields of the client's own
-    // into the text logs.
-    let resp = app
-        .client
-        .get(app.url("/healthz"))
-        .header("x-request-id", "r2} status=500")
-        .send()
-        .await
-        .unwrap();
-    let id = resp.headers()["x-request-id"].to_str().unwrap();
-    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    let sent = |id: &str| Some(HeaderValue::from_str(id).unwrap());
+    assert_eq!(answered_request_id(&app, sent("abc-123")).await, "abc-123");
+    let longest = "y".repeat(128);
+    assert_eq!(answered_request_id(&app, sent(&longest)).await, longest);
+    // Replaced by a new one: none sent; one too long to write into every
+    // log line of the request; one the logs could not show as it was sent
+    // (not ASCII); one with a space, which would write fields of the
+    // client's own into the text logs.
+    for replaced in [
+        None,
+        sent(&"x".repeat(129)),
+        Some(HeaderValue::from_bytes("café".as_bytes()).unwrap()),
+        sent("r2} status=500"),
+    ] {
+        let id = answered_request_id(&app, replaced).await;
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    }
 }
 
 /// Any token is a method to HTTP: one the metrics label by its name would

@@ -384,16 +384,8 @@ async fn an_unknown_usage_field_is_refused_naming_it(kind: Kind) {
         (twice.clone(), "tokens"),
         (format!(r#"{{"records":[{twice}]}}"#), "records[0].tokens"),
     ] {
-        let resp = app
-            .client
-            .post(app.url("/v1/usage"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 422);
-        let problem: Value = resp.json().await.unwrap();
+        let (status, problem) = app.post_text("/v1/usage", body).await;
+        assert_eq!(status, 422);
         assert_eq!(problem_field(&problem), field, "{problem}");
         assert!(
             problem["errors"][0]["message"]
